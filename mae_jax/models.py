@@ -1,0 +1,499 @@
+"""Masked Autoencoder ViT (He et al. 2022) in Flax, numerically identical to the reference.
+
+The reference is facebookresearch/mae `models_mae.py` (and Hugging Face's `ViTMAEForPreTraining`, which
+ports it). Parameter names follow the official PyTorch module names (`patch_embed`, `blocks_{i}/attn/qkv`,
+`decoder_pred`, ...) so that weight conversion is a rename plus a transpose.
+
+Variables of a `MaskedAutoencoderViT`:
+  params: everything the optimizer trains.
+  frozen: the two fixed sin-cos position tables, `pos_embed` [1, 1 + L, D] and `decoder_pos_embed`
+    [1, 1 + L, D_dec]. They live outside `params` so that no optimizer can ever update them; checkpoints
+    carry them so that interpolated or converted tables survive.
+
+Usage:
+  model = MaskedAutoencoderViT(**variant("B/16"))
+  variables = model.init({"params": k1, "masking": k2}, images)   # images [N, H, W, C], normalised
+  out = model.apply(variables, images, noise=noise)              # or rngs={"masking": key}
+  out.loss, out.pred, out.mask, out.ids_restore, out.latent
+  features = model.apply(variables, images, method=model.features)  # [N, 1 + L, D], no masking
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+PyTree = Any
+
+# ---------------------------------------------------------------------------------------------------------
+# Variants, decoded in one place.
+# ---------------------------------------------------------------------------------------------------------
+
+# name -> (embed_dim, depth, num_heads). The patch size comes from the "/16" suffix.
+_ENCODERS = {
+    "test": (32, 2, 4),  # for unit tests: compiles and runs in a second
+    "S": (384, 12, 6),
+    "Ti": (192, 12, 3),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "H": (1280, 32, 16),
+}
+# The paper's light decoder, shared by every released model.
+_PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+_DECODERS = {"test": dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)}
+
+VARIANTS = tuple(f"{name}/{{patch}}" for name in _ENCODERS)
+
+
+def variant(name: str, **overrides: Any) -> dict[str, Any]:
+    """Constructor fields of a named variant such as "B/16", "L/16", "H/14" or "test/8".
+
+    Returns a dict for `MaskedAutoencoderViT(**fields)`; `overrides` replace any field.
+    """
+    try:
+        size, patch = name.split("/")
+        embed_dim, depth, num_heads = _ENCODERS[size]
+        patch_size = int(patch)
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"variant {name!r} is not known: use '<size>/<patch>' with size one of {sorted(_ENCODERS)}, "
+            "e.g. 'B/16', 'L/16', 'H/14'") from None
+    fields = dict(
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        **_DECODERS.get(size, _PAPER_DECODER),
+    )
+    fields.update(overrides)
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure helpers.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def patchify(images: Array, patch_size: int) -> Array:
+    """[N, H, W, C] images -> [N, L, p*p*C] patches in (p, q, c) order, patches row-major over the grid."""
+    n, height, width, c = images.shape
+    p = patch_size
+    if height % p or width % p:
+        raise ValueError(f"image size ({height}, {width}) is not divisible by patch_size {p}")
+    h, w = height // p, width // p
+    x = images.reshape(n, h, p, w, p, c)
+    x = jnp.einsum("nhpwqc->nhwpqc", x)
+    return x.reshape(n, h * w, p * p * c)
+
+
+def unpatchify(patches: Array, patch_size: int, image_size: int | Sequence[int]) -> Array:
+    """[N, L, p*p*C] patches -> [N, H, W, C] images; the inverse of `patchify`."""
+    height, width = _pair(image_size)
+    p = patch_size
+    h, w = height // p, width // p
+    n, length, dim = patches.shape
+    if length != h * w or dim % (p * p):
+        raise ValueError(
+            f"patches of shape {patches.shape} do not tile an image of size {(height, width)} "
+            f"with patch_size {p}: expected L = {h * w} and a multiple of {p * p} values per patch")
+    c = dim // (p * p)
+    x = patches.reshape(n, h, w, p, p, c)
+    x = jnp.einsum("nhwpqc->nhpwqc", x)
+    return x.reshape(n, height, width, c)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | Sequence[int],
+                            cls_token: bool = False) -> np.ndarray:
+    """The official fixed 2-D sin-cos position table, [(1 if cls_token) + h*w, embed_dim] float32.
+
+    Layout as facebookresearch/mae `util/pos_embed.py`: the first half of the channels encodes the
+    column (w) index as [sin, cos], the second half the row (h) index; rows run row-major over the grid.
+    With `cls_token`, a zero row comes first. Computed in float64 like the reference, then cast.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim {embed_dim} of a 2-D sin-cos position table must be divisible by 4")
+    gh, gw = _pair(grid_size)
+    omega = np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4.0)
+    omega = 1.0 / 10000**omega  # [D/4]
+    rows, cols = np.meshgrid(np.arange(gh, dtype=np.float64), np.arange(gw, dtype=np.float64), indexing="ij")
+
+    def embed_1d(pos):
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    table = np.concatenate([embed_1d(cols), embed_1d(rows)], axis=1)
+    if cls_token:
+        table = np.concatenate([np.zeros([1, embed_dim]), table], axis=0)
+    return table.astype(np.float32)
+
+
+def per_example_uniform(rng: Array, batch_size: int, length: int, offset: Array | int = 0) -> Array:
+    """Masking noise [N, L] in [0, 1): example i draws from `fold_in(rng, offset + i)`.
+
+    An example's noise depends only on its global index, never on the batch size, the number of devices
+    or processes, so the same data gives the same masks however the batch is split.
+    """
+    index = jnp.arange(batch_size) + offset
+    return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (length,)))(index)
+
+
+def random_masking(x: Array, noise: Array, mask_ratio: float) -> tuple[Array, Array, Array]:
+    """Per-example random masking by argsort of `noise`, as the official `random_masking`.
+
+    Args:
+      x: [N, L, D] tokens.
+      noise: [N, L] values; the `len_keep = int(L * (1 - mask_ratio))` smallest are kept.
+      mask_ratio: fraction of tokens removed.
+    Returns:
+      x_masked [N, len_keep, D], mask [N, L] (1 removed, 0 kept, original order), ids_restore [N, L].
+    """
+    n, length, _ = x.shape
+    len_keep = int(length * (1 - mask_ratio))
+    ids_shuffle = jnp.argsort(noise, axis=1)
+    ids_restore = jnp.argsort(ids_shuffle, axis=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_masked = jnp.take_along_axis(x, ids_keep[:, :, None], axis=1)
+    mask = jnp.ones((n, length), jnp.float32).at[:, :len_keep].set(0.0)
+    mask = jnp.take_along_axis(mask, ids_restore, axis=1)
+    return x_masked, mask, ids_restore
+
+
+def patch_targets(images: Array, patch_size: int, norm_pix_loss: bool) -> Array:
+    """Reconstruction targets [N, L, p*p*C]: the patches, per-patch normalised if `norm_pix_loss`.
+
+    Normalisation uses the unbiased variance (torch `.var()`) and eps 1e-6, as the reference.
+    """
+    target = patchify(images.astype(jnp.float32), patch_size)
+    if norm_pix_loss:
+        mean = target.mean(axis=-1, keepdims=True)
+        var = target.var(axis=-1, ddof=1, keepdims=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    return target
+
+
+def mae_loss(pred: Array, target: Array, mask: Array) -> Array:
+    """Mean squared error per patch, averaged over removed patches (`mask` == 1).
+
+    When nothing is removed (mask ratio 0), the reference divides 0 by 0; here the loss is then defined
+    as the mean over all patches.
+    """
+    loss = ((pred.astype(jnp.float32) - target) ** 2).mean(axis=-1)  # [N, L]
+    removed = mask.sum()
+    return jnp.where(removed > 0, (loss * mask).sum() / jnp.maximum(removed, 1.0), loss.mean())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules.
+# ---------------------------------------------------------------------------------------------------------
+
+xavier_uniform = nn.initializers.xavier_uniform()
+token_init = nn.initializers.normal(stddev=0.02)
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (rows q, k, v as the official `attn.qkv`)."""
+
+    num_heads: int
+    dtype: Any = jnp.float32
+    implementation: str = "einsum"  # "einsum" or jax.nn.dot_product_attention's "xla" / "cudnn"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n, t, d = x.shape
+        head_dim = d // self.num_heads
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=xavier_uniform)
+        qkv = dense(3 * d, name="qkv")(x).reshape(n, t, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, T, H, Dh]
+        if self.implementation == "einsum":
+            logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) * head_dim**-0.5
+            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+            out = jnp.einsum("nhqk,nkhd->nqhd", weights, v)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        return dense(d, name="proj")(out.reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact (erf) GELU -> fc2."""
+
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=xavier_uniform)
+        y = nn.gelu(dense(self.hidden_dim, name="fc1")(x), approximate=False)
+        return dense(x.shape[-1], name="fc2")(y)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+    attention: str = "einsum"
+    scan_carry: bool = False  # under nn.scan: take (x, None) and return (x, None)
+
+    @nn.compact
+    def __call__(self, x: Array, _: None = None) -> Array | tuple[Array, None]:
+        norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, dtype=self.dtype,
+                                 use_fast_variance=False)
+        x = x + Attention(self.num_heads, self.dtype, self.attention, name="attn")(norm(name="norm1")(x))
+        hidden = int(x.shape[-1] * self.mlp_ratio)
+        x = x + Mlp(hidden, self.dtype, name="mlp")(norm(name="norm2")(x))
+        return (x, None) if self.scan_carry else x
+
+
+def make_blocks(depth: int, prefix: str, remat: str, scan: bool, **block_kwargs: Any):
+    """`depth` Blocks named `{prefix}_{i}` (the official names), or with `scan` one `nn.scan` module named
+    `prefix` whose params carry a leading [depth] axis. Call the result with `apply_blocks`."""
+    block_cls = Block
+    if remat != "none":
+        policy = {
+            "full": None,
+            "dots": jax.checkpoint_policies.checkpoint_dots,
+            "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        }[remat]
+        block_cls = nn.remat(Block, policy=policy, prevent_cse=not scan)
+    if scan:
+        scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                          length=depth, in_axes=nn.broadcast)
+        return scanned(**block_kwargs, scan_carry=True, name=prefix)
+    return [block_cls(**block_kwargs, name=f"{prefix}_{i}") for i in range(depth)]
+
+
+def apply_blocks(blocks: Any, x: Array) -> Array:
+    if isinstance(blocks, (list, tuple)):
+        for block in blocks:
+            x = block(x)
+        return x
+    return blocks(x, None)[0]
+
+
+@flax.struct.dataclass
+class MAEOutput:
+    """What `MaskedAutoencoderViT.__call__` returns."""
+
+    loss: Array  # scalar, mean loss over removed patches
+    pred: Array  # [N, L, p*p*C] predicted patches, (p, q, c) order
+    mask: Array  # [N, L] 1 = removed, 0 = kept, original patch order
+    ids_restore: Array  # [N, L] int32
+    latent: Array  # [N, 1 + len_keep, D] encoder output, cls first
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE with a ViT encoder over visible patches only and a light decoder with mask tokens."""
+
+    image_size: int | Sequence[int] = 224  # int or (H, W)
+    patch_size: int = 16
+    num_channels: int = 3
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+    layer_norm_eps: float = 1e-6
+    dtype: Any = "float32"  # compute dtype ("float32" or "bfloat16"); params stay float32
+    attention: str = "einsum"  # "einsum" (fastest on CPU), or jax.nn.dot_product_attention "xla" / "cudnn"
+    remat: str = "none"  # per-block rematerialisation: "none", "full", "dots", "dots_no_batch"
+    scan_blocks: bool = False  # nn.scan over blocks (stacked params, fast compile for deep models)
+
+    def __post_init__(self):
+        self.validate()
+        super().__post_init__()
+
+    # -- configuration -----------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raises a one-line ValueError for impossible settings, before anything is traced or compiled."""
+        try:
+            height, width = _pair(self.image_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"image_size {self.image_size!r} must be an int or a pair (H, W)") from None
+        p = self.patch_size
+        if p <= 0 or height <= 0 or width <= 0 or height % p or width % p:
+            raise ValueError(
+                f"image_size {(height, width)} is not divisible by patch_size {p}: "
+                "both sides must be positive multiples of the patch size")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio {self.mask_ratio} must be in [0, 1)")
+        if int(self.num_patches * (1 - self.mask_ratio)) < 1:
+            raise ValueError(
+                f"mask_ratio {self.mask_ratio} leaves no visible patch out of {self.num_patches}: "
+                f"at most {1 - 1 / self.num_patches:.4f} is allowed for this image and patch size")
+        for prefix in ("", "decoder_"):
+            dim, heads = getattr(self, f"{prefix}embed_dim"), getattr(self, f"{prefix}num_heads")
+            if dim <= 0 or dim % 4:
+                raise ValueError(f"{prefix}embed_dim {dim} must be a positive multiple of 4 "
+                                 "(2-D sin-cos position embedding)")
+            if heads <= 0 or dim % heads:
+                raise ValueError(f"{prefix}embed_dim {dim} is not divisible by {prefix}num_heads {heads}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
+        try:
+            dtype = jnp.dtype(self.dtype)
+        except TypeError:
+            dtype = None
+        if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ValueError(f"dtype {self.dtype!r} must be 'float32', 'bfloat16' or 'float16'")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(h, w): the patch grid."""
+        height, width = _pair(self.image_size)
+        return height // self.patch_size, width // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.grid_size
+        return h * w
+
+    @property
+    def len_keep(self) -> int:
+        """Visible patches per example."""
+        return int(self.num_patches * (1 - self.mask_ratio))
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    def _check_images(self, images: Array) -> None:
+        expected = (*_pair(self.image_size), self.num_channels)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"images of shape {tuple(images.shape)} do not match the model: expected [N, H, W, C] = "
+                f"[N, {expected[0]}, {expected[1]}, {expected[2]}] (image_size {self.image_size!r}, "
+                f"num_channels {self.num_channels})")
+
+    # -- submodules --------------------------------------------------------------------------------------
+
+    def setup(self):
+        dtype = self.compute_dtype
+        dense = functools.partial(nn.Dense, dtype=dtype, kernel_init=xavier_uniform)
+        norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, dtype=dtype, use_fast_variance=False)
+        stack = functools.partial(make_blocks, remat=self.remat, scan=self.scan_blocks, mlp_ratio=self.mlp_ratio,
+                                  layer_norm_eps=self.layer_norm_eps, dtype=dtype, attention=self.attention)
+        # Encoder. The patch embedding is a Dense on (p, q, c) patch vectors: the official conv with
+        # kernel = stride = patch, and its xavier init on the flattened [D, p*p*C] weight.
+        self.patch_embed = dense(self.embed_dim)
+        self.cls_token = self.param("cls_token", token_init, (1, 1, self.embed_dim))
+        self.pos_embed = self.variable(
+            "frozen", "pos_embed",
+            lambda: jnp.asarray(get_2d_sincos_pos_embed(self.embed_dim, self.grid_size, cls_token=True))[None])
+        self.blocks = stack(self.depth, "blocks", num_heads=self.num_heads)
+        self.norm = norm()
+        # Decoder.
+        self.decoder_embed = dense(self.decoder_embed_dim)
+        self.mask_token = self.param("mask_token", token_init, (1, 1, self.decoder_embed_dim))
+        self.decoder_pos_embed = self.variable(
+            "frozen", "decoder_pos_embed",
+            lambda: jnp.asarray(get_2d_sincos_pos_embed(self.decoder_embed_dim, self.grid_size,
+                                                        cls_token=True))[None])
+        self.decoder_blocks = stack(self.decoder_depth, "decoder_blocks", num_heads=self.decoder_num_heads)
+        self.decoder_norm = norm()
+        self.decoder_pred = dense(self.patch_size**2 * self.num_channels)
+
+    # -- forward -----------------------------------------------------------------------------------------
+
+    def _embed(self, images: Array) -> Array:
+        """[N, H, W, C] -> patch tokens [N, L, D] with position embeddings (no cls)."""
+        self._check_images(images)
+        x = self.patch_embed(patchify(images.astype(self.compute_dtype), self.patch_size))
+        return x + self.pos_embed.value[:, 1:, :].astype(x.dtype)
+
+    def _encode_tokens(self, x: Array) -> Array:
+        """Prepends cls + pos[0] to [N, T, D] tokens, runs the blocks and the final norm."""
+        cls = (self.cls_token + self.pos_embed.value[:, :1, :]).astype(x.dtype)
+        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
+        return self.norm(apply_blocks(self.blocks, x))
+
+    def encode(self, images: Array, noise: Array | None = None) -> tuple[Array, Array, Array]:
+        """Masks and encodes: returns latent [N, 1 + len_keep, D], mask [N, L], ids_restore [N, L]."""
+        x = self._embed(images)
+        if noise is None:
+            noise = per_example_uniform(self.make_rng("masking"), x.shape[0], x.shape[1])
+        elif noise.shape != x.shape[:2]:
+            raise ValueError(f"noise of shape {tuple(noise.shape)} must be [N, L] = {tuple(x.shape[:2])}")
+        x, mask, ids_restore = random_masking(x, noise, self.mask_ratio)
+        return self._encode_tokens(x), mask, ids_restore
+
+    def features(self, images: Array) -> Array:
+        """Encoder features of the whole image, no masking: [N, 1 + L, D] (cls first, patches in order).
+
+        For feature extraction, linear probing (cls token) and fine-tuning (mean of the patch tokens).
+        Call as `model.apply(variables, images, method=model.features)`.
+        """
+        return self._encode_tokens(self._embed(images))
+
+    def decode(self, latent: Array, ids_restore: Array) -> Array:
+        """latent [N, 1 + len_keep, D] -> predicted patches [N, L, p*p*C] (float32)."""
+        x = self.decoder_embed(latent)
+        n, length = ids_restore.shape
+        mask_tokens = jnp.broadcast_to(self.mask_token.astype(x.dtype), (n, length + 1 - x.shape[1], x.shape[2]))
+        tokens = jnp.concatenate([x[:, 1:, :], mask_tokens], axis=1)
+        tokens = jnp.take_along_axis(tokens, ids_restore[:, :, None], axis=1)  # unshuffle
+        x = jnp.concatenate([x[:, :1, :], tokens], axis=1)
+        x = x + self.decoder_pos_embed.value.astype(x.dtype)
+        x = self.decoder_norm(apply_blocks(self.decoder_blocks, x))
+        return self.decoder_pred(x)[:, 1:, :].astype(jnp.float32)
+
+    def __call__(self, images: Array, noise: Array | None = None) -> MAEOutput:
+        """Masks, encodes, decodes and scores `images` [N, H, W, C].
+
+        `noise` [N, L] in [0, 1) fixes the masks (the smallest `len_keep` values are kept); without it the
+        noise is drawn from the "masking" rng, one stream per example (see `per_example_uniform`).
+        """
+        latent, mask, ids_restore = self.encode(images, noise)
+        pred = self.decode(latent, ids_restore)
+        target = patch_targets(images, self.patch_size, self.norm_pix_loss)
+        loss = mae_loss(pred, target, mask)
+        return MAEOutput(loss=loss, pred=pred, mask=mask, ids_restore=ids_restore, latent=latent)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parameter utilities.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def init_variables(model: MaskedAutoencoderViT, rng: Array, batch_size: int = 1) -> PyTree:
+    """Initialises {"params", "frozen"} from `rng` with a dummy batch (no data needed)."""
+    h, w = _pair(model.image_size)
+    images = jnp.zeros((batch_size, h, w, model.num_channels), jnp.float32)
+    params_rng, masking_rng = jax.random.split(rng)
+    return model.init({"params": params_rng, "masking": masking_rng}, images)
+
+
+def constructor_fields(model: MaskedAutoencoderViT) -> dict[str, Any]:
+    """Every constructor field of `model`: `MaskedAutoencoderViT(**constructor_fields(model))` rebuilds it."""
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.init and f.name not in ("parent", "name")}
+
+
+def count_params(tree: PyTree) -> int:
+    """Number of scalars in a pytree of arrays or `jax.ShapeDtypeStruct`s."""
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

@@ -1,0 +1,132 @@
+"""The independent oracle: Hugging Face `ViTMAEForPreTraining` in PyTorch, and the official formulas.
+
+Nothing here imports mae_jax: this module builds the reference side of every parity test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+
+def official_sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int, cls_token: bool) -> np.ndarray:
+    """facebookresearch/mae util/pos_embed.py, generalised to an (h, w) grid exactly as the code reads."""
+    gh = np.arange(grid_h, dtype=np.float32)
+    gw = np.arange(grid_w, dtype=np.float32)
+    grid = np.meshgrid(gw, gh)  # here w goes first
+    grid = np.stack(grid, axis=0).reshape([2, 1, grid_h, grid_w])
+
+    def from_grid_1d(dim, pos):
+        omega = np.arange(dim // 2, dtype=np.float64)
+        omega /= dim / 2.0
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    emb = np.concatenate([from_grid_1d(embed_dim // 2, grid[0]), from_grid_1d(embed_dim // 2, grid[1])], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+    return emb
+
+
+def hf_config(fields: dict, **extra) -> transformers.ViTMAEConfig:
+    """A ViTMAEConfig with the sizes of our constructor `fields` and the official eps 1e-6."""
+    size = fields["image_size"]
+    return transformers.ViTMAEConfig(
+        image_size=size if isinstance(size, int) else list(size),
+        patch_size=fields["patch_size"],
+        num_channels=fields.get("num_channels", 3),
+        hidden_size=fields["embed_dim"],
+        num_hidden_layers=fields["depth"],
+        num_attention_heads=fields["num_heads"],
+        intermediate_size=int(fields["embed_dim"] * fields.get("mlp_ratio", 4.0)),
+        decoder_hidden_size=fields["decoder_embed_dim"],
+        decoder_num_hidden_layers=fields["decoder_depth"],
+        decoder_num_attention_heads=fields["decoder_num_heads"],
+        decoder_intermediate_size=int(fields["decoder_embed_dim"] * fields.get("mlp_ratio", 4.0)),
+        mask_ratio=fields.get("mask_ratio", 0.75),
+        norm_pix_loss=fields.get("norm_pix_loss", False),
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        qkv_bias=True,
+        **extra,
+    )
+
+
+def random_hf_model(fields: dict, seed: int = 0) -> transformers.ViTMAEForPreTraining:
+    """A ViTMAEForPreTraining with every trainable tensor random and the official sin-cos tables.
+
+    Weights ~ N(0, 0.02) (the reference init scale, so activations stay sane at depth 12+), biases and
+    LayerNorm offsets ~ N(0, 0.05), LayerNorm scales ~ 1 + N(0, 0.1), tokens ~ N(0, 0.02).
+    """
+    torch.manual_seed(seed)
+    size = fields["image_size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    # HF builds square position tables only; for a non-square size build it square, then resize the
+    # tables and the size it checks inputs against (its encoder and decoder code handle any L).
+    model = transformers.ViTMAEForPreTraining(hf_config(dict(fields, image_size=height))).eval()
+    grid_h, grid_w = height // fields["patch_size"], width // fields["patch_size"]
+    if width != height:
+        model.config.image_size = [height, width]
+        model.vit.embeddings.image_size = (height, width)
+        num = 1 + grid_h * grid_w
+        model.vit.embeddings.position_embeddings = torch.nn.Parameter(
+            torch.zeros(1, num, fields["embed_dim"]), requires_grad=False)
+        model.decoder.decoder_pos_embed = torch.nn.Parameter(
+            torch.zeros(1, num, fields["decoder_embed_dim"]), requires_grad=False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "pos_embed" in name or "position_embeddings" in name:
+                table = official_sincos_pos_embed(param.shape[-1], grid_h, grid_w, cls_token=True)
+                param.copy_(torch.from_numpy(table).float()[None])
+            elif "layernorm" in name or "norm" in name.split(".")[-2]:
+                param.copy_((1.0 if name.endswith("weight") else 0.0) + torch.randn_like(param) * 0.1)
+            elif name.endswith("bias"):
+                param.copy_(torch.randn_like(param) * 0.05)
+            else:
+                param.copy_(torch.randn_like(param) * 0.02)
+    return model
+
+
+def hf_to_flax(model: transformers.ViTMAEForPreTraining) -> dict:
+    """Our {"params", "frozen"} from the model's in-memory (transformers 5) state dict. Test-local mapping."""
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+
+    def dense(prefix):
+        return {"kernel": sd[prefix + ".weight"].T, "bias": sd[prefix + ".bias"]}
+
+    def norm(prefix):
+        return {"scale": sd[prefix + ".weight"], "bias": sd[prefix + ".bias"]}
+
+    def block(prefix):
+        qkv = [dense(f"{prefix}.attention.{n}_proj") for n in "qkv"]
+        return {
+            "norm1": norm(prefix + ".layernorm_before"),
+            "attn": {
+                "qkv": {"kernel": np.concatenate([d["kernel"] for d in qkv], axis=1),
+                        "bias": np.concatenate([d["bias"] for d in qkv])},
+                "proj": dense(prefix + ".attention.o_proj"),
+            },
+            "norm2": norm(prefix + ".layernorm_after"),
+            "mlp": {"fc1": dense(prefix + ".mlp.fc1"), "fc2": dense(prefix + ".mlp.fc2")},
+        }
+
+    conv = sd["vit.embeddings.patch_embeddings.projection.weight"]  # [D, C, p, q]
+    params = {
+        "patch_embed": {"kernel": conv.transpose(2, 3, 1, 0).reshape(-1, conv.shape[0]),
+                        "bias": sd["vit.embeddings.patch_embeddings.projection.bias"]},
+        "cls_token": sd["vit.embeddings.cls_token"],
+        "norm": norm("vit.layernorm"),
+        "decoder_embed": dense("decoder.decoder_embed"),
+        "mask_token": sd["decoder.mask_token"],
+        "decoder_norm": norm("decoder.decoder_norm"),
+        "decoder_pred": dense("decoder.decoder_pred"),
+    }
+    for i in range(model.config.num_hidden_layers):
+        params[f"blocks_{i}"] = block(f"vit.layers.{i}")
+    for i in range(model.config.decoder_num_hidden_layers):
+        params[f"decoder_blocks_{i}"] = block(f"decoder.decoder_layers.{i}")
+    frozen = {"pos_embed": sd["vit.embeddings.position_embeddings"],
+              "decoder_pos_embed": sd["decoder.decoder_pos_embed"]}
+    return {"params": params, "frozen": frozen}
