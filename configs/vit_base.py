@@ -1,0 +1,52 @@
+r"""MAE ViT-B/16 pretraining on ImageNet-1k, the paper's recipe (800 epochs, batch 4096, mask 0.75).
+
+Run (one process per host; every host runs the same command):
+
+  python main.py --config configs/vit_base.py --workdir /path/to/workdir
+
+Any field can be overridden, e.g. `--config.batch_size=1024 --config.mesh.fsdp=8`.
+ImageNet must be prepared for tfds first (see README.md, "Data").
+"""
+
+import ml_collections
+
+from mae_jax import models
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # Model: constructor fields of models.MaskedAutoencoderViT, nothing else.
+    config.model = models.variant("B/16", image_size=224, mask_ratio=0.75, norm_pix_loss=True)
+
+    # Data.
+    config.dataset = "imagenet2012"  # a tfds name, or "synthetic"
+    config.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (None: tfds default)
+    config.train_split = "train"
+    config.synthetic_num_examples = 1_281_167  # epoch length of dataset="synthetic"
+
+    # Optimisation (PRETRAIN.md): lr = base_lr * batch_size / 256, AdamW(0.9, 0.95), wd 0.05.
+    config.batch_size = 4096  # global batch per optimizer step, over all devices and hosts
+    config.grad_accum_steps = 1  # split each step's batch into this many sequential micro-batches
+    config.num_epochs = 800
+    config.total_steps = 0  # > 0: train for exactly this many steps instead of num_epochs
+    config.warmup_epochs = 40
+    config.base_lr = 1.5e-4
+    config.min_lr = 0.0
+    config.weight_decay = 0.05
+    config.b1 = 0.9
+    config.b2 = 0.95
+    config.seed = 0
+
+    # Devices: axis sizes of the ("data", "fsdp") mesh; -1 takes all remaining devices.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+
+    # Logging and checkpoints.
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.init_from = ""  # start from these weights (our checkpoint/export, official .pth, HF directory)
+
+    return config
