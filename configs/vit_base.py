@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # Model: constructor fields of models.MaskedAutoencoderViT, nothing else.
-    config.model = models.variant("B/16", image_size=224, mask_ratio=0.75, norm_pix_loss=True)
+    config.model = models.variant("B/16", image_size=(224, 224), mask_ratio=0.75, norm_pix_loss=True)
 
     # Data.
     config.dataset = "imagenet2012"  # a tfds name, or "synthetic"

@@ -11,5 +11,5 @@ from mae_jax import models
 
 def get_config() -> ml_collections.ConfigDict:
     config = vit_base.get_config()
-    config.model = models.variant("H/14", image_size=224, mask_ratio=0.75, norm_pix_loss=True)
+    config.model = models.variant("H/14", image_size=(224, 224), mask_ratio=0.75, norm_pix_loss=True)
     return config

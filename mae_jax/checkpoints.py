@@ -48,14 +48,17 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, model_fields:
     manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree) -> tuple[PyTree, dict | None]:
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree) -> PyTree:
     """Restores the state of `step` into the shapes, dtypes and shardings of `abstract_state`."""
-    items = {STATE: ocp.args.StandardRestore(abstract_state)}
-    has_input = (epath.Path(manager.directory) / str(step) / INPUT).exists()
-    if has_input:
-        items[INPUT] = ocp.args.JsonRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    return restored[STATE], (restored[INPUT] if has_input else None)
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)}))
+    return restored[STATE]
+
+
+def restore_input_state(manager: ocp.CheckpointManager, step: int) -> dict | None:
+    """The input pipeline position saved with `step` (None if it has none)."""
+    if not (epath.Path(manager.directory) / str(step) / INPUT).exists():
+        return None
+    return manager.restore(step, args=ocp.args.Composite(**{INPUT: ocp.args.JsonRestore()}))[INPUT]
 
 
 def _jsonable(fields: Mapping[str, Any]) -> dict:

@@ -54,9 +54,10 @@ VARIANTS = tuple(f"{name}/{{patch}}" for name in _ENCODERS)
 
 
 def variant(name: str, **overrides: Any) -> dict[str, Any]:
-    """Constructor fields of a named variant such as "B/16", "L/16", "H/14" or "test/8".
+    """Every constructor field of a named variant such as "B/16", "L/16", "H/14" or "test/8".
 
-    Returns a dict for `MaskedAutoencoderViT(**fields)`; `overrides` replace any field.
+    Returns a dict for `MaskedAutoencoderViT(**fields)` (defaults included, so that a config holding it
+    can override any field); `overrides` replace any field.
     """
     try:
         size, patch = name.split("/")
@@ -74,7 +75,10 @@ def variant(name: str, **overrides: Any) -> dict[str, Any]:
         **_DECODERS.get(size, _PAPER_DECODER),
     )
     fields.update(overrides)
-    return fields
+    unknown = set(fields) - {f.name for f in dataclasses.fields(MaskedAutoencoderViT)}
+    if unknown:
+        raise ValueError(f"{sorted(unknown)} are not fields of MaskedAutoencoderViT")
+    return constructor_fields(MaskedAutoencoderViT(**fields))
 
 
 # ---------------------------------------------------------------------------------------------------------

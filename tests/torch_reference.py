@@ -92,6 +92,18 @@ def random_hf_model(fields: dict, seed: int = 0) -> transformers.ViTMAEForPreTra
 def hf_to_flax(model: transformers.ViTMAEForPreTraining) -> dict:
     """Our {"params", "frozen"} from the model's in-memory (transformers 5) state dict. Test-local mapping."""
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    return hf_tensors_to_flax(sd, model.config)
+
+
+def hf_grads_to_flax(model: transformers.ViTMAEForPreTraining) -> dict:
+    """The .grad of every trainable tensor, laid out as our params."""
+    sd = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy().astype(np.float32)
+          for k, p in model.named_parameters()}
+    return hf_tensors_to_flax(sd, model.config)["params"]
+
+
+def hf_tensors_to_flax(sd: dict, config) -> dict:
+    """HF (transformers 5, in memory) names -> our {"params", "frozen"} layout."""
 
     def dense(prefix):
         return {"kernel": sd[prefix + ".weight"].T, "bias": sd[prefix + ".bias"]}
@@ -123,9 +135,9 @@ def hf_to_flax(model: transformers.ViTMAEForPreTraining) -> dict:
         "decoder_norm": norm("decoder.decoder_norm"),
         "decoder_pred": dense("decoder.decoder_pred"),
     }
-    for i in range(model.config.num_hidden_layers):
+    for i in range(config.num_hidden_layers):
         params[f"blocks_{i}"] = block(f"vit.layers.{i}")
-    for i in range(model.config.decoder_num_hidden_layers):
+    for i in range(config.decoder_num_hidden_layers):
         params[f"decoder_blocks_{i}"] = block(f"decoder.decoder_layers.{i}")
     frozen = {"pos_embed": sd["vit.embeddings.position_embeddings"],
               "decoder_pos_embed": sd["decoder.decoder_pos_embed"]}
