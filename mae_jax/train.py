@@ -195,21 +195,20 @@ def train_step(state: TrainState, images: jax.Array, *, model: models.MaskedAuto
 # -------------------------------------------------------------------------------------------------------
 
 
+def _init_state(model: models.MaskedAutoencoderViT, tx: optax.GradientTransformation, seed) -> TrainState:
+    rng = jax.random.key(seed)
+    variables = models.init_variables(model, jax.random.fold_in(rng, 0))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"], frozen=variables["frozen"],
+                      opt_state=tx.init(variables["params"]), rng=jax.random.key_data(rng),
+                      nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
 def create_train_state(model: models.MaskedAutoencoderViT, tx: optax.GradientTransformation, seed: int,
                        mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState]:
     """Initialises the state directly into its shardings. Returns (state, its shardings)."""
-
-    def init(rng_seed):
-        rng = jax.random.key(rng_seed)
-        variables = models.init_variables(model, jax.random.fold_in(rng, 0))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"], frozen=variables["frozen"],
-                          opt_state=tx.init(variables["params"]), rng=jax.random.key_data(rng),
-                          nonfinite_step=jnp.full((), -1, jnp.int32))
-
-    abstract = jax.eval_shape(init, seed)
-    shardings = state_shardings(abstract, tx, mesh)
-    state = jax.jit(init, static_argnums=0, out_shardings=shardings)(seed)
-    return state, shardings
+    shardings = state_shardings(jax.eval_shape(functools.partial(_init_state, model, tx), seed), tx, mesh)
+    init = jax.jit(_init_state, static_argnums=(0, 1), out_shardings=shardings)
+    return init(model, tx, seed), shardings
 
 
 def state_shardings(abstract: TrainState, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> TrainState:
@@ -301,6 +300,28 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self.previous)
 
 
+def compile_train_step(config: ml_collections.ConfigDict, model: models.MaskedAutoencoderViT,
+                       tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: jax.sharding.Mesh,
+                       shardings: TrainState) -> jax.stages.Compiled:
+    """`train_step` compiled ahead of time for the global batch of `config`, the state donated.
+
+    A compiled step is called with exactly these shapes and shardings: anything else is an error, never
+    a silent recompilation.
+    """
+    batch_sharding = parallel.batch_sharding(mesh)
+    step = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                          grad_accum_steps=config.grad_accum_steps,
+                          num_batch_shards=mesh.shape["data"] * mesh.shape["fsdp"]),
+        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, parallel.replicated(mesh)),
+        donate_argnums=0)
+    abstract_state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                            jax.eval_shape(functools.partial(_init_state, model, tx), 0), shardings)
+    images = jax.ShapeDtypeStruct((config.batch_size, *model_image_shape(model)), jnp.float32,
+                                  sharding=batch_sharding)
+    return step.lower(abstract_state, images).compile()
+
+
 # -------------------------------------------------------------------------------------------------------
 # The loop.
 # -------------------------------------------------------------------------------------------------------
@@ -346,15 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     elif config.init_from:
         state = _init_from(config.init_from, model, state, shardings)
 
-    # Compiled once, ahead of time: a later call with other shapes or shardings is an error, never a
-    # silent recompilation.
     start = time.perf_counter()
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                          grad_accum_steps=config.grad_accum_steps, num_batch_shards=data * fsdp),
-        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, parallel.replicated(mesh)),
-        donate_argnums=0).lower(state, jax.ShapeDtypeStruct(
-            (config.batch_size, *model_image_shape(model)), jnp.float32, sharding=batch_sharding)).compile()
+    step_fn = compile_train_step(config, model, tx, schedule, mesh, shardings)
     logging.info("Compiled the train step in %.1f s.", time.perf_counter() - start)
 
     log = MetricsLog(workdir, total_steps, resume_step or 0)

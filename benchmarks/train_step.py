@@ -1,0 +1,198 @@
+r"""Times the project's real train step (and, with --compare torch, the PyTorch reference) on this machine.
+
+  python benchmarks/train_step.py --config configs/vit_base.py --config.batch_size=8
+  python benchmarks/train_step.py --config configs/vit_base.py --config.batch_size=8 --compare torch
+
+Prints one JSON line. The JAX figures: images/s, seconds per step (median, min, max), compile seconds,
+FLOPs per image from XLA's cost analysis of the compiled step, achieved FLOP/s, this machine's measured
+float32 matmul peak (a 2048 x 2048 `jnp.dot`) and their ratio (MFU), the compiled step's memory analysis,
+and peak host memory. With `--compare torch`, Hugging Face `ViTMAEForPreTraining` + `torch.optim.AdamW`
+run on the same shapes; JAX and PyTorch run in separate processes (one process slows the other),
+alternating `--rounds` times, and the ratio of the medians is reported.
+"""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/vit_base.py", "Training configuration.", lock_config=True)
+flags.DEFINE_integer("steps", 10, "Timed steps per run (after 2 warm-up steps).")
+flags.DEFINE_enum("compare", None, ["torch"], "Also time the PyTorch reference.")
+flags.DEFINE_integer("rounds", 3, "With --compare: alternating runs of each framework.")
+flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: time one framework in this process.")
+
+
+def _config_overrides(argv):
+    return [a for a in argv[1:] if a.startswith("--config.")]
+
+
+def matmul_peak_flops() -> float:
+    """float32 FLOP/s of a 2048 x 2048 x 2048 jnp.dot (best of 10)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        dot(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def time_jax(config, steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    from mae_jax import input_pipeline, models, parallel, train
+
+    config.dataset = "synthetic"
+    data, fsdp = train.validate_config(config, jax.device_count(), jax.process_count())
+    model = models.MaskedAutoencoderViT(**config.model)
+    mesh = parallel.create_mesh(data, fsdp)
+    schedule = train.learning_rate_schedule(config, 1000, 100_000)
+    tx = train.make_optimizer(config, schedule)
+    state, shardings = train.create_train_state(model, tx, config.seed, mesh)
+    start = time.perf_counter()
+    step = train.compile_train_step(config, model, tx, schedule, mesh, shardings)
+    compile_seconds = time.perf_counter() - start
+    cost = step.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    memory = step.memory_analysis()
+    batch = next(input_pipeline.create_train_iterator(
+        config, global_batch_size=config.batch_size, process_index=0, process_count=1))["images"]
+    images = parallel.global_batch(batch, parallel.batch_sharding(mesh))
+    for _ in range(2):
+        state, metrics = step(state, images)
+    jax.block_until_ready(state)
+    times = []
+    # The step never touches the host: any transfer inside this block would raise.
+    with jax.transfer_guard("disallow_explicit"):
+        for _ in range(steps):
+            start = time.perf_counter()
+            state, metrics = step(state, images)
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - start)
+    loss = float(jax.device_get(metrics["loss"]))
+    assert np.isfinite(loss)
+    median = statistics.median(times)
+    flops_per_step = float(cost["flops"])
+    peak = matmul_peak_flops()
+    return {
+        "framework": "jax",
+        "batch_size": config.batch_size,
+        "devices": jax.device_count(),
+        "images_per_sec": config.batch_size / median,
+        "seconds_per_step": {"median": median, "min": min(times), "max": max(times)},
+        "compile_seconds": compile_seconds,
+        "flops_per_image": flops_per_step / config.batch_size,
+        "achieved_flops_per_sec": flops_per_step / median,
+        "matmul_peak_flops_per_sec": peak,
+        "mfu": flops_per_step / median / peak,
+        "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+        "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
+        "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "model": {k: config.model[k] for k in ("embed_dim", "depth", "patch_size", "mask_ratio", "dtype",
+                                                "attention", "remat", "scan_blocks")},
+    }
+
+
+def time_torch(config, steps: int) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count())
+    m = config.model
+    height, width = (m.image_size, m.image_size) if isinstance(m.image_size, int) else m.image_size
+    hf_config = transformers.ViTMAEConfig(
+        image_size=height, patch_size=m.patch_size, num_channels=m.num_channels, hidden_size=m.embed_dim,
+        num_hidden_layers=m.depth, num_attention_heads=m.num_heads, intermediate_size=int(m.embed_dim * m.mlp_ratio),
+        decoder_hidden_size=m.decoder_embed_dim, decoder_num_hidden_layers=m.decoder_depth,
+        decoder_num_attention_heads=m.decoder_num_heads,
+        decoder_intermediate_size=int(m.decoder_embed_dim * m.mlp_ratio), mask_ratio=m.mask_ratio,
+        norm_pix_loss=m.norm_pix_loss, layer_norm_eps=m.layer_norm_eps)
+    model = transformers.ViTMAEForPreTraining(hf_config).train()
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, betas=(config.b1, config.b2))
+    pixels = torch.randn(config.batch_size, m.num_channels, height, width)
+
+    def one_step():
+        optimizer.zero_grad(set_to_none=True)
+        model(pixels).loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        one_step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {
+        "framework": "torch",
+        "batch_size": config.batch_size,
+        "images_per_sec": config.batch_size / median,
+        "seconds_per_step": {"median": median, "min": min(times), "max": max(times)},
+        "attention": model.config._attn_implementation,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _run_worker(framework: str, argv) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={framework}", f"--steps={FLAGS.steps}",
+           f"--config={FLAGS['config'].config_filename}", *_config_overrides(sys.argv)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(f"{framework} worker failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv):
+    if FLAGS.worker == "jax":
+        print(json.dumps(time_jax(FLAGS.config, FLAGS.steps)))
+        return
+    if FLAGS.worker == "torch":
+        print(json.dumps(time_torch(FLAGS.config, FLAGS.steps)))
+        return
+    if FLAGS.compare is None:
+        print(json.dumps(_run_worker("jax", argv)))
+        return
+    runs = {"jax": [], "torch": []}
+    for _ in range(FLAGS.rounds):
+        for framework in ("jax", "torch"):
+            runs[framework].append(_run_worker(framework, argv))
+    jax_ips = statistics.median(r["images_per_sec"] for r in runs["jax"])
+    torch_ips = statistics.median(r["images_per_sec"] for r in runs["torch"])
+    best = max(runs["jax"], key=lambda r: r["images_per_sec"])
+    print(json.dumps({
+        "jax_images_per_sec": jax_ips,
+        "torch_images_per_sec": torch_ips,
+        "speedup_vs_torch": jax_ips / torch_ips,
+        "jax_runs": [r["images_per_sec"] for r in runs["jax"]],
+        "torch_runs": [r["images_per_sec"] for r in runs["torch"]],
+        "jax": best,
+        "torch": max(runs["torch"], key=lambda r: r["images_per_sec"]),
+    }))
+
+
+if __name__ == "__main__":
+    app.run(main)
