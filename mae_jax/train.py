@@ -392,11 +392,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             batch, input_state = next_batch()
         mark_time, mark_step = time.perf_counter(), step
         while step < total_steps:
-            state, metrics = step_fn(state, batch)
-            step += 1
-            consumed = input_state  # the input position after the batch this step used
-            if step < total_steps:
-                batch, input_state = next_batch()  # overlaps the device's work on this step
+            # Dispatching the step and feeding the next batch never wait on the device: any
+            # device-to-host transfer here would raise. The host reads results only on logging steps.
+            with jax.transfer_guard_device_to_host("disallow_explicit"):
+                state, metrics = step_fn(state, batch)
+                step += 1
+                consumed = input_state  # the input position after the batch this step used
+                if step < total_steps:
+                    batch, input_state = next_batch()  # overlaps the device's work on this step
             if step % config.log_every_steps == 0 or step == total_steps:
                 metrics, bad = jax.device_get((metrics, state.nonfinite_step))
                 if int(bad) >= 0:

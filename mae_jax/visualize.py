@@ -1,0 +1,161 @@
+r"""Reconstructions to look at: the four panels of the paper's figure, for any checkpoint.
+
+  python -m mae_jax.visualize --checkpoint PATH --image a.jpg --image b.png --output out.png \
+      [--mask_ratio 0.75] [--seed 0] [--image_size 224]
+
+PATH is one of ours (a workdir, its checkpoints directory, a step or an export), an official `.pth` or a
+Hugging Face directory. Per image, one row: original | masked input | reconstruction | reconstruction
+with the visible patches pasted back. Models trained with the norm-pix loss predict per-patch normalised
+pixels; they are shown de-normalised with each patch's own mean and variance taken from the original
+image (the figure says so), as users of the official code ended up doing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from PIL import Image, ImageDraw, ImageFont
+
+from mae_jax import models
+from mae_jax.input_pipeline import IMAGENET_MEAN, IMAGENET_STD
+
+PANEL_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
+NORM_PIX_NOTE = "norm-pix model: predictions de-normalised with each patch's true mean and variance"
+MASK_GRAY = 0.5  # pixel value of removed patches in the "masked" panel
+_TITLE_HEIGHT = 18
+_NOTE_HEIGHT = 16
+_GAP = 4
+
+
+def _to_pixels(images: jax.Array, num_channels: int) -> jax.Array:
+    """ImageNet-normalised -> [0, 1] pixels."""
+    if num_channels == 3:
+        return images * IMAGENET_STD + IMAGENET_MEAN
+    return images * 0.25 + 0.5
+
+
+def reconstruct(model: models.MaskedAutoencoderViT, variables, images: jax.Array, noise: jax.Array) -> jax.Array:
+    """The four panels, [N, 4, H, W, C] float pixels in [0, 1], for normalised `images` [N, H, W, C].
+
+    `noise` [N, L] fixes the masks (see `models.random_masking`). Jit-compatible.
+    """
+    out = model.apply(variables, images, noise=noise)
+    p = model.patch_size
+    size = images.shape[1:3]
+    pred = out.pred
+    if model.norm_pix_loss:
+        target = models.patchify(images.astype(jnp.float32), p)
+        mean = target.mean(axis=-1, keepdims=True)
+        var = target.var(axis=-1, ddof=1, keepdims=True)
+        pred = pred * (var + 1.0e-6) ** 0.5 + mean
+    c = model.num_channels
+    mask = jnp.repeat(out.mask[:, :, None], p * p * c, axis=-1)  # [N, L, p*p*C], 1 = removed
+    mask = models.unpatchify(mask, p, size)
+    original = jnp.clip(_to_pixels(images, c), 0.0, 1.0)
+    reconstruction = jnp.clip(_to_pixels(models.unpatchify(pred, p, size), c), 0.0, 1.0)
+    masked = original * (1 - mask) + MASK_GRAY * mask
+    pasted = original * (1 - mask) + reconstruction * mask
+    return jnp.stack([original, masked, reconstruction, pasted], axis=1)
+
+
+def to_uint8(panels: np.ndarray) -> np.ndarray:
+    return np.round(np.asarray(panels, np.float32) * 255.0).astype(np.uint8)
+
+
+def render(panels: np.ndarray, note: str | None = None, titles: Sequence[str] = PANEL_TITLES) -> Image.Image:
+    """A figure: one row per image, one column per panel, titles on top, an optional note at the bottom.
+
+    `panels` [N, 4, H, W, C] in [0, 1]. Panel (i, j) sits at x = j * (W + gap), y = title + i * (H + gap).
+    """
+    n, k, h, w, c = panels.shape
+    pixels = to_uint8(panels)
+    if c == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    width = k * w + (k - 1) * _GAP
+    height = _TITLE_HEIGHT + n * h + (n - 1) * _GAP + (_NOTE_HEIGHT if note else 0)
+    figure = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(figure)
+    font = ImageFont.load_default()
+    for j, title in enumerate(titles):
+        draw.text((j * (w + _GAP) + 2, 3), title, fill="black", font=font)
+    for i in range(n):
+        for j in range(k):
+            figure.paste(Image.fromarray(pixels[i, j]), (j * (w + _GAP), _TITLE_HEIGHT + i * (h + _GAP)))
+    if note:
+        draw.text((2, height - _NOTE_HEIGHT + 2), note, fill="black", font=font)
+    return figure
+
+
+def panel_origin(row: int, column: int, image_size: tuple[int, int]) -> tuple[int, int]:
+    """(y, x) of the top-left pixel of panel `column` of image `row` in a `render` figure."""
+    h, w = image_size
+    return _TITLE_HEIGHT + row * (h + _GAP), column * (w + _GAP)
+
+
+def figure(model: models.MaskedAutoencoderViT, variables, images: np.ndarray, seed: int = 0) -> Image.Image:
+    """Reconstructs `images` (normalised, [N, H, W, C]) with masks drawn from `seed` and renders them."""
+    noise = models.per_example_uniform(jax.random.key(seed), images.shape[0], model.num_patches)
+    panels = jax.jit(reconstruct, static_argnums=0)(model, variables, images, noise)
+    return render(np.asarray(panels), NORM_PIX_NOTE if model.norm_pix_loss else None)
+
+
+def load_image(path: str, image_size: tuple[int, int], num_channels: int = 3) -> np.ndarray:
+    """An image file -> [H, W, C] normalised: shorter side resized (bicubic) to fit, then center crop."""
+    image = Image.open(path).convert("RGB" if num_channels == 3 else "L")
+    h, w = image_size
+    scale = max(h / image.height, w / image.width)
+    resized = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))),
+                           Image.Resampling.BICUBIC)
+    top, left = (resized.height - h) // 2, (resized.width - w) // 2
+    pixels = np.asarray(resized.crop((left, top, left + w, top + h)), np.float32) / 255.0
+    if num_channels == 1:
+        return ((pixels - 0.5) / 0.25)[..., None]
+    return (pixels - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def load_model(path: str, image_size: int | None = None, mask_ratio: float | None = None):
+    """(model, variables) from any checkpoint `convert` reads, optionally at another image size."""
+    from mae_jax import convert
+
+    overrides = {}
+    if image_size:
+        overrides["image_size"] = (image_size, image_size)
+    if mask_ratio is not None:
+        overrides["mask_ratio"] = mask_ratio
+    return convert.load_model(path, **overrides)
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    flags.DEFINE_string("checkpoint", None, "Our checkpoint or export, an official .pth, or a HF directory.")
+    flags.DEFINE_multi_string("image", None, "Image file(s) to reconstruct.")
+    flags.DEFINE_string("output", "reconstructions.png", "Where to write the figure (PNG).")
+    flags.DEFINE_float("mask_ratio", None, "Fraction of patches removed (default: the checkpoint's).")
+    flags.DEFINE_integer("seed", 0, "Seed of the masks.")
+    flags.DEFINE_integer("image_size", None, "Square image size (default: the checkpoint's).")
+    flags.mark_flags_as_required(["checkpoint", "image"])
+
+
+def main(argv):
+    del argv
+    model, variables = load_model(FLAGS.checkpoint, FLAGS.image_size, FLAGS.mask_ratio)
+    size = (model.grid_size[0] * model.patch_size, model.grid_size[1] * model.patch_size)
+    images = np.stack([load_image(p, size, model.num_channels) for p in FLAGS.image])
+    fig = figure(model, variables, images, FLAGS.seed)
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    fig.save(FLAGS.output)
+    logging.info("Wrote %s: %d image(s) at %dx%d, mask ratio %.2f%s.", FLAGS.output, len(images), *size,
+                 model.mask_ratio, " (norm-pix: de-normalised with true patch statistics)"
+                 if model.norm_pix_loss else "")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
