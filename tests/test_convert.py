@@ -130,6 +130,10 @@ def test_hf_key_name_flavours_agree(tiny_hf, tiny_model, tmp_path):
     expected = torch_reference.hf_to_flax(tiny_hf)["params"]
     for state_dict in (in_memory, saved, hub):
         _assert_trees_equal(convert.from_torch(state_dict, tiny_model), expected)
+    # A ViTMAEModel (encoder only, no "vit." prefix) loads the encoder.
+    encoder = convert.from_torch(tiny_hf.vit.state_dict(), tiny_model)
+    _assert_trees_equal({k: v for k, v in encoder.items() if not k.startswith(("decoder", "mask"))},
+                        {k: v for k, v in expected.items() if not k.startswith(("decoder", "mask"))})
     # pytorch_model.bin with Hub names.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
