@@ -5,6 +5,8 @@ Nothing here imports mae_jax: this module builds the reference side of every par
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 import transformers
@@ -142,3 +144,65 @@ def hf_tensors_to_flax(sd: dict, config) -> dict:
     frozen = {"pos_embed": sd["vit.embeddings.position_embeddings"],
               "decoder_pos_embed": sd["decoder.decoder_pos_embed"]}
     return {"params": params, "frozen": frozen}
+
+
+def hf_to_official(model: transformers.ViTMAEForPreTraining, decoder: bool = True) -> dict[str, np.ndarray]:
+    """The official facebookresearch/mae state dict (models_mae.py names, torch layouts, fused qkv) of an HF
+    model, from its in-memory (transformers 5) names. Test-local mapping, independent of mae_jax."""
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    out = {
+        "cls_token": sd["vit.embeddings.cls_token"],
+        "pos_embed": sd["vit.embeddings.position_embeddings"],
+        "patch_embed.proj.weight": sd["vit.embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": sd["vit.embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": sd["vit.layernorm.weight"],
+        "norm.bias": sd["vit.layernorm.bias"],
+    }
+
+    def block(official, hf):
+        for kind in ("weight", "bias"):
+            out[f"{official}.norm1.{kind}"] = sd[f"{hf}.layernorm_before.{kind}"]
+            out[f"{official}.attn.qkv.{kind}"] = np.concatenate(
+                [sd[f"{hf}.attention.{n}_proj.{kind}"] for n in "qkv"], axis=0)
+            out[f"{official}.attn.proj.{kind}"] = sd[f"{hf}.attention.o_proj.{kind}"]
+            out[f"{official}.norm2.{kind}"] = sd[f"{hf}.layernorm_after.{kind}"]
+            out[f"{official}.mlp.fc1.{kind}"] = sd[f"{hf}.mlp.fc1.{kind}"]
+            out[f"{official}.mlp.fc2.{kind}"] = sd[f"{hf}.mlp.fc2.{kind}"]
+
+    for i in range(model.config.num_hidden_layers):
+        block(f"blocks.{i}", f"vit.layers.{i}")
+    if decoder:
+        out["mask_token"] = sd["decoder.mask_token"]
+        out["decoder_pos_embed"] = sd["decoder.decoder_pos_embed"]
+        for name in ("decoder_embed", "decoder_norm", "decoder_pred"):
+            for kind in ("weight", "bias"):
+                out[f"{name}.{kind}"] = sd[f"decoder.{name}.{kind}"]
+        for i in range(model.config.decoder_num_hidden_layers):
+            block(f"decoder_blocks.{i}", f"decoder.decoder_layers.{i}")
+    return out
+
+
+def hub_names(state_dict: dict) -> dict:
+    """transformers 5 in-memory names -> the Hub's transformers 4 names (what Hub checkpoints carry)."""
+    renames = [(r"^vit\.layers\.", "vit.encoder.layer."),
+               (r"\.attention\.q_proj\.", ".attention.attention.query."),
+               (r"\.attention\.k_proj\.", ".attention.attention.key."),
+               (r"\.attention\.v_proj\.", ".attention.attention.value."),
+               (r"\.attention\.o_proj\.", ".attention.output.dense."),
+               (r"\.mlp\.fc1\.", ".intermediate.dense."), (r"\.mlp\.fc2\.", ".output.dense.")]
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in renames:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def official_interpolate_pos_embed(pos_embed: np.ndarray, src_grid: tuple, dst_grid: tuple) -> np.ndarray:
+    """facebookresearch/mae util/pos_embed.py `interpolate_pos_embed`, generalised to (h, w) grids."""
+    table = torch.from_numpy(np.asarray(pos_embed, np.float32))
+    extra, tokens = table[:, :1], table[:, 1:]
+    tokens = tokens.reshape(-1, src_grid[0], src_grid[1], table.shape[-1]).permute(0, 3, 1, 2)
+    tokens = torch.nn.functional.interpolate(tokens, size=tuple(dst_grid), mode="bicubic", align_corners=False)
+    tokens = tokens.permute(0, 2, 3, 1).flatten(1, 2)
+    return torch.cat((extra, tokens), dim=1).numpy()

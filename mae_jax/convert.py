@@ -1,0 +1,557 @@
+r"""PyTorch <-> Flax weights: official facebookresearch/mae checkpoints, Hugging Face ViTMAE, our Orbax format.
+
+Every source is first brought into one canonical form, the official PyTorch state dict (`blocks.{i}.attn.qkv`,
+torch layouts, float32 numpy; the names and layouts live in `mae_jax.torch_layout`), where it is checked
+against the model: unknown keys, missing keys and shape mismatches are one error naming the keys and both
+shapes. An encoder-only checkpoint keeps the decoder of the base variables (or of a fresh init), and says so.
+
+Position tables. `from_torch` returns `params` only, what an optimizer trains. The two fixed sin-cos tables
+(the `frozen` collection) travel separately:
+  - `from_torch_variables` and `load_variables` return {"params", "frozen"}: the checkpoint's tables, checked
+    against the formula (a warning if they differ) and bicubically interpolated when the checkpoint's grid
+    differs from the model's (as the official fine-tuning code does);
+  - `default_frozen(model)` gives the formula tables that `model.init` creates: with `load_hf`, use
+    `{"params": params, "frozen": convert.default_frozen(model)}`;
+  - `to_torch` and `save_hf` accept params (tables from the formula) or full variables (tables as given).
+
+Usage:
+  params = convert.from_torch(torch.load(path)["model"], model)        # official, HF 4 or HF 5 key names
+  variables = convert.load_variables(path, model, base_variables)       # .pth, HF directory or our checkpoint
+  state_dict = convert.to_torch(variables, model, format="official")    # or "hf" (Hub names), "hf_t5"
+  convert.save_hf(variables, model, directory)                           # for ViTMAEForPreTraining.from_pretrained
+  model, params = convert.load_hf(directory)
+
+Command line (writes our Orbax format, an official .pth or a Hugging Face directory):
+  python -m mae_jax.convert mae_pretrain_vit_base.pth /tmp/mae_b16            # -> our format (`--to flax`)
+  python -m mae_jax.convert /tmp/mae_b16 /tmp/mae_b16.pth --to official
+  python -m mae_jax.convert /tmp/mae_b16 /tmp/mae_b16_hf --to hf
+  python -m mae_jax.convert hf_dir out --variant B/16 --image_size 448       # force an architecture / size
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import sys
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from absl import app, logging
+from absl.flags import argparse_flags
+
+from mae_jax import checkpoints, models, torch_layout
+
+PyTree = Any
+FORMATS = ("official", "hf", "hf_t5")
+FROZEN_KEYS = torch_layout.FROZEN_KEYS
+SHOW = torch_layout.SHOW
+
+
+def default_frozen(model: models.MaskedAutoencoderViT) -> dict[str, np.ndarray]:
+    """The position tables `model.init` creates: {"pos_embed" [1, 1+L, D], "decoder_pos_embed" [1, 1+L, Dd]}."""
+    return {"pos_embed": models.get_2d_sincos_pos_embed(model.embed_dim, model.grid_size, True)[None],
+            "decoder_pos_embed": models.get_2d_sincos_pos_embed(model.decoder_embed_dim, model.grid_size,
+                                                                True)[None]}
+
+
+def _split_variables(tree: Mapping) -> tuple[Mapping, Mapping | None]:
+    """Accepts params or {"params", "frozen"}; returns (params, frozen or None)."""
+    if "params" in tree and "patch_embed" not in tree:
+        return tree["params"], tree.get("frozen")
+    return tree, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks, position tables, filling in.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _source_grid(length: int, model: models.MaskedAutoencoderViT, name: str) -> tuple[int, int]:
+    if length == model.num_patches:
+        return model.grid_size
+    side = int(round(length**0.5))
+    if side * side != length:
+        raise ValueError(f"{name} has {length} patch rows: neither the model's {model.grid_size} grid nor "
+                         "a square grid, so it cannot be interpolated")
+    return side, side
+
+
+def _check(sd: Mapping, origin: Mapping, model: models.MaskedAutoencoderViT, strict: bool,
+           description: str) -> tuple[list[str], bool]:
+    """Raises one error naming every kind of misfit; returns (keys to fill from the base, encoder_only)."""
+    expected = torch_layout.expected_shapes(model)
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = []
+    for key in expected:  # in the model's order, so that the first ones named are the first layers
+        if key not in sd:
+            continue
+        shape, want = tuple(sd[key].shape), expected[key]
+        if key in FROZEN_KEYS:  # another grid is fine (interpolated); the width is not
+            ok = len(shape) == 3 and shape[0] == 1 and shape[2] == want[2]
+        else:
+            ok = shape == want
+        if not ok:
+            mismatched.append(key)
+    missing = [k for k in expected if k not in sd and k not in FROZEN_KEYS]
+    encoder_only = bool(missing) and all(torch_layout.is_decoder(k) for k in missing) and \
+        not any(torch_layout.is_decoder(k) for k in sd if k not in FROZEN_KEYS)
+    def listed(keys, describe):
+        return ", ".join(describe(k) for k in keys[:SHOW]) + (f" and {len(keys) - SHOW} more"
+                                                               if len(keys) > SHOW else "")
+
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches (checkpoint vs model, torch layout): " + listed(
+            mismatched, lambda k: f"{origin.get(k, k)} {list(sd[k].shape)} vs {list(expected[k])}"))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (not in the model): " + listed(
+            unexpected, lambda k: f"{origin.get(k, k)} {list(sd[k].shape)}"))
+    if missing and not encoder_only and strict:
+        problems.append(f"{len(missing)} missing keys (model shape): " + listed(
+            missing, lambda k: f"{k} {list(expected[k])}") + " (strict=False takes them from the base variables)")
+    if problems:
+        hint = ""
+        try:
+            fields = _infer_fields(sd)
+            hint = ". The checkpoint looks like " + ", ".join(
+                f"{k}={fields[k]}" for k in ("embed_dim", "depth", "patch_size", "decoder_embed_dim",
+                                             "decoder_depth") if k in fields)
+        except (ValueError, KeyError, IndexError):  # a hint only
+            pass
+        arch = ", ".join(f"{k}={getattr(model, k)}" for k in ("embed_dim", "depth", "patch_size",
+                                                                "decoder_embed_dim", "decoder_depth"))
+        raise ValueError(f"{description} does not fit the model ({arch}): " + "; ".join(problems) + hint)
+    if missing and not encoder_only:
+        logging.warning("strict=False: %d keys missing from %s are taken from the base variables: %s",
+                        len(missing), description, torch_layout.first_keys(missing))
+    return missing, encoder_only
+
+
+def interpolate_pos_embed(pos_embed: np.ndarray, src_grid: tuple[int, int], dst_grid: tuple[int, int],
+                          num_extra_tokens: int = 1, dtype: Any = np.float32) -> np.ndarray:
+    """Resizes a position table [1, extra + h*w, D] to another grid, the extra (cls) rows kept.
+
+    The kernel of the official `interpolate_pos_embed`: `torch.nn.functional.interpolate(mode="bicubic",
+    align_corners=False)` on the [1, D, h, w] grid (cubic a = -0.75, source index (i + 0.5) * in / out - 0.5,
+    edge clamp). Computed in float64 without torch (equal to torch's float64 result to ~1e-14), then cast to
+    `dtype`; torch's float32 arithmetic differs from the exact value by ~1e-6.
+    """
+    table = np.asarray(pos_embed, np.float64)
+    extra, tokens = table[:, :num_extra_tokens], table[:, num_extra_tokens:]
+    grid = tokens.reshape(table.shape[0], *src_grid, table.shape[-1])
+    weights_h, weights_w = (_bicubic_matrix(n_in, n_out) for n_in, n_out in zip(src_grid, dst_grid))
+    grid = np.einsum("oh,pw,nhwd->nopd", weights_h, weights_w, grid)
+    out = np.concatenate([extra, grid.reshape(table.shape[0], -1, table.shape[-1])], axis=1)
+    return out.astype(dtype)
+
+
+def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+    """[n_out, n_in] weights of torch's 1-D bicubic resampling with align_corners=False."""
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5  # not clamped for cubic, as torch
+    floor = np.floor(src)
+    t = src - floor
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    coeffs = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+    matrix = np.zeros((n_out, n_in))
+    for k in range(4):
+        index = np.clip(floor.astype(int) - 1 + k, 0, n_in - 1)
+        np.add.at(matrix, (np.arange(n_out), index), coeffs[:, k])
+    return matrix
+
+
+def _position_table(table: np.ndarray, name: str, model: models.MaskedAutoencoderViT) -> np.ndarray:
+    """Checks a checkpoint's table against the formula, and interpolates it to the model's grid."""
+    grid = _source_grid(table.shape[1] - 1, model, name)
+    formula = models.get_2d_sincos_pos_embed(table.shape[2], grid, cls_token=True)
+    error = float(np.abs(table[0] - formula).max())
+    if error > 1e-5:
+        logging.warning("%s of the checkpoint differs from the 2-D sin-cos formula by up to %.3g; "
+                        "using the checkpoint's table", name, error)
+    if grid != model.grid_size:
+        logging.info("Interpolating %s from a %s grid to the model's %s grid (bicubic, as the official "
+                     "fine-tuning code)", name, grid, model.grid_size)
+        table = interpolate_pos_embed(table, grid, model.grid_size)
+    return table
+
+
+def _variables_from_official(sd: Mapping, origin: Mapping, model: models.MaskedAutoencoderViT,
+                             base_variables: PyTree | None, strict: bool, description: str) -> dict:
+    fill, encoder_only = _check(sd, origin, model, strict, description)
+    params = {}
+    for key, (path, kind) in torch_layout.official_layout(model).items():
+        if key in sd:
+            torch_layout.set_path(params, path, torch_layout.from_torch_layout(sd[key], kind))
+    frozen = {name: _position_table(sd[name], name, model) for name in FROZEN_KEYS if name in sd}
+    absent_tables = [name for name in FROZEN_KEYS if name not in sd]
+    if fill or absent_tables:
+        if base_variables is None:
+            base_variables = jax.jit(models.init_variables, static_argnums=0)(model, jax.random.key(0))
+            base_name = "a fresh initialisation (models.init_variables, seed 0)"
+        else:
+            base_name = "the base variables"
+        base = jax.tree_util.tree_map(np.asarray, dict(base_variables))
+        base_params = torch_layout.unscan(base.get("params", base))
+        layout = torch_layout.official_layout(model)
+        for key in fill:
+            torch_layout.set_path(params, layout[key][0], torch_layout.get(base_params, layout[key][0]))
+        base_frozen = base.get("frozen") or default_frozen(model)
+        for name in absent_tables:
+            frozen[name] = base_frozen[name]
+        if encoder_only:
+            logging.info("%s holds the encoder only: the decoder (%d tensors) is kept from %s", description,
+                         len(fill), base_name)
+        if absent_tables:
+            logging.info("%s has no %s: taken from %s", description, absent_tables, base_name)
+    frozen = {k: np.array(v, np.float32) for k, v in frozen.items()}
+    return {"params": torch_layout.scan(params, model), "frozen": frozen}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public conversions.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def from_torch_variables(state_dict: Mapping[str, Any], model: models.MaskedAutoencoderViT,
+                         base_variables: PyTree | None = None, strict: bool = True) -> dict:
+    """A PyTorch state dict -> {"params", "frozen"} of numpy arrays shaped for `model`.
+
+    `state_dict` maps names to numpy arrays or torch tensors: official MAE (encoder-only, full, or a
+    training checkpoint holding 'model'), or Hugging Face ViTMAE with transformers 4 or 5 names; the
+    format is detected from the keys. What the checkpoint lacks (the decoder of an encoder-only one; any
+    missing key with `strict=False`) comes from `base_variables`, else from a fresh initialisation (seed 0),
+    and is logged. Position tables come from the checkpoint, interpolated to the model's grid if needed.
+    """
+    sd, origin, fmt = torch_layout.canonical(state_dict)
+    return _variables_from_official(sd, origin, model, base_variables, strict, f"the {fmt} state dict")
+
+
+def from_torch(state_dict: Mapping[str, Any], model: models.MaskedAutoencoderViT,
+               base_params: PyTree | None = None, strict: bool = True) -> PyTree:
+    """A PyTorch state dict (official or Hugging Face, detected) -> `params` for `model`.
+
+    See `from_torch_variables`, which also returns the position tables; here they are only checked.
+    """
+    base = None if base_params is None else {"params": base_params}
+    return from_torch_variables(state_dict, model, base, strict)["params"]
+
+
+def to_torch(params: PyTree, model: models.MaskedAutoencoderViT,
+             format: str = "official") -> dict[str, np.ndarray]:
+    """`params` (or {"params", "frozen"}) -> a state dict of float32 numpy arrays in torch layouts.
+
+    format "official": exactly the keys and shapes of the official full `MaskedAutoencoderViT`;
+    "hf": Hugging Face ViTMAEForPreTraining with the Hub's (transformers 4) names, which transformers 4 and
+    5 both load with `from_pretrained`; "hf_t5": transformers 5's in-memory names, for `load_state_dict`.
+    Without "frozen", the position tables are the formula's for the model's grid.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format {format!r} is not one of {FORMATS}")
+    params, frozen = _split_variables(params)
+    params = torch_layout.unscan(params)
+    sd = {}
+    for key, (path, kind) in torch_layout.official_layout(model).items():
+        value = np.asarray(torch_layout.get(params, path), np.float32)
+        sd[key] = torch_layout.to_torch_layout(value, kind, model)
+    frozen = frozen if frozen is not None else default_frozen(model)
+    for key in FROZEN_KEYS:
+        sd[key] = np.array(frozen[key], np.float32)
+    expected = torch_layout.expected_shapes(model)
+    wrong = [k for k in sd if tuple(sd[k].shape) != expected[k]]
+    if wrong:
+        raise ValueError("params do not fit the model: " + ", ".join(
+            f"{k} {list(sd[k].shape)} vs {list(expected[k])}" for k in wrong[:SHOW]))
+    return sd if format == "official" else torch_layout.official_to_hf(sd, format)
+
+
+def hf_config(model: models.MaskedAutoencoderViT) -> dict[str, Any]:
+    """The `config.json` of a ViTMAEForPreTraining equal to `model` (eps, exact GELU, sizes)."""
+    grid_h, grid_w = model.grid_size
+    if grid_h != grid_w:
+        raise ValueError(f"image_size {model.image_size!r}: transformers' ViTMAE supports square images only")
+    height = grid_h * model.patch_size
+    hidden = int(model.embed_dim * model.mlp_ratio)
+    return {
+        "architectures": ["ViTMAEForPreTraining"], "model_type": "vit_mae",
+        "image_size": height, "patch_size": model.patch_size, "num_channels": model.num_channels,
+        "hidden_size": model.embed_dim, "num_hidden_layers": model.depth,
+        "num_attention_heads": model.num_heads, "intermediate_size": hidden,
+        "decoder_hidden_size": model.decoder_embed_dim, "decoder_num_hidden_layers": model.decoder_depth,
+        "decoder_num_attention_heads": model.decoder_num_heads,
+        "decoder_intermediate_size": int(model.decoder_embed_dim * model.mlp_ratio),
+        "hidden_act": "gelu", "layer_norm_eps": model.layer_norm_eps, "qkv_bias": True,
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
+        "mask_ratio": model.mask_ratio, "norm_pix_loss": model.norm_pix_loss,
+    }
+
+
+def _fields_from_hf_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    get = lambda key, default: config.get(key, default)  # ViTMAEConfig's defaults
+    hidden, inter = get("hidden_size", 768), get("intermediate_size", 3072)
+    dec_hidden, dec_inter = get("decoder_hidden_size", 512), get("decoder_intermediate_size", 2048)
+    if inter * dec_hidden != dec_inter * hidden:
+        raise ValueError(f"config: intermediate_size/hidden_size {inter}/{hidden} differs from the decoder's "
+                         f"{dec_inter}/{dec_hidden}; MaskedAutoencoderViT has one mlp_ratio")
+    if get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"config: hidden_act {config['hidden_act']!r}; MAE uses exact 'gelu'")
+    if not get("qkv_bias", True):
+        raise ValueError("config: qkv_bias=False; MaskedAutoencoderViT always has qkv biases")
+    eps = get("layer_norm_eps", 1e-12)
+    size = get("image_size", 224)
+    return dict(image_size=tuple(size) if isinstance(size, (list, tuple)) else size,
+                patch_size=get("patch_size", 16), num_channels=get("num_channels", 3), embed_dim=hidden,
+                depth=get("num_hidden_layers", 12), num_heads=get("num_attention_heads", 12),
+                decoder_embed_dim=dec_hidden, decoder_depth=get("decoder_num_hidden_layers", 8),
+                decoder_num_heads=get("decoder_num_attention_heads", 16), mlp_ratio=inter / hidden,
+                mask_ratio=get("mask_ratio", 0.75), norm_pix_loss=get("norm_pix_loss", False),
+                layer_norm_eps=eps)
+
+
+def _warn_on_eps(fields: Mapping[str, Any]) -> None:
+    eps = fields.get("layer_norm_eps", 1e-6)
+    if eps != 1e-6:  # the Hub's MAE configs carry transformers' default 1e-12
+        logging.warning("layer_norm_eps=%g where the official MAE uses 1e-6; the model keeps %g to reproduce "
+                        "the checkpoint's source (override layer_norm_eps to change it)", eps, eps)
+
+
+def save_hf(params: PyTree, model: models.MaskedAutoencoderViT, directory: str | os.PathLike) -> None:
+    """Writes `config.json` + `model.safetensors` that `ViTMAEForPreTraining.from_pretrained` loads."""
+    from safetensors.numpy import save_file
+
+    config = hf_config(model)
+    os.makedirs(directory, exist_ok=True)
+    sd = to_torch(params, model, format="hf")
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, os.path.join(directory, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    logging.info("Wrote a Hugging Face ViTMAEForPreTraining (%d tensors) to %s", len(sd), directory)
+
+
+def _read_hf_weights(directory: str) -> dict[str, Any]:
+    """The state dict of a HF directory: (sharded) safetensors without torch, or pytorch_model.bin."""
+    def path(name):
+        return os.path.join(directory, name)
+
+    for weights, index in (("model.safetensors", "model.safetensors.index.json"),
+                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if os.path.exists(path(weights)):
+            files = [path(weights)]
+        elif os.path.exists(path(index)):
+            with open(path(index)) as f:
+                files = sorted({path(name) for name in json.load(f)["weight_map"].values()})
+        else:
+            continue
+        sd = {}
+        for file in files:
+            if file.endswith(".safetensors"):
+                from safetensors.numpy import load_file
+                sd.update(load_file(file))
+            else:
+                sd.update(_torch_load(file))
+        return sd
+    raise FileNotFoundError(f"{directory} has config.json but no model.safetensors or pytorch_model.bin")
+
+
+def load_hf(directory: str | os.PathLike, **overrides: Any) -> tuple[models.MaskedAutoencoderViT, PyTree]:
+    """A Hugging Face ViTMAEForPreTraining directory -> (model, params). Needs no torch for safetensors.
+
+    The architecture comes from `config.json` (`overrides` replace fields, e.g. `scan_blocks=True`). The
+    position tables are checked; `load_variables(directory, model)` also returns them.
+    """
+    directory = os.fspath(directory)
+    with open(os.path.join(directory, "config.json")) as f:
+        fields = _fields_from_hf_config(json.load(f)) | overrides
+    _warn_on_eps(fields)
+    model = models.MaskedAutoencoderViT(**fields)
+    params = from_torch(_read_hf_weights(directory), model)
+    logging.info("Loaded a Hugging Face ViTMAE from %s", directory)
+    return model, params
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Any source on disk.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _torch_load(path: str) -> Any:
+    """torch.load with weights_only=True; official checkpoints also hold an argparse.Namespace."""
+    import torch
+
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError with the offending global named
+            raise ValueError(f"cannot read {path} safely (torch.load weights_only=True): {e}") from e
+
+
+def _read_source(path: str | os.PathLike, model: models.MaskedAutoencoderViT | None = None) -> dict:
+    """Reads a checkpoint -> {"sd", "origin", "description", "fields" (or None), "hints"}."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            fields = _fields_from_hf_config(json.load(f))
+        sd, origin, fmt = torch_layout.canonical(_read_hf_weights(path))
+        return dict(sd=sd, origin=origin, description=f"{path} ({fmt})", fields=fields, hints={})
+    if os.path.isdir(path) and checkpoints.is_checkpoint(path):
+        fields, variables = checkpoints.load_variables(path)
+        if fields is None:
+            if model is None:
+                raise ValueError(f"{path} records no model fields: pass --variant")
+            saved = model
+        else:
+            saved = models.MaskedAutoencoderViT(**fields)
+        sd = to_torch(variables, saved, format="official")
+        return dict(sd=sd, origin={}, description=f"{path} (mae_jax checkpoint)", fields=fields, hints={})
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is neither a Hugging Face directory (config.json) nor a mae_jax checkpoint")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+        raw = load_file(path)
+    else:
+        raw = _torch_load(path)
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict")
+    hints = {}
+    args = raw.get("args") if isinstance(raw.get("model"), Mapping) else None
+    if args is not None:  # the official training script's argparse.Namespace
+        args = vars(args) if hasattr(args, "__dict__") else dict(args)
+        match = re.fullmatch(r"mae_vit_(base|large|huge)_patch(\d+)", str(args.get("model", "")))
+        if match:
+            hints["variant"] = f"{dict(base='B', large='L', huge='H')[match.group(1)]}/{match.group(2)}"
+        hints.update({k: args[k] for k in ("mask_ratio", "norm_pix_loss") if k in args})
+        if "input_size" in args:
+            hints["image_size"] = args["input_size"]
+    sd, origin, fmt = torch_layout.canonical(raw)
+    return dict(sd=sd, origin=origin, description=f"{path} ({fmt})", fields=None, hints=hints)
+
+
+def load_variables(path: str | os.PathLike, model: models.MaskedAutoencoderViT,
+                   base_variables: PyTree | None = None, strict: bool = True) -> dict:
+    """Reads any supported checkpoint into {"params", "frozen"} (numpy) shaped for `model`.
+
+    `path`: an official `.pth` (bare state dict or a training checkpoint), a `.safetensors` file, a Hugging
+    Face directory, or our Orbax checkpoint / export (workdir, checkpoints dir or step dir). What the source
+    lacks comes from `base_variables` (else a fresh init) and is logged; position tables are interpolated
+    when the grid differs. For `config.init_from`.
+    """
+    source = _read_source(path, model)
+    logging.info("Loading %s: %d tensors", source["description"], len(source["sd"]))
+    return _variables_from_official(source["sd"], source["origin"], model, base_variables, strict,
+                                    source["description"])
+
+
+def _infer_fields(sd: Mapping[str, np.ndarray], variant: str | None = None) -> dict[str, Any]:
+    """Constructor fields from the shapes of an official state dict; num_heads from the variant table.
+
+    With `variant` (e.g. "B/16"), its fields are used and only what shapes cannot contradict (the image
+    size, from the position table) is taken from the checkpoint.
+    """
+    fields = models.variant(variant) if variant else {}
+    p = sd["patch_embed.proj.weight"].shape[-1] if "patch_embed.proj.weight" in sd else fields.get("patch_size")
+    if "pos_embed" in sd and p:
+        side = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
+        if side * side == sd["pos_embed"].shape[1] - 1:
+            fields["image_size"] = side * p
+    if variant:
+        return fields
+    if "patch_embed.proj.weight" not in sd:
+        raise ValueError("cannot infer the architecture without patch_embed.proj.weight: pass a variant")
+    embed_dim, channels = sd["patch_embed.proj.weight"].shape[:2]
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    fields.update(patch_size=p, num_channels=channels, embed_dim=embed_dim, depth=depth)
+    if "blocks.0.mlp.fc1.weight" in sd:
+        fields["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+    if "decoder_embed.weight" in sd:
+        fields["decoder_embed_dim"] = sd["decoder_embed.weight"].shape[0]
+        fields["decoder_depth"] = len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")})
+    known = [models.variant(v.format(patch=p)) for v in models.VARIANTS]
+    heads = {(f["embed_dim"], f["depth"]): f["num_heads"] for f in known}
+    heads_any = {f["embed_dim"]: f["num_heads"] for f in known}
+    dec_heads = {f["decoder_embed_dim"]: f["decoder_num_heads"] for f in known}
+    fields["num_heads"] = heads.get((embed_dim, depth), heads_any.get(embed_dim))
+    if "decoder_embed_dim" in fields:
+        fields["decoder_num_heads"] = dec_heads.get(fields["decoder_embed_dim"])
+    unknown = [k for k in ("num_heads", "decoder_num_heads") if k in fields and fields[k] is None]
+    if unknown:
+        raise ValueError(f"cannot infer {unknown} from shapes (embed_dim {embed_dim}, decoder_embed_dim "
+                         f"{fields.get('decoder_embed_dim')}): pass a variant, e.g. --variant B/16")
+    return fields
+
+
+def _model_fields(source: dict, variant: str | None, image_size: int | None) -> dict[str, Any]:
+    """The architecture for the CLI: the variant, else recorded fields, else inferred from shapes."""
+    hints = source["hints"]
+    variant = variant or hints.get("variant")
+    if variant or source["fields"] is None:
+        fields = _infer_fields(source["sd"], variant)
+        if "decoder_embed_dim" not in fields:
+            fields.update({k: v for k, v in models.variant("B/16").items() if k.startswith("decoder_")})
+            logging.info("No decoder in the checkpoint: using the paper's decoder %s",
+                         {k: v for k, v in fields.items() if k.startswith("decoder_")})
+        if "pos_embed" not in source["sd"] and "image_size" in hints:
+            fields["image_size"] = hints["image_size"]
+        fields.update({k: hints[k] for k in ("mask_ratio", "norm_pix_loss") if k in hints})
+        if source["fields"] is not None:  # a variant over a source that records its training settings
+            fields.update({k: source["fields"][k] for k in ("mask_ratio", "norm_pix_loss", "layer_norm_eps")
+                           if k in source["fields"]})
+    else:
+        fields = dict(source["fields"])
+    if image_size:
+        fields["image_size"] = image_size
+    return fields
+
+
+def _parse_flags(argv: list[str]) -> argparse.Namespace:
+    parser = argparse_flags.ArgumentParser(  # also parses absl's own flags (--verbosity, ...)
+        prog="python -m mae_jax.convert",
+        description="Convert MAE weights between an official .pth, a Hugging Face directory and our format.")
+    parser.add_argument("input", help="official .pth / .safetensors, Hugging Face directory, or our checkpoint")
+    parser.add_argument("output", help="directory (flax, hf) or file (official) to write")
+    parser.add_argument("--to", choices=("flax", "official", "hf"), default=None,
+                        help="output format; default: official if OUTPUT ends in .pth/.pt, else flax")
+    parser.add_argument("--variant", default=None, help="architecture, e.g. B/16, when shapes cannot tell")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="target image size (position tables interpolated bicubically)")
+    return parser.parse_args(argv[1:])
+
+
+def main(args: argparse.Namespace) -> None:
+    try:
+        source = _read_source(args.input)
+        fields = _model_fields(source, args.variant, args.image_size)
+        _warn_on_eps(fields)
+        model = models.MaskedAutoencoderViT(**fields)
+        logging.info("Read %s: %d tensors, %.2fM values; model %s", source["description"], len(source["sd"]),
+                     sum(v.size for v in source["sd"].values()) / 1e6, models.constructor_fields(model))
+        variables = _variables_from_official(source["sd"], source["origin"], model, None, True,
+                                             source["description"])
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        sys.exit(f"error: {e}")
+    to = args.to or ("official" if args.output.endswith((".pth", ".pt")) else "flax")
+    if to == "flax":
+        step_dir = checkpoints.save_variables(args.output, variables, models.constructor_fields(model))
+        logging.info("Wrote our checkpoint to %s", step_dir)
+    elif to == "official":
+        import torch
+
+        sd = to_torch(variables, model, format="official")
+        torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, args.output)
+        logging.info("Wrote an official MAE state dict (%d tensors, under 'model') to %s", len(sd), args.output)
+    else:
+        save_hf(variables, model, args.output)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)
