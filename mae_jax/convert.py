@@ -513,6 +513,25 @@ def _model_fields(source: dict, variant: str | None, image_size: int | None) -> 
     return fields
 
 
+def load_model(path: str | os.PathLike, variant: str | None = None,
+               **overrides: Any) -> tuple[models.MaskedAutoencoderViT, dict]:
+    """(model, {"params", "frozen"}) from any supported checkpoint, the architecture read from its config,
+    its recorded fields or its shapes (`variant`, e.g. "B/16", where they cannot tell).
+
+    `overrides` replace constructor fields, e.g. `image_size=(448, 448)` (position tables interpolated) or
+    `mask_ratio=0.5`.
+    """
+    source = _read_source(path)
+    fields = _model_fields(source, variant, None)
+    fields.update(overrides)
+    _warn_on_eps(fields)
+    model = models.MaskedAutoencoderViT(**fields)
+    logging.info("Read %s: %d tensors, %.2fM values; model %s", source["description"], len(source["sd"]),
+                 sum(v.size for v in source["sd"].values()) / 1e6, models.constructor_fields(model))
+    variables = _variables_from_official(source["sd"], source["origin"], model, None, True, source["description"])
+    return model, variables
+
+
 def _parse_flags(argv: list[str]) -> argparse.Namespace:
     parser = argparse_flags.ArgumentParser(  # also parses absl's own flags (--verbosity, ...)
         prog="python -m mae_jax.convert",
@@ -529,14 +548,8 @@ def _parse_flags(argv: list[str]) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> None:
     try:
-        source = _read_source(args.input)
-        fields = _model_fields(source, args.variant, args.image_size)
-        _warn_on_eps(fields)
-        model = models.MaskedAutoencoderViT(**fields)
-        logging.info("Read %s: %d tensors, %.2fM values; model %s", source["description"], len(source["sd"]),
-                     sum(v.size for v in source["sd"].values()) / 1e6, models.constructor_fields(model))
-        variables = _variables_from_official(source["sd"], source["origin"], model, None, True,
-                                             source["description"])
+        overrides = {"image_size": args.image_size} if args.image_size else {}
+        model, variables = load_model(args.input, args.variant, **overrides)
     except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")
     to = args.to or ("official" if args.output.endswith((".pth", ".pt")) else "flax")

@@ -124,7 +124,7 @@ def load_model(path: str, image_size: int | None = None, mask_ratio: float | Non
 
     overrides = {}
     if image_size:
-        overrides["image_size"] = (image_size, image_size)
+        overrides["image_size"] = image_size
     if mask_ratio is not None:
         overrides["mask_ratio"] = mask_ratio
     return convert.load_model(path, **overrides)

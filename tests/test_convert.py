@@ -239,7 +239,7 @@ def test_vit_b16_hf_and_official(tmp_path):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_round_trips_are_bit_exact(tiny_hf, scan):
-    model = models.MaskedAutoencoderViT(**TINY, scan_blocks=scan)
+    model = models.MaskedAutoencoderViT(**dict(TINY, scan_blocks=scan))
     variables = _random_variables(model, seed=11)
     if scan:
         assert variables["params"]["blocks"]["attn"]["qkv"]["kernel"].shape == (2, 32, 96)
@@ -264,7 +264,7 @@ def test_round_trips_are_bit_exact(tiny_hf, scan):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_save_hf_loads_in_transformers(tmp_path, scan):
-    model = models.MaskedAutoencoderViT(**TINY, scan_blocks=scan)
+    model = models.MaskedAutoencoderViT(**dict(TINY, scan_blocks=scan))
     variables = _random_variables(model, seed=13)
     convert.save_hf(variables["params"], model, tmp_path)
     hf, info = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path, output_loading_info=True)

@@ -177,7 +177,7 @@ def test_parameter_counts(name, total, encoder):
 def test_scan_blocks_same_count_and_function():
     fields = dict(TINY)
     model = models.MaskedAutoencoderViT(**fields)
-    scanned = models.MaskedAutoencoderViT(**fields, scan_blocks=True, remat="full")
+    scanned = models.MaskedAutoencoderViT(**dict(fields, scan_blocks=True, remat="full"))
     variables = models.init_variables(model, jax.random.key(0))
     stacked = dict(variables["params"])
     for prefix, depth in (("blocks", model.depth), ("decoder_blocks", model.decoder_depth)):

@@ -370,3 +370,38 @@ def test_validate_config_accepts_paper_recipes():
         assert config.model.norm_pix_loss and config.model.mask_ratio == 0.75
         assert train.validate_config(config, 8, 1) == (8, 1)
     assert train.validate_config(vit_base.get_config(), 256, 32) == (256, 1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Starting from converted weights.
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_init_from_converted_official_checkpoint(tmp_path):
+    """An official .pth -> our checkpoint (the convert CLI) -> main.py --config.init_from=... starts there."""
+    from mae_jax import checkpoints
+
+    config = tiny.get_config()
+    hf = torch_reference.random_hf_model(dict(config.model), seed=5)
+    official = torch_reference.hf_to_official(hf)
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in official.items()}, "epoch": 3}, tmp_path / "mae.pth")
+    converted = subprocess.run([sys.executable, "-m", "mae_jax.convert", str(tmp_path / "mae.pth"),
+                                str(tmp_path / "converted")], cwd=ROOT, capture_output=True, text=True)
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    # Step 0 has lr 0 (warmup), so after one step the parameters are still exactly the loaded ones.
+    result = run_main(tmp_path / "run", f"--config.init_from={tmp_path / 'converted'}", "--config.total_steps=1",
+                      "--config.log_every_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Initialised params from" in result.stdout
+    _, trained = checkpoints.load_variables(tmp_path / "run")
+    expected = torch_reference.hf_to_flax(hf)
+    chex.assert_trees_all_equal(trained, expected)
+    # The first loss is the loss of the loaded weights.
+    model = models.MaskedAutoencoderViT(**config.model)
+    from mae_jax import input_pipeline
+    images = next(input_pipeline.create_train_iterator(config, global_batch_size=config.batch_size,
+                                                       process_index=0, process_count=1))["images"]
+    noise = models.per_example_uniform(jax.random.fold_in(jax.random.key(config.seed), 0), config.batch_size,
+                                       model.num_patches)
+    loss = model.apply(expected, images, noise=noise).loss
+    np.testing.assert_allclose(losses(tmp_path / "run")[1], float(loss), rtol=1e-5)
