@@ -1,0 +1,286 @@
+"""Data sources as tfds builders: the tfds catalog, a local image folder and the offline demo photographs.
+
+`get_builder(config)` returns a prepared `tfds.core.DatasetBuilder` for `config.dataset`, so that the input
+pipeline reads every source the same way (TFRecord shards, tfds splits and per-process sub-splits):
+
+  - a tfds name ("imagenet2012", ...): must have been prepared with `tfds build` (nothing is downloaded here);
+  - "folder": `config.image_folder`, either `root/<class>/<image>` or a flat folder of JPEG and PNG files.
+    It is copied once into TFRecords under the tfds `data_dir`, keyed by a fingerprint of the file listing
+    (a changed folder is prepared again). Every file is decoded once while preparing: unreadable or corrupt
+    files are skipped, counted and logged, so training never meets one;
+  - "demo": crops cut from the photographs that scikit-image ships in its wheel (offline, a few seconds to
+    prepare). Its "validation" split holds crops of two photographs the "train" split never shows.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import inspect
+import io
+import os
+import re
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_MAX_LISTED_SKIPS = 1000  # skipped files named in the dataset metadata; all are counted
+
+
+class DatasetNotPreparedError(ValueError):
+    """A tfds dataset that must be prepared (downloaded and converted) before training."""
+
+
+def get_builder(config) -> tfds.core.DatasetBuilder:
+    """The prepared tfds builder of `config.dataset` (preparing "folder" and "demo" on first use)."""
+    name, data_dir = config.dataset, config.data_dir
+    if name == "folder":
+        if not config.image_folder:
+            raise ValueError('dataset="folder" needs config.image_folder: the folder holding the images')
+        return _prepared(ImageFolder(folder=config.image_folder, data_dir=data_dir))
+    if name == "demo":
+        return _prepared(DemoPhotos(data_dir=data_dir))
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"dataset {name!r} is not known: use 'demo', 'folder', 'synthetic' or a tfds dataset "
+                         "name such as 'imagenet2012'") from None
+    if not builder.is_prepared():
+        raise DatasetNotPreparedError(_how_to_prepare(builder))
+    return builder
+
+
+def _how_to_prepare(builder: tfds.core.DatasetBuilder) -> str:
+    root = builder.data_dir_root
+    if builder.name == "imagenet2012":
+        return (f"imagenet2012 is not prepared in {root}: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
+                f"(from image-net.org) in {os.path.join(root, 'downloads', 'manual')} and run "
+                f"`tfds build imagenet2012 --data_dir={root}` (or set config.data_dir to where it is prepared)")
+    manual = " (see its tfds catalog page for files to download by hand)" if builder.MANUAL_DOWNLOAD_INSTRUCTIONS \
+        else ""
+    return (f"{builder.name} is not prepared in {root}: run `tfds build {builder.name} --data_dir={root}`{manual} "
+            "(or set config.data_dir to where it is prepared)")
+
+
+def _prepared(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+    if builder.is_prepared():
+        return builder
+    logging.info("Preparing %s into %s (once).", builder.name, builder.data_path)
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except (OSError, tf.errors.OpError):
+        # Several processes may prepare the same dataset into a shared data_dir; the first one wins.
+        if not type(builder)(**builder._original_state).is_prepared():
+            raise
+    return type(builder)(**builder._original_state)  # reloads split sizes and metadata from disk
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A local folder of images.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A builder defined here rather than in the tfds catalog (registered nowhere, downloads nothing)."""
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # tfds 4.9.10 finds a builder's source through `importlib_resources`, which it only declares for
+        # Python < 3.9 (tensorflow/datasets#11212); the path is only used to look for download checksums.
+        return epath.Path(inspect.getfile(cls))
+
+
+def list_image_files(folder: str) -> list[str]:
+    """Paths (relative to `folder`, sorted) of the JPEG and PNG files under `folder`, at any depth."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"config.image_folder={folder!r} is not a directory")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = os.path.relpath(dirpath, folder)
+        files += [os.path.normpath(os.path.join(rel, f)) for f in filenames
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    if not files:
+        raise ValueError(f"config.image_folder={folder!r} holds no images: expected <class>/<image> or <image> "
+                         f"files ending in {', '.join(IMAGE_EXTENSIONS)} (any case)")
+    return sorted(files)
+
+
+def _class_of(relpath: str, folder: str) -> str:
+    """The first directory below the root; files directly in the root take the root's own name."""
+    parts = relpath.split(os.sep)
+    return parts[0] if len(parts) > 1 else os.path.basename(os.path.abspath(folder))
+
+
+def _fingerprint(folder: str, files: list[str]) -> str:
+    digest = hashlib.sha1(os.path.abspath(folder).encode())
+    for f in files:
+        st = os.stat(os.path.join(folder, f))
+        digest.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def check_image(data: bytes) -> str | None:
+    """None if `data` decodes as an image with TensorFlow (as the pipeline will), else the error."""
+    try:
+        if tf.io.is_jpeg(data):
+            tf.image.extract_jpeg_shape(data)
+        tf.io.decode_image(data, channels=3, expand_animations=False)
+    except tf.errors.OpError as e:
+        # "{{function_node ...}} Invalid JPEG data, size 11 [Op:ExtractJpegShape]" -> "Invalid JPEG data, size 11"
+        message = re.sub(r"\{\{.*?\}\}|\[Op:.*?\]", "", e.message or "").strip()
+        return message.splitlines()[0] if message else type(e).__name__
+    return None
+
+
+class ImageFolder(_LocalBuilder, skip_registration=True):
+    """The JPEG and PNG files under one folder, as one "train" split; labels from the class sub-folders."""
+
+    name = "mae_image_folder"
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, *, folder: str, data_dir: str | None = None, config=None, version=None):
+        self.folder = os.path.abspath(os.path.expanduser(folder))
+        self.files = list_image_files(self.folder)
+        self.classes = sorted({_class_of(f, self.folder) for f in self.files})
+        if config is None:
+            slug = re.sub(r"[^a-z0-9]+", "_", os.path.basename(self.folder).lower()).strip("_")[:40] or "root"
+            config = tfds.core.BuilderConfig(name=f"{slug}_{_fingerprint(self.folder, self.files)}",
+                                             description=self.folder)
+        super().__init__(data_dir=data_dir, config=config, version=version)
+        self._original_state["folder"] = folder
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Images under {self.folder}",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(),  # the file's own bytes, JPEG or PNG, not re-encoded
+                "label": tfds.features.ClassLabel(names=self.classes),
+                "file_name": tfds.features.Text(),
+            }),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self) -> Iterator[tuple[str, dict]]:
+        skipped = []
+
+        def read(relpath):
+            try:
+                with open(os.path.join(self.folder, relpath), "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                return relpath, None, e.strerror or str(e)
+            return relpath, data, check_image(data)
+
+        chunk = 256  # bounds memory: files are read and checked in parallel, a chunk at a time
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for start in range(0, len(self.files), chunk):
+                for relpath, data, error in pool.map(read, self.files[start:start + chunk]):
+                    if error is not None:
+                        skipped.append(relpath)
+                        logging.warning("Skipping unreadable image %s: %s", os.path.join(self.folder, relpath),
+                                        error)
+                        continue
+                    yield relpath, {"image": data, "label": _class_of(relpath, self.folder), "file_name": relpath}
+        if len(skipped) == len(self.files):
+            raise ValueError(f"config.image_folder={self.folder!r}: none of its {len(self.files)} images could be "
+                             "decoded")
+        self.info.metadata["num_skipped_files"] = len(skipped)
+        self.info.metadata["skipped_files"] = skipped[:_MAX_LISTED_SKIPS]
+        logging.log(logging.WARNING if skipped else logging.INFO, "Image folder %s: %d images, %d skipped.",
+                    self.folder, len(self.files) - len(skipped), len(skipped))
+
+
+def num_skipped_files(builder: tfds.core.DatasetBuilder) -> int:
+    """Image files left out of a prepared dataset because they could not be decoded (0 for tfds datasets)."""
+    metadata = builder.info.metadata
+    return int(metadata.get("num_skipped_files", 0)) if metadata else 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The offline demo: crops of the photographs shipped with scikit-image.
+# ---------------------------------------------------------------------------------------------------------
+
+# Natural photographs in `skimage.data` (colour, then grey). The two held out make the validation split.
+TRAIN_PHOTOS = ("astronaut.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
+                "hubble_deep_field.jpg", "ihc.png", "retina.jpg", "camera.png", "coins.png", "moon.png",
+                "grass.png", "gravel.png", "brick.png")
+HELD_OUT_PHOTOS = ("chelsea.png", "coffee.png")
+DEMO_TRAIN_CROPS_PER_PHOTO = 160
+DEMO_VALIDATION_CROPS_PER_PHOTO = 8
+_DEMO_MAX_SIDE = 192  # crops are downscaled to at most this shorter side: small records, fast decoding
+
+
+def _skimage_photo(filename: str):
+    from PIL import Image
+    import skimage.data
+    with Image.open(os.path.join(os.path.dirname(skimage.data.__file__), filename)) as image:
+        return image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode)
+
+
+def _random_crops(photo, num_crops: int, rng: np.random.Generator, scale: tuple[float, float],
+                  first_whole: bool) -> Iterator[bytes]:
+    from PIL import Image
+    width, height = photo.size
+    for i in range(num_crops):
+        if first_whole and i == 0:
+            box = (0, 0, width, height)
+        else:
+            area = width * height * rng.uniform(*scale)
+            aspect = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
+            w = int(min(width, round(np.sqrt(area * aspect))))
+            h = int(min(height, round(np.sqrt(area / aspect))))
+            left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            box = (left, top, left + w, top + h)
+        crop = photo.crop(box)
+        shrink = min(crop.size) / _DEMO_MAX_SIDE
+        if shrink > 1:
+            crop = crop.resize((round(crop.size[0] / shrink), round(crop.size[1] / shrink)), Image.BICUBIC)
+        buffer = io.BytesIO()
+        crop.save(buffer, format="JPEG", quality=90)
+        yield buffer.getvalue()
+
+
+class DemoPhotos(_LocalBuilder, skip_registration=True):
+    """Random crops of scikit-image's sample photographs: a real-image dataset that needs no download."""
+
+    name = "mae_demo"
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Random crops (JPEG) of the sample photographs shipped with scikit-image; the validation "
+                        f"split holds crops of {', '.join(HELD_OUT_PHOTOS)}, which train never shows.",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(),
+                "file_name": tfds.features.Text(),  # "<photo>/<crop index>"
+            }),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {
+            "train": self._generate_examples(TRAIN_PHOTOS, DEMO_TRAIN_CROPS_PER_PHOTO, (0.05, 0.5), False),
+            "validation": self._generate_examples(HELD_OUT_PHOTOS, DEMO_VALIDATION_CROPS_PER_PHOTO, (0.3, 0.8),
+                                                  True),
+        }
+
+    def _generate_examples(self, photos, crops_per_photo, scale, first_whole):
+        for photo_index, filename in enumerate(photos):
+            rng = np.random.default_rng([2022, photo_index, crops_per_photo])
+            photo = _skimage_photo(filename)
+            for i, data in enumerate(_random_crops(photo, crops_per_photo, rng, scale, first_whole)):
+                name = f"{os.path.splitext(filename)[0]}/{i:04d}"
+                yield name, {"image": data, "file_name": name}
