@@ -174,14 +174,19 @@ def preprocess_for_train(encoded: tf.Tensor, key: tf.Tensor, *, image_size: tupl
     """Encoded JPEG/PNG/GIF/BMP -> RandomResizedCrop, random horizontal flip, normalise: [H, W, C] float32.
 
     JPEGs are cropped while decoding (only the box's rows and blocks are decoded); other formats are decoded
-    whole and then cropped. The same key gives the same output.
+    whole and then cropped. Both give the same pixels. The same key gives the same output.
     """
     crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2, alg="philox"))
 
     def jpeg():
         shape = tf.image.extract_jpeg_shape(encoded)
-        box = sample_crop_box(shape[0], shape[1], crop_key, scale, ratio)
-        return tf.image.decode_and_crop_jpeg(encoded, box, channels=num_channels)
+        top, left, height, width = tf.unstack(sample_crop_box(shape[0], shape[1], crop_key, scale, ratio))
+        # With subsampled chroma, libjpeg's upsampling replicates the window's edge columns instead of reading
+        # their neighbours (up to ~20 levels off there); one more column on each side makes it exact.
+        window_left, window_right = tf.maximum(left - 1, 0), tf.minimum(left + width + 1, shape[1])
+        window = tf.stack([top, window_left, height, window_right - window_left])
+        decoded = tf.image.decode_and_crop_jpeg(encoded, window, channels=num_channels)
+        return decoded[:, left - window_left:left - window_left + width]
 
     def other():
         image = tf.io.decode_image(encoded, channels=num_channels, expand_animations=False)
