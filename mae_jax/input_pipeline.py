@@ -13,10 +13,9 @@ Interface used by the trainer (`mae_jax.train`):
 image dataset by name ("imagenet2012"); see `mae_jax.datasets`. `load_eval_images` gives a few fixed held-out
 images (center crops) for reconstructions.
 
-Augmentation, the official recipe: RandomResizedCrop(scale=(0.2, 1.0), ratio=(3/4, 4/3)) with torchvision's box
-sampling (`crop_box_from_uniforms`), cropped while decoding JPEGs (`tf.image.decode_and_crop_jpeg`), resized
-bicubic with antialiasing (PIL's bicubic, which torchvision uses on PIL images, within 0.3/255 on average),
-horizontal flip with p = 0.5, ImageNet mean/std normalisation; NHWC float32.
+Augmentation (`mae_jax.augment`), the official recipe: RandomResizedCrop(scale=(0.2, 1.0), ratio=(3/4, 4/3)),
+torchvision's box sampling, cropped while decoding JPEGs, bicubic; horizontal flip; ImageNet mean/std; NHWC
+float32. Non-square `model.image_size` (H, W) works.
 
 Determinism and resume. Each process reads its own sub-split (`tfds.split_for_jax_process`: disjoint, together
 the whole split) as one endless stream of epochs. Epoch e of a process is a pure function of (seed, e):
@@ -31,13 +30,12 @@ Batches run on across epoch boundaries, so no example is dropped. The position i
 process has consumed (the same on every process); `get_state()` returns it. On resume a process rebuilds its
 stream from epoch `consumed // local_examples` and skips `consumed % local_examples` records before decoding
 anything: the continuation is exactly the uninterrupted run, and no shuffle buffer is ever checkpointed. The
-price is re-reading (not decoding) at most one epoch of the process's own share once per resume, about a
-minute for a single host's full ImageNet, seconds on a pod where each host holds a slice.
+price is re-reading (not decoding) at most one epoch of the process's own share once per resume: minutes for
+a single host's full ImageNet (~140 GB), seconds on a pod where each host holds a slice.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -46,10 +44,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from mae_jax import datasets
+from mae_jax.augment import IMAGENET_MEAN, IMAGENET_STD, center_crop, preprocess_for_train
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back to a central crop
 _ORDER, _AUGMENT = 1, 2  # separate random streams for the epoch order and the per-example augmentation
 _SYNTHETIC_EVAL_BATCH = 2**40  # a batch index that no synthetic training run reaches: held-out images
 
@@ -61,13 +57,6 @@ def _image_size(config) -> tuple[int, int]:
 
 def _num_channels(config) -> int:
     return int(config.model.get("num_channels", 3))  # 3 is MaskedAutoencoderViT's default
-
-
-def _normalisation(num_channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (mean, std) of images in [0, 1]: ImageNet's for RGB, (0.5, 0.25) otherwise."""
-    if num_channels == 3:
-        return IMAGENET_MEAN, IMAGENET_STD
-    return np.full(num_channels, 0.5, np.float32), np.full(num_channels, 0.25, np.float32)
 
 
 class SyntheticIterator(Iterator[dict]):
@@ -110,114 +99,14 @@ class SyntheticIterator(Iterator[dict]):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Augmentation: pure TensorFlow functions of the encoded image and a stateless key.
+# tfds sources.
 # ---------------------------------------------------------------------------------------------------------
-
-
-def crop_box_from_uniforms(height, width, u_area, u_log_ratio, u_top, u_left,
-                           scale: Sequence[float] = (0.2, 1.0),
-                           ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
-    """torchvision's RandomResizedCrop.get_params, driven by given uniforms in [0, 1).
-
-    Attempt k draws an area fraction in `scale` (`u_area[k]`) and a log aspect ratio (width / height) in
-    log(`ratio`) (`u_log_ratio[k]`), rounds the box to whole pixels and takes the first that fits; its
-    corner is uniform over the positions that fit (`u_top`, `u_left`). When no attempt fits, the central
-    crop of the whole image clamped to `ratio`. Returns int32 [top, left, crop_height, crop_width].
-    """
-    height, width = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
-    target_area = height * width * (scale[0] + (scale[1] - scale[0]) * tf.cast(u_area, tf.float64))
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = tf.exp(log_lo + (log_hi - log_lo) * tf.cast(u_log_ratio, tf.float64))
-    w = tf.round(tf.sqrt(target_area * aspect))  # round half to even, as Python's round()
-    h = tf.round(tf.sqrt(target_area / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = tf.argmax(tf.cast(fits, tf.int32))  # index of the first attempt that fits (0 if none)
-
-    def sampled():
-        ch, cw = h[first], w[first]
-        top = tf.floor(tf.cast(u_top, tf.float64) * (height - ch + 1))
-        left = tf.floor(tf.cast(u_left, tf.float64) * (width - cw + 1))
-        return tf.stack([top, left, ch, cw])
-
-    def central():
-        in_ratio = width / height
-        ch = tf.where(in_ratio < min(ratio), tf.round(width / min(ratio)), height)
-        cw = tf.where(in_ratio > max(ratio), tf.round(height * max(ratio)), width)
-        return tf.stack([tf.floor((height - ch) / 2), tf.floor((width - cw) / 2), ch, cw])
-
-    return tf.cast(tf.cond(tf.reduce_any(fits), sampled, central), tf.int32)
-
-
-def sample_crop_box(height, width, key, scale: Sequence[float] = (0.2, 1.0),
-                    ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
-    """The RandomResizedCrop box [top, left, crop_height, crop_width] of an image, for a stateless key [2]."""
-    u = tf.random.stateless_uniform([2 * CROP_ATTEMPTS + 2], seed=key, dtype=tf.float64, alg="philox")
-    return crop_box_from_uniforms(height, width, u[:CROP_ATTEMPTS], u[CROP_ATTEMPTS:2 * CROP_ATTEMPTS],
-                                  u[-2], u[-1], scale, ratio)
 
 
 def example_key(seed: int, epoch, example_id) -> tf.Tensor:
     """Stateless key [2] of one example's augmentation in one epoch."""
     key = tf.random.experimental.stateless_fold_in(tf.constant([seed, _AUGMENT], tf.int64), epoch, alg="philox")
     return tf.random.experimental.stateless_fold_in(key, example_id, alg="philox")
-
-
-def _normalise(image: tf.Tensor, num_channels: int) -> tf.Tensor:
-    """[..., C] float pixel values in [0, 255] (clipped) -> normalised float32."""
-    mean, std = _normalisation(num_channels)
-    return (tf.clip_by_value(image, 0.0, 255.0) / 255.0 - mean) / std
-
-
-def preprocess_for_train(encoded: tf.Tensor, key: tf.Tensor, *, image_size: tuple[int, int], num_channels: int,
-                         scale: Sequence[float] = (0.2, 1.0),
-                         ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF/BMP -> RandomResizedCrop, random horizontal flip, normalise: [H, W, C] float32.
-
-    JPEGs are cropped while decoding (only the box's rows and blocks are decoded); other formats are decoded
-    whole and then cropped. Both give the same pixels. The same key gives the same output.
-    """
-    crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2, alg="philox"))
-
-    def jpeg():
-        shape = tf.image.extract_jpeg_shape(encoded)
-        top, left, height, width = tf.unstack(sample_crop_box(shape[0], shape[1], crop_key, scale, ratio))
-        # With subsampled chroma, libjpeg's upsampling replicates the window's edge columns instead of reading
-        # their neighbours (up to ~20 levels off there); one more column on each side makes it exact.
-        window_left, window_right = tf.maximum(left - 1, 0), tf.minimum(left + width + 1, shape[1])
-        window = tf.stack([top, window_left, height, window_right - window_left])
-        decoded = tf.image.decode_and_crop_jpeg(encoded, window, channels=num_channels)
-        return decoded[:, left - window_left:left - window_left + width]
-
-    def other():
-        image = tf.io.decode_image(encoded, channels=num_channels, expand_animations=False)
-        shape = tf.shape(image)
-        box = sample_crop_box(shape[0], shape[1], crop_key, scale, ratio)
-        return image[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
-
-    crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
-    image = tf.image.resize(tf.cast(crop, tf.float32), image_size, method="bicubic", antialias=True)
-    flip = tf.random.stateless_uniform([], seed=flip_key, alg="philox") < 0.5
-    image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
-    image = _normalise(image, num_channels)
-    image.set_shape([*image_size, num_channels])
-    return image
-
-
-def center_crop(image: tf.Tensor, image_size: tuple[int, int], num_channels: int) -> tf.Tensor:
-    """[h, w, C] uint8 -> the largest central box of the target aspect, resized: [H, W, C] normalised float32."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float64)
-    target = float(image_size[0]) / float(image_size[1])  # height / width
-    crop_h = tf.minimum(shape[0], tf.round(shape[1] * target))
-    crop_w = tf.minimum(shape[1], tf.round(shape[0] / target))
-    top, left = tf.cast((shape[0] - crop_h) // 2, tf.int32), tf.cast((shape[1] - crop_w) // 2, tf.int32)
-    crop = image[top:top + tf.cast(crop_h, tf.int32), left:left + tf.cast(crop_w, tf.int32)]
-    resized = tf.image.resize(tf.cast(crop, tf.float32), image_size, method="bicubic", antialias=True)
-    return _normalise(resized, num_channels)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# tfds sources.
-# ---------------------------------------------------------------------------------------------------------
 
 
 def _image_key(builder: tfds.core.DatasetBuilder) -> str:

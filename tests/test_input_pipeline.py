@@ -1,4 +1,5 @@
-"""Input pipeline tests: real tfds datasets built from image files written here, compared by value."""
+"""Tests of the input pipeline (input_pipeline, augment, datasets): real tfds datasets built from image files
+written here, compared by value."""
 
 import io
 import json
@@ -16,7 +17,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import vit_base
-from mae_jax import datasets, input_pipeline, models
+from mae_jax import augment, datasets, input_pipeline, models
 
 LOW = (0.0 - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD  # normalised black, per channel
 HIGH = (1.0 - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD  # normalised white
@@ -103,7 +104,7 @@ def test_class_folder_batches(class_folder, tmp_path):
         assert encoded == record["image"]
         label = "cat" if record["file_name"].decode().startswith("cat") else "dog"
         assert builder.info.features["label"].int2str(record["label"]) == label
-        expected = input_pipeline.preprocess_for_train(
+        expected = augment.preprocess_for_train(
             tf.constant(encoded), input_pipeline.example_key(0, epoch, example_id), image_size=(32, 48),
             num_channels=3)
         np.testing.assert_allclose(images[row], expected.numpy(), atol=1e-5)
@@ -218,7 +219,7 @@ def test_crop_box_is_torchvisions_algorithm():
         u = rng.uniform(size=22)
         scale, ratio = ((0.2, 1.0), (3 / 4, 4 / 3)) if trial % 3 else ((0.08, 1.0), (0.5, 2.0))
         expected, fallback = _torchvision_get_params(height, width, u[:10], u[10:20], u[20], u[21], scale, ratio)
-        got = input_pipeline.crop_box_from_uniforms(height, width, u[:10], u[10:20], u[20], u[21], scale, ratio)
+        got = augment.crop_box_from_uniforms(height, width, u[:10], u[10:20], u[20], u[21], scale, ratio)
         assert tuple(got.numpy()) == expected, (height, width)
         fallbacks += fallback
     assert 30 < fallbacks < 200  # both branches exercised
@@ -226,7 +227,7 @@ def test_crop_box_is_torchvisions_algorithm():
 
 def test_sampled_boxes_respect_scale_and_ratio():
     height, width = 375, 500
-    boxes = np.stack([input_pipeline.sample_crop_box(height, width, tf.constant([7, k], tf.int64)).numpy()
+    boxes = np.stack([augment.sample_crop_box(height, width, tf.constant([7, k], tf.int64)).numpy()
                       for k in range(1000)])
     top, left, h, w = boxes.T
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
@@ -246,7 +247,7 @@ def test_sampled_boxes_respect_scale_and_ratio():
     assert len(set(top.tolist())) > 100 and len(set(left.tolist())) > 100
 
     # A 10 x 400 strip: no attempt fits, so the central crop clamped to the largest ratio.
-    strip = input_pipeline.sample_crop_box(10, 400, tf.constant([0, 1], tf.int64)).numpy()
+    strip = augment.sample_crop_box(10, 400, tf.constant([0, 1], tf.int64)).numpy()
     np.testing.assert_array_equal(strip, [0, (400 - 13) // 2, 10, 13])
 
 
@@ -258,16 +259,16 @@ def test_crop_while_decoding_equals_decode_then_crop():
     png = tf.io.encode_png(pixels).numpy()
     for k in range(8):
         key = input_pipeline.example_key(3, 0, k)
-        from_jpeg = input_pipeline.preprocess_for_train(tf.constant(jpeg.getvalue()), key, image_size=(64, 80),
+        from_jpeg = augment.preprocess_for_train(tf.constant(jpeg.getvalue()), key, image_size=(64, 80),
                                                         num_channels=3)
-        from_png = input_pipeline.preprocess_for_train(tf.constant(png), key, image_size=(64, 80), num_channels=3)
+        from_png = augment.preprocess_for_train(tf.constant(png), key, image_size=(64, 80), num_channels=3)
         np.testing.assert_array_equal(from_jpeg.numpy(), from_png.numpy())
 
 
 def test_bicubic_resize_matches_pil():
     """Resizing is PIL's bicubic (what torchvision applies to PIL images), up to PIL's uint8 rounding."""
     image = _photo(0, 300, 400)
-    ours = input_pipeline.center_crop(tf.constant(image), (60, 80), 3).numpy()
+    ours = augment.center_crop(tf.constant(image), (60, 80), 3).numpy()
     pil = np.asarray(Image.fromarray(image).resize((80, 60), Image.BICUBIC), np.float32) / 255.0
     pil = (pil - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD
     diff = np.abs(ours - pil) * input_pipeline.IMAGENET_STD * 255  # in 8-bit levels
@@ -297,7 +298,7 @@ def _ids(it, num_batches):
 
 
 def test_two_processes_read_disjoint_shares_covering_the_split(sharded):
-    shares = []
+    shares, states = [], []
     for process_index in range(2):
         it = _iterator(sharded, batch=2, process_index=process_index, process_count=2)
         assert it.num_examples == 11 and it.local_num_examples == (6, 5)[process_index]
@@ -307,6 +308,8 @@ def test_two_processes_read_disjoint_shares_covering_the_split(sharded):
         assert {i for e, i in seen if e == 1} == share  # the same share every epoch, in a new order
         assert [i for e, i in seen if e == 1] != [i for e, i in seen if e == 0]
         shares.append(share)
+        states.append(it.get_state())
+    assert states[0] == states[1]  # one position for the checkpoint, whichever process writes it
     assert not shares[0] & shares[1]
     assert shares[0] | shares[1] == set(range(11))
 
