@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mae_jax import train
+from mae_jax import input_pipeline, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -44,7 +44,7 @@ def main(argv):
     handler.addFilter(lambda r: r.levelno >= std_logging.WARNING or not re.search(r"/orbax/|xla_bridge", r.pathname))
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except train.ConfigError as e:
+    except (train.ConfigError, input_pipeline.DataError) as e:  # bad settings: one line, no traceback
         sys.exit(f"{sys.argv[0]}: error: {e}")
 
 

@@ -32,7 +32,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _MAX_LISTED_SKIPS = 1000  # skipped files named in the dataset metadata; all are counted
 
 
-class DatasetNotPreparedError(ValueError):
+class DataError(ValueError):
+    """A data setting that cannot work (unknown dataset, missing or empty folder, ...): a one-line message
+    naming the setting and what to do."""
+
+
+class DatasetNotPreparedError(DataError):
     """A tfds dataset that must be prepared (downloaded and converted) before training."""
 
 
@@ -41,14 +46,14 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
     name, data_dir = config.dataset, config.data_dir
     if name == "folder":
         if not config.image_folder:
-            raise ValueError('dataset="folder" needs config.image_folder: the folder holding the images')
+            raise DataError('dataset="folder" needs config.image_folder: the folder holding the images')
         return _prepared(ImageFolder(folder=config.image_folder, data_dir=data_dir))
     if name == "demo":
         return _prepared(DemoPhotos(data_dir=data_dir))
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(f"dataset {name!r} is not known: use 'demo', 'folder', 'synthetic' or a tfds dataset "
+        raise DataError(f"dataset {name!r} is not known: use 'demo', 'folder', 'synthetic' or a tfds dataset "
                          "name such as 'imagenet2012'") from None
     if not builder.is_prepared():
         raise DatasetNotPreparedError(_how_to_prepare(builder))
@@ -99,7 +104,7 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def list_image_files(folder: str) -> list[str]:
     """Paths (relative to `folder`, sorted) of the JPEG and PNG files under `folder`, at any depth."""
     if not os.path.isdir(folder):
-        raise ValueError(f"config.image_folder={folder!r} is not a directory")
+        raise DataError(f"config.image_folder={folder!r} is not a directory")
     files = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -107,7 +112,7 @@ def list_image_files(folder: str) -> list[str]:
         files += [os.path.normpath(os.path.join(rel, f)) for f in filenames
                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
     if not files:
-        raise ValueError(f"config.image_folder={folder!r} holds no images: expected <class>/<image> or <image> "
+        raise DataError(f"config.image_folder={folder!r} holds no images: expected <class>/<image> or <image> "
                          f"files ending in {', '.join(IMAGE_EXTENSIONS)} (any case)")
     return sorted(files)
 
@@ -194,7 +199,7 @@ class ImageFolder(_LocalBuilder, skip_registration=True):
                         continue
                     yield relpath, {"image": data, "label": _class_of(relpath, self.folder), "file_name": relpath}
         if len(skipped) == len(self.files):
-            raise ValueError(f"config.image_folder={self.folder!r}: none of its {len(self.files)} images could be "
+            raise DataError(f"config.image_folder={self.folder!r}: none of its {len(self.files)} images could be "
                              "decoded")
         self.info.metadata["num_skipped_files"] = len(skipped)
         self.info.metadata["skipped_files"] = skipped[:_MAX_LISTED_SKIPS]

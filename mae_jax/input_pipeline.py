@@ -44,6 +44,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from mae_jax import datasets
+from mae_jax.datasets import DataError  # noqa: F401  (re-exported: what callers catch)
 from mae_jax.augment import IMAGENET_MEAN, IMAGENET_STD, center_crop, preprocess_for_train
 
 _ORDER, _AUGMENT = 1, 2  # separate random streams for the epoch order and the per-example augmentation
@@ -114,7 +115,7 @@ def _image_key(builder: tfds.core.DatasetBuilder) -> str:
     keys = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
     if "image" in keys or len(keys) == 1:
         return "image" if "image" in keys else keys[0]
-    raise ValueError(f"dataset {builder.name!r} has {'no' if not keys else 'several'} top-level image features "
+    raise DataError(f"dataset {builder.name!r} has {'no' if not keys else 'several'} top-level image features "
                      f"({sorted(features.keys())}): the pipeline reads one, named 'image' or the only one")
 
 
@@ -122,7 +123,7 @@ def _check_split(builder: tfds.core.DatasetBuilder, split: str, setting: str) ->
     try:
         builder.info.splits[split]
     except (KeyError, ValueError, AssertionError) as e:
-        raise ValueError(f"config.{setting}={split!r} is not a split of {builder.name}: it has "
+        raise DataError(f"config.{setting}={split!r} is not a split of {builder.name}: it has "
                          f"{sorted(builder.info.splits.keys())} ({e})") from None
 
 
@@ -156,7 +157,7 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split, *, seed: int, start:
     files = _file_instructions(builder, split)
     num_local = sum(take for _, _, take, _ in files)
     if num_local == 0:
-        raise ValueError(f"split {split} of {builder.name} is empty")
+        raise DataError(f"split {split} of {builder.name} is empty")
     filenames, skips, takes, first_ids = (tf.constant(list(column)) for column in zip(*files))
     skips, takes, first_ids = (tf.cast(t, tf.int64) for t in (skips, takes, first_ids))
     image_key = _image_key(builder)
@@ -226,7 +227,7 @@ class TfdsIterator(Iterator[dict]):
                                                  process_count=process_count)
         self.local_num_examples = builder.info.splits[local_split].num_examples
         if self.local_num_examples == 0:
-            raise ValueError(f"{builder.name} {config.train_split} has {self.num_examples} examples: too few for "
+            raise DataError(f"{builder.name} {config.train_split} has {self.num_examples} examples: too few for "
                              f"{process_count} processes")
         self.examples_consumed = self._restore(state)
         if self.examples_consumed % self.local_num_examples:
@@ -277,7 +278,7 @@ def create_train_iterator(config, *, global_batch_size: int, process_index: int,
                           state: dict | None = None) -> Iterator[dict]:
     """The training input for this process; see the module docstring."""
     if global_batch_size % process_count:
-        raise ValueError(f"batch size {global_batch_size} does not split evenly over {process_count} processes")
+        raise DataError(f"batch size {global_batch_size} does not split evenly over {process_count} processes")
     if config.dataset == "synthetic":
         return SyntheticIterator(
             seed=config.seed, image_size=_image_size(config), num_channels=_num_channels(config),
@@ -306,7 +307,7 @@ def load_eval_images(config, num_images: int) -> np.ndarray:
         _check_split(builder, split, "train_split")
     available = builder.info.splits[split].num_examples
     if available < num_images:
-        raise ValueError(f"{num_images} eval images asked for, but {builder.name} {split} has only {available}")
+        raise DataError(f"{num_images} eval images asked for, but {builder.name} {split} has only {available}")
     image_key = _image_key(builder)
     ds = builder.as_dataset(split=split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()})
     ds = ds.take(num_images).map(lambda ex: center_crop(
