@@ -65,7 +65,7 @@ def main() -> None:
         os.makedirs(folder)
         mean_kb = write_jpegs(folder, args.num_files)
         config = vit_base.get_config()
-        config.model.image_size = args.image_size
+        config.model.image_size = (args.image_size, args.image_size)
         config.dataset, config.image_folder, config.data_dir = "folder", folder, os.path.join(tmp, "tfds")
         config.data_threads = args.threads
         with contextlib.redirect_stdout(sys.stderr):  # tfds prints while preparing; stdout is for the result
