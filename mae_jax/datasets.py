@@ -54,7 +54,7 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise DataError(f"dataset {name!r} is not known: use 'demo', 'folder', 'synthetic' or a tfds dataset "
-                         "name such as 'imagenet2012'") from None
+                        "name such as 'imagenet2012'") from None
     if not builder.is_prepared():
         raise DatasetNotPreparedError(_how_to_prepare(builder))
     return builder
@@ -113,7 +113,7 @@ def list_image_files(folder: str) -> list[str]:
                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
     if not files:
         raise DataError(f"config.image_folder={folder!r} holds no images: expected <class>/<image> or <image> "
-                         f"files ending in {', '.join(IMAGE_EXTENSIONS)} (any case)")
+                        f"files ending in {', '.join(IMAGE_EXTENSIONS)} (any case)")
     return sorted(files)
 
 
@@ -200,7 +200,7 @@ class ImageFolder(_LocalBuilder, skip_registration=True):
                     yield relpath, {"image": data, "label": _class_of(relpath, self.folder), "file_name": relpath}
         if len(skipped) == len(self.files):
             raise DataError(f"config.image_folder={self.folder!r}: none of its {len(self.files)} images could be "
-                             "decoded")
+                            "decoded")
         self.info.metadata["num_skipped_files"] = len(skipped)
         self.info.metadata["skipped_files"] = skipped[:_MAX_LISTED_SKIPS]
         logging.log(logging.WARNING if skipped else logging.INFO, "Image folder %s: %d images, %d skipped.",

@@ -116,7 +116,7 @@ def _image_key(builder: tfds.core.DatasetBuilder) -> str:
     if "image" in keys or len(keys) == 1:
         return "image" if "image" in keys else keys[0]
     raise DataError(f"dataset {builder.name!r} has {'no' if not keys else 'several'} top-level image features "
-                     f"({sorted(features.keys())}): the pipeline reads one, named 'image' or the only one")
+                    f"({sorted(features.keys())}): the pipeline reads one, named 'image' or the only one")
 
 
 def _check_split(builder: tfds.core.DatasetBuilder, split: str, setting: str) -> None:
@@ -124,7 +124,7 @@ def _check_split(builder: tfds.core.DatasetBuilder, split: str, setting: str) ->
         builder.info.splits[split]
     except (KeyError, ValueError, AssertionError) as e:
         raise DataError(f"config.{setting}={split!r} is not a split of {builder.name}: it has "
-                         f"{sorted(builder.info.splits.keys())} ({e})") from None
+                        f"{sorted(builder.info.splits.keys())} ({e})") from None
 
 
 def _file_instructions(builder: tfds.core.DatasetBuilder, split) -> list[tuple[str, int, int, int]]:
@@ -154,6 +154,10 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split, *, seed: int, start:
     Elements: {"images" [B, H, W, C] float32, "epoch" [B] int64, "example_id" [B] int64}. See the module
     docstring for the order, the keys and resuming.
     """
+    file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
+    if file_format != "tfrecord":
+        raise DataError(f"{builder.name} is stored as {file_format}; this pipeline reads TFRecord shards: prepare "
+                        f"it with `tfds build {builder.name} --file_format=tfrecord`")
     files = _file_instructions(builder, split)
     num_local = sum(take for _, _, take, _ in files)
     if num_local == 0:
@@ -228,7 +232,7 @@ class TfdsIterator(Iterator[dict]):
         self.local_num_examples = builder.info.splits[local_split].num_examples
         if self.local_num_examples == 0:
             raise DataError(f"{builder.name} {config.train_split} has {self.num_examples} examples: too few for "
-                             f"{process_count} processes")
+                            f"{process_count} processes")
         self.examples_consumed = self._restore(state)
         if self.examples_consumed % self.local_num_examples:
             logging.info("Resuming %s at epoch %d: skipping %d encoded examples before decoding.", builder.name,
