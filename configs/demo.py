@@ -28,5 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.base_lr = 6e-3  # lr 1.5e-3 at batch 64
     config.log_every_steps = 20
     config.checkpoint_every_steps = 160
+    config.visualize_every_steps = 80
+    config.visualize_num_images = 4
     config.keep_checkpoints = 1
     return config

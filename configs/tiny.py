@@ -20,4 +20,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.base_lr = 1.5e-2  # lr 1e-3 at batch 16
     config.log_every_steps = 5
     config.checkpoint_every_steps = 20
+    config.visualize_every_steps = 30
+    config.visualize_num_images = 4
     return config

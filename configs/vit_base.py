@@ -55,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 100
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
+    config.visualize_every_steps = 2500  # reconstructions of held-out images (0: never)
+    config.visualize_num_images = 8
     config.init_from = ""  # start from these weights (our checkpoint/export, official .pth, HF directory)
 
     return config

@@ -399,11 +399,7 @@ def _read_source(path: str | os.PathLike, model: models.MaskedAutoencoderViT | N
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-        with open(os.path.join(path, "config.json")) as f:
-            fields = _fields_from_hf_config(json.load(f))
-        sd, origin, fmt = torch_layout.canonical(_read_hf_weights(path))
-        return dict(sd=sd, origin=origin, description=f"{path} ({fmt})", fields=fields, hints={})
+    # Ours first: a training workdir also holds a config.json (the training config).
     if os.path.isdir(path) and checkpoints.is_checkpoint(path):
         fields, variables = checkpoints.load_variables(path)
         if fields is None:
@@ -414,6 +410,11 @@ def _read_source(path: str | os.PathLike, model: models.MaskedAutoencoderViT | N
             saved = models.MaskedAutoencoderViT(**fields)
         sd = to_torch(variables, saved, format="official")
         return dict(sd=sd, origin={}, description=f"{path} (mae_jax checkpoint)", fields=fields, hints={})
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            fields = _fields_from_hf_config(json.load(f))
+        sd, origin, fmt = torch_layout.canonical(_read_hf_weights(path))
+        return dict(sd=sd, origin=origin, description=f"{path} ({fmt})", fields=fields, hints={})
     if os.path.isdir(path):
         raise ValueError(f"{path} is neither a Hugging Face directory (config.json) nor a mae_jax checkpoint")
     if path.endswith(".safetensors"):

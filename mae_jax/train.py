@@ -6,6 +6,7 @@ from the latest checkpoint in `workdir/checkpoints` and continues exactly as if 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -270,6 +271,11 @@ class MetricsLog:
         logging.info("step %d/%d | loss %.5f | lr %.3e | grad_norm %.3f | %.1f img/s%s", step, self.total_steps,
                      record["loss"], record["lr"], record["grad_norm"], record.get("images_per_sec", 0.0), eta)
 
+    def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+        """An [H, W, 3] uint8 image to TensorBoard."""
+        if self.active:
+            self.writer.write_images(step, {name: image[None]})
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
@@ -335,93 +341,107 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-
     model = models.MaskedAutoencoderViT(**config.model)
     mesh = parallel.create_mesh(data, fsdp)
+    parallel.process_batch_rows(parallel.batch_sharding(mesh), config.batch_size)
+
+    with contextlib.ExitStack() as cleanup:
+        manager = checkpoints.make_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+        cleanup.callback(manager.close)  # waits for a save in flight
+        resume_step = manager.latest_step()
+
+        # Input first: its length fixes the schedule.
+        data_iter = input_pipeline.create_train_iterator(
+            config, global_batch_size=config.batch_size, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            state=None if resume_step is None else checkpoints.restore_input_state(manager, resume_step))
+        steps_per_epoch = data_iter.num_examples // config.batch_size
+        if steps_per_epoch == 0:
+            raise ConfigError(f"batch_size {config.batch_size} exceeds the {data_iter.num_examples} training "
+                              "examples")
+        total_steps = config.total_steps or int(config.num_epochs * steps_per_epoch)
+        schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
+        tx = make_optimizer(config, schedule)
+        logging.info("%s: %d examples, %d steps/epoch, %d steps, peak lr %.3e, mesh data=%d x fsdp=%d over %d "
+                     "process(es).", config.dataset, data_iter.num_examples, steps_per_epoch, total_steps,
+                     config.base_lr * config.batch_size / 256, data, fsdp, jax.process_count())
+
+        state, shardings = create_train_state(model, tx, config.seed, mesh)
+        logging.info("Model: %s params.", f"{models.count_params(state.params):,}")
+        if resume_step is not None:
+            state = checkpoints.restore(manager, resume_step, jax.tree_util.tree_map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings))
+            logging.info("Resumed from step %d of %s.", resume_step, manager.directory)
+        elif config.init_from:
+            state = _init_from(config.init_from, model, state, shardings)
+
+        start = time.perf_counter()
+        step_fn = compile_train_step(config, model, tx, schedule, mesh, shardings)
+        logging.info("Compiled the train step in %.1f s.", time.perf_counter() - start)
+
+        log = MetricsLog(workdir, total_steps, resume_step or 0)
+        cleanup.callback(log.close)
+        preemption = _Preemption()
+        cleanup.callback(preemption.restore)
+        reconstructions = None
+        if config.visualize_every_steps:
+            from mae_jax import visualize  # PIL, only when asked for
+
+            reconstructions = visualize.TrainingReconstructions(
+                model, input_pipeline.load_eval_images(config, config.visualize_num_images), mesh,
+                workdir / "reconstructions", seed=config.seed)
+        return _loop(config, state, step_fn, data_iter, mesh, manager, log, preemption, reconstructions,
+                     start_step=int(resume_step or 0), total_steps=total_steps, model=model)
+
+
+def _loop(config, state, step_fn, data_iter, mesh, manager, log, preemption, reconstructions, *, start_step,
+          total_steps, model) -> dict[str, float]:
+    """Steps until `total_steps` or preemption; logs, visualises and checkpoints on their schedules."""
     batch_sharding = parallel.batch_sharding(mesh)
-    parallel.process_batch_rows(batch_sharding, config.batch_size)
-    manager = checkpoints.make_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    resume_step = manager.latest_step()
-
-    # Input first: its length fixes the schedule.
-    data_iter = input_pipeline.create_train_iterator(
-        config, global_batch_size=config.batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        state=None if resume_step is None else checkpoints.restore_input_state(manager, resume_step))
-    steps_per_epoch = data_iter.num_examples // config.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(f"batch_size {config.batch_size} exceeds the {data_iter.num_examples} training examples")
-    total_steps = config.total_steps or int(config.num_epochs * steps_per_epoch)
-    schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
-    tx = make_optimizer(config, schedule)
-    logging.info("%s: %d examples, %d steps/epoch, %d steps, peak lr %.3e, mesh data=%d x fsdp=%d over %d "
-                 "process(es).", config.dataset, data_iter.num_examples, steps_per_epoch, total_steps,
-                 config.base_lr * config.batch_size / 256, data, fsdp, jax.process_count())
-
-    state, shardings = create_train_state(model, tx, config.seed, mesh)
-    logging.info("Model: %s params.", f"{models.count_params(state.params):,}")
-    if resume_step is not None:
-        state = checkpoints.restore(manager, resume_step, jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings))
-        logging.info("Resumed from step %d of %s.", resume_step, manager.directory)
-    elif config.init_from:
-        state = _init_from(config.init_from, model, state, shardings)
-
-    start = time.perf_counter()
-    step_fn = compile_train_step(config, model, tx, schedule, mesh, shardings)
-    logging.info("Compiled the train step in %.1f s.", time.perf_counter() - start)
-
-    log = MetricsLog(workdir, total_steps, resume_step or 0)
-    preemption = _Preemption()
     model_fields = models.constructor_fields(model)
-    step = int(resume_step or 0)
-    last = {}
-
-    def save(step: int, input_state: dict) -> None:
-        bad = int(jax.device_get(state.nonfinite_step))
-        if bad >= 0:
-            raise FloatingPointError(_nonfinite_message(bad, manager))
-        checkpoints.save(manager, step, state, model_fields, input_state)
 
     def next_batch():
         local = next(data_iter)["images"]
         return parallel.global_batch(local, batch_sharding), data_iter.get_state()
 
-    try:
-        if step < total_steps:
-            batch, input_state = next_batch()
-        mark_time, mark_step = time.perf_counter(), step
-        while step < total_steps:
-            # Dispatching the step and feeding the next batch never wait on the device: any
-            # device-to-host transfer here would raise. The host reads results only on logging steps.
-            with jax.transfer_guard_device_to_host("disallow_explicit"):
-                state, metrics = step_fn(state, batch)
-                step += 1
-                consumed = input_state  # the input position after the batch this step used
-                if step < total_steps:
-                    batch, input_state = next_batch()  # overlaps the device's work on this step
-            if step % config.log_every_steps == 0 or step == total_steps:
-                metrics, bad = jax.device_get((metrics, state.nonfinite_step))
-                if int(bad) >= 0:
-                    raise FloatingPointError(_nonfinite_message(int(bad), manager))
-                now = time.perf_counter()
-                seconds_per_step = (now - mark_time) / (step - mark_step)
-                last = {k: float(v) for k, v in metrics.items()}
-                last["images_per_sec"] = config.batch_size / seconds_per_step
-                log.write(step, last, seconds_per_step)
-                mark_time, mark_step = now, step
-            preempted = preemption.reached(step)
-            if step == total_steps or preempted or (
-                    config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0):
-                save(step, consumed)
-            if preempted:
-                logging.warning("Preempted: saved step %d; re-run the same command to resume.", step)
-                break
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        log.close()
-        preemption.restore()
+    def every(n: int) -> bool:
+        return bool(n) and step % n == 0
+
+    step, last = start_step, {}
+    if step < total_steps:
+        batch, input_state = next_batch()
+    mark_time, mark_step = time.perf_counter(), step
+    while step < total_steps:
+        # Dispatching the step and feeding the next batch never wait on the device: any device-to-host
+        # transfer here would raise. The host reads results only on logging, visualisation and saving steps.
+        with jax.transfer_guard_device_to_host("disallow_explicit"):
+            state, metrics = step_fn(state, batch)
+            step += 1
+            consumed = input_state  # the input position after the batch this step used
+            if step < total_steps:
+                batch, input_state = next_batch()  # overlaps the device's work on this step
+        if every(config.log_every_steps) or step == total_steps:
+            metrics, bad = jax.device_get((metrics, state.nonfinite_step))
+            if int(bad) >= 0:
+                raise FloatingPointError(_nonfinite_message(int(bad), manager))
+            now = time.perf_counter()
+            seconds_per_step = (now - mark_time) / (step - mark_step)
+            last = {k: float(v) for k, v in metrics.items()}
+            last["images_per_sec"] = config.batch_size / seconds_per_step
+            log.write(step, last, seconds_per_step)
+            mark_time, mark_step = now, step
+        if reconstructions is not None and (every(config.visualize_every_steps) or step == total_steps):
+            image = reconstructions(step, {"params": state.params, "frozen": state.frozen})
+            log.write_image(step, "reconstructions", image)
+        preempted = preemption.reached(step)
+        if step == total_steps or preempted or every(config.checkpoint_every_steps):
+            bad = int(jax.device_get(state.nonfinite_step))
+            if bad >= 0:
+                raise FloatingPointError(_nonfinite_message(bad, manager))
+            checkpoints.save(manager, step, state, model_fields, consumed)
+        if preempted:
+            logging.warning("Preempted: saved step %d; re-run the same command to resume.", step)
+            break
     return last
 
 

@@ -12,6 +12,7 @@ image (the figure says so), as users of the official code ended up doing.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -27,8 +28,9 @@ from mae_jax.input_pipeline import IMAGENET_MEAN, IMAGENET_STD
 PANEL_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
 NORM_PIX_NOTE = "norm-pix model: predictions de-normalised with each patch's true mean and variance"
 MASK_GRAY = 0.5  # pixel value of removed patches in the "masked" panel
+MIN_PANEL = 128  # small images are upscaled to at least this many pixels
 _TITLE_HEIGHT = 18
-_NOTE_HEIGHT = 16
+_LINE_HEIGHT = 14
 _GAP = 4
 
 
@@ -67,34 +69,55 @@ def to_uint8(panels: np.ndarray) -> np.ndarray:
     return np.round(np.asarray(panels, np.float32) * 255.0).astype(np.uint8)
 
 
+def panel_scale(image_size: tuple[int, int]) -> int:
+    """Integer upscaling (nearest neighbour) that makes small images at least MIN_PANEL pixels high."""
+    return max(1, -(-MIN_PANEL // min(image_size)))
+
+
+def panel_box(row: int, column: int, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of panel `column` of image `row` in a `render` figure, in pixels."""
+    scale = panel_scale(image_size)
+    h, w = image_size[0] * scale, image_size[1] * scale
+    top, left = _TITLE_HEIGHT + row * (h + _GAP), column * (w + _GAP)
+    return top, left, top + h, left + w
+
+
 def render(panels: np.ndarray, note: str | None = None, titles: Sequence[str] = PANEL_TITLES) -> Image.Image:
     """A figure: one row per image, one column per panel, titles on top, an optional note at the bottom.
 
-    `panels` [N, 4, H, W, C] in [0, 1]. Panel (i, j) sits at x = j * (W + gap), y = title + i * (H + gap).
+    `panels` [N, 4, H, W, C] in [0, 1]; each panel is upscaled by `panel_scale` and placed at `panel_box`.
     """
     n, k, h, w, c = panels.shape
-    pixels = to_uint8(panels)
+    scale = panel_scale((h, w))
+    pixels = to_uint8(panels).repeat(scale, axis=2).repeat(scale, axis=3)
     if c == 1:
         pixels = np.repeat(pixels, 3, axis=-1)
-    width = k * w + (k - 1) * _GAP
-    height = _TITLE_HEIGHT + n * h + (n - 1) * _GAP + (_NOTE_HEIGHT if note else 0)
+    font = ImageFont.load_default()
+    width = k * w * scale + (k - 1) * _GAP
+    lines = _wrap(note, font, width) if note else []
+    height = _TITLE_HEIGHT + n * h * scale + (n - 1) * _GAP + len(lines) * _LINE_HEIGHT + (4 if lines else 0)
     figure = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(figure)
-    font = ImageFont.load_default()
     for j, title in enumerate(titles):
-        draw.text((j * (w + _GAP) + 2, 3), title, fill="black", font=font)
+        draw.text((j * (w * scale + _GAP) + 2, 3), title, fill="black", font=font)
     for i in range(n):
         for j in range(k):
-            figure.paste(Image.fromarray(pixels[i, j]), (j * (w + _GAP), _TITLE_HEIGHT + i * (h + _GAP)))
-    if note:
-        draw.text((2, height - _NOTE_HEIGHT + 2), note, fill="black", font=font)
+            top, left, _, _ = panel_box(i, j, (h, w))
+            figure.paste(Image.fromarray(pixels[i, j]), (left, top))
+    for i, line in enumerate(lines):
+        draw.text((2, height - (len(lines) - i) * _LINE_HEIGHT - 2), line, fill="black", font=font)
     return figure
 
 
-def panel_origin(row: int, column: int, image_size: tuple[int, int]) -> tuple[int, int]:
-    """(y, x) of the top-left pixel of panel `column` of image `row` in a `render` figure."""
-    h, w = image_size
-    return _TITLE_HEIGHT + row * (h + _GAP), column * (w + _GAP)
+def _wrap(text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and font.getlength(candidate) > width - 4:
+            lines.append(line)
+            candidate = word
+        line = candidate
+    return lines + [line]
 
 
 def figure(model: models.MaskedAutoencoderViT, variables, images: np.ndarray, seed: int = 0) -> Image.Image:
@@ -102,6 +125,33 @@ def figure(model: models.MaskedAutoencoderViT, variables, images: np.ndarray, se
     noise = models.per_example_uniform(jax.random.key(seed), images.shape[0], model.num_patches)
     panels = jax.jit(reconstruct, static_argnums=0)(model, variables, images, noise)
     return render(np.asarray(panels), NORM_PIX_NOTE if model.norm_pix_loss else None)
+
+
+class TrainingReconstructions:
+    """Reconstructs the same held-out images with the same masks whenever called during training.
+
+    Writes `directory/step_{N}.png` (process 0) and returns the figure as [H, W, 3] uint8 for TensorBoard.
+    Every process must call it (the parameters may be sharded over all of them).
+    """
+
+    def __init__(self, model: models.MaskedAutoencoderViT, images: np.ndarray, mesh: jax.sharding.Mesh,
+                 directory, seed: int = 0):
+        self.model = model
+        self.directory = directory
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        images = np.asarray(images, np.float32)
+        noise = np.asarray(models.per_example_uniform(jax.random.key(seed), len(images), model.num_patches))
+        self.inputs = tuple(jax.make_array_from_callback(x.shape, replicated, lambda index, x=x: x[index])
+                            for x in (images, noise))
+        self.reconstruct = jax.jit(functools.partial(reconstruct, model), out_shardings=replicated)
+
+    def __call__(self, step: int, variables) -> np.ndarray:
+        panels = np.asarray(self.reconstruct(variables, *self.inputs))
+        fig = render(panels, NORM_PIX_NOTE if self.model.norm_pix_loss else None)
+        if jax.process_index() == 0:
+            os.makedirs(self.directory, exist_ok=True)
+            fig.save(os.path.join(self.directory, f"step_{step}.png"))
+        return np.asarray(fig)
 
 
 def load_image(path: str, image_size: tuple[int, int], num_channels: int = 3) -> np.ndarray:

@@ -1,0 +1,135 @@
+"""Tests of mae_jax.visualize: the four panels from a trained tiny model, norm-pix de-normalisation, the
+command line on our checkpoints and Hugging Face directories, and reconstructions written during training."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import torch_reference
+from configs import tiny
+from mae_jax import checkpoints, models, train, visualize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for 12 steps, with reconstructions every 6 steps."""
+    workdir = tmp_path_factory.mktemp("tiny")
+    config = tiny.get_config()
+    config.total_steps, config.log_every_steps, config.checkpoint_every_steps = 12, 6, 0
+    config.visualize_every_steps, config.visualize_num_images = 6, 3
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    import skimage.data
+
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(skimage.data.astronaut()).save(folder / "astronaut.png")
+    Image.fromarray(skimage.data.chelsea()).save(folder / "chelsea.jpg", quality=95)
+    return [folder / "astronaut.png", folder / "chelsea.jpg"]
+
+
+def _mask(seed, n, model):
+    """The masks the figure must show: the documented noise, argsort, the first len_keep kept."""
+    noise = np.asarray(models.per_example_uniform(jax.random.key(seed), n, model.num_patches))
+    mask = np.ones_like(noise)
+    for i in range(n):
+        mask[i, np.argsort(noise[i], kind="stable")[:model.len_keep]] = 0
+    return mask  # [N, L], 1 = removed
+
+
+def _panel(figure, row, column, size):
+    top, left, bottom, right = visualize.panel_box(row, column, size)
+    scale = visualize.panel_scale(size)
+    return figure[top:bottom:scale, left:right:scale]  # back to the model's resolution
+
+
+def test_figure_from_trained_model_shows_the_right_panels(trained, photos, tmp_path):
+    output = tmp_path / "figure.png"
+    result = subprocess.run([sys.executable, "-m", "mae_jax.visualize", "--checkpoint", str(trained),
+                             "--image", str(photos[0]), "--image", str(photos[1]), "--output", str(output),
+                             "--seed", "3", "--mask_ratio", "0.5"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figure = np.asarray(Image.open(output).convert("RGB"))
+    fields, variables = checkpoints.load_variables(trained)
+    model = models.MaskedAutoencoderViT(**dict(fields, mask_ratio=0.5))
+    size, p = (32, 32), model.patch_size
+    scale = visualize.panel_scale(size)
+    assert scale == 4
+    # Layout: 4 panels of 128 px with 4 px gaps; 2 rows; a title band; a note band (norm-pix model).
+    assert figure.shape[1] == 4 * 128 + 3 * 4
+    assert figure.shape[0] > visualize.panel_box(1, 0, size)[2]
+    mask = _mask(3, 2, model)
+    pixel_mask = np.asarray(models.unpatchify(np.repeat(mask[:, :, None], p * p * 3, -1), p, size)) > 0.5
+    images = np.stack([visualize.load_image(str(f), size) for f in photos])
+    for i in range(2):
+        original, masked, recon, pasted = (_panel(figure, i, j, size).astype(int) for j in range(4))
+        expected = np.round(np.clip(images[i] * visualize.IMAGENET_STD + visualize.IMAGENET_MEAN, 0, 1) * 255)
+        assert np.abs(original - expected).max() <= 1
+        visible, removed = ~pixel_mask[i], pixel_mask[i]
+        np.testing.assert_array_equal(pasted[visible], original[visible])  # visible patches pasted exactly
+        np.testing.assert_array_equal(masked[visible], original[visible])
+        assert np.all(masked[removed] == 128)  # removed patches are blanked
+        np.testing.assert_array_equal(pasted[removed], recon[removed])
+        assert removed.mean() == 0.5
+    # Norm-pix: the reconstruction is the prediction de-normalised with each patch's true mean and variance.
+    out = model.apply(variables, images, noise=np.asarray(models.per_example_uniform(jax.random.key(3), 2, 16)))
+    target = np.asarray(models.patchify(images, p))
+    mean, std = target.mean(-1, keepdims=True), np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+    pixels = np.asarray(models.unpatchify(np.asarray(out.pred) * std + mean, p, size))
+    expected = np.round(np.clip(pixels * visualize.IMAGENET_STD + visualize.IMAGENET_MEAN, 0, 1) * 255)
+    for i in range(2):
+        assert np.abs(_panel(figure, i, 2, size).astype(int) - expected[i]).max() <= 1
+
+
+def test_note_only_for_norm_pix_models():
+    panels = np.random.default_rng(0).uniform(size=(2, 4, 32, 48, 3))
+    plain = visualize.render(panels)
+    noted = visualize.render(panels, visualize.NORM_PIX_NOTE)
+    assert visualize.panel_scale((32, 48)) == 4  # upscaled to at least 128 px
+    assert plain.size[0] == noted.size[0] == 4 * 48 * 4 + 3 * 4 == visualize.panel_box(0, 3, (32, 48))[3]
+    assert noted.size[1] > plain.size[1] == visualize.panel_box(1, 0, (32, 48))[2]
+    np.testing.assert_array_equal(_panel(np.asarray(plain), 1, 3, (32, 48)), visualize.to_uint8(panels[1, 3]))
+
+
+def test_hf_directory_and_other_image_size(tmp_path, photos):
+    hf = torch_reference.random_hf_model(models.variant("test/8", image_size=32, norm_pix_loss=False), seed=1)
+    hf.save_pretrained(tmp_path / "hf")
+    model, variables = visualize.load_model(str(tmp_path / "hf"), image_size=48, mask_ratio=0.25)
+    assert model.grid_size == (6, 6) and model.mask_ratio == 0.25 and not model.norm_pix_loss
+    assert variables["frozen"]["pos_embed"].shape == (1, 37, 32)  # interpolated from 4 x 4
+    images = np.stack([visualize.load_image(str(f), (48, 48)) for f in photos])
+    figure = visualize.figure(model, variables, images, seed=0)
+    assert figure.size == (4 * 144 + 12, visualize.panel_box(1, 0, (48, 48))[2])  # no note: raw pixels
+
+
+def test_training_writes_reconstructions(trained):
+    files = sorted(os.listdir(trained / "reconstructions"))
+    assert files == ["step_12.png", "step_6.png"]
+    first = np.asarray(Image.open(trained / "reconstructions" / "step_6.png"))
+    last = np.asarray(Image.open(trained / "reconstructions" / "step_12.png"))
+    assert first.shape == last.shape and first.shape[1] == 4 * 128 + 12
+    assert first.shape[0] > visualize.panel_box(2, 0, (32, 32))[2]  # 3 images and the norm-pix note
+    # Same images and masks, different weights: originals and masked inputs equal, reconstructions differ.
+    for column in (0, 1):
+        np.testing.assert_array_equal(_panel(first[..., :3], 0, column, (32, 32)),
+                                      _panel(last[..., :3], 0, column, (32, 32)))
+    assert not np.array_equal(_panel(first, 0, 2, (32, 32)), _panel(last, 0, 2, (32, 32)))
+    # And to TensorBoard, as images.
+    import tensorflow as tf
+
+    tags = set()
+    for event_file in os.listdir(trained / "tensorboard"):
+        for event in tf.compat.v1.train.summary_iterator(str(trained / "tensorboard" / event_file)):
+            for value in event.summary.value:
+                tags.add(value.tag)
+    assert "reconstructions" in tags and "loss" in tags
