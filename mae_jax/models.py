@@ -247,6 +247,31 @@ class Mlp(nn.Module):
         return dense(x.shape[-1], name="fc2")(y)
 
 
+@jax.custom_vjp
+def materialize_grad(x: Array) -> Array:
+    """Identity whose gradient XLA computes once and keeps (a performance fix; values are unchanged).
+
+    Placed on each block's input. Without it, XLA's CPU backend fuses the chain of LayerNorm-backward
+    additions of every later block into each weight-gradient transpose and recomputes it there: a third
+    of the ViT-B train step. The backward multiplies by exp(0 * g), which is exactly 1 for finite g (and
+    NaN for non-finite g, which the train step rejects anyway): an elementwise op XLA considers expensive,
+    so it materialises the result instead of duplicating the chain into its consumers.
+    `optimization_barrier` does not help: XLA removes it before fusion on the CPU.
+    """
+    return x
+
+
+def _materialize_grad_fwd(x):
+    return x, None
+
+
+def _materialize_grad_bwd(_, g):
+    return (g * jnp.exp(g * 0.0),)
+
+
+materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
+
+
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
 
@@ -261,6 +286,7 @@ class Block(nn.Module):
     def __call__(self, x: Array, _: None = None) -> Array | tuple[Array, None]:
         norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, dtype=self.dtype,
                                  use_fast_variance=False)
+        x = materialize_grad(x)
         x = x + Attention(self.num_heads, self.dtype, self.attention, name="attn")(norm(name="norm1")(x))
         hidden = int(x.shape[-1] * self.mlp_ratio)
         x = x + Mlp(hidden, self.dtype, name="mlp")(norm(name="norm2")(x))
