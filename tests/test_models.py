@@ -192,6 +192,34 @@ def test_scan_blocks_same_count_and_function():
     np.testing.assert_allclose(a.pred, b.pred, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides, tol", [
+    (dict(attention="einsum"), 1e-5),
+    (dict(attention="xla"), 1e-5),
+    (dict(remat="dots"), 1e-5),
+    (dict(remat="dots_no_batch"), 1e-5),
+    (dict(dtype="bfloat16"), 5e-2),
+])
+def test_performance_options_same_loss_and_gradients(overrides, tol):
+    """Speed options change how, not what: loss and gradients of the default model (itself checked
+    against Hugging Face) within float32 round-off, or bfloat16's precision."""
+    default = models.MaskedAutoencoderViT(**TINY)
+    other = models.MaskedAutoencoderViT(**dict(TINY, **overrides))
+    variables = models.init_variables(default, jax.random.key(0))
+    images = _images(4, 32, 32)
+    noise = jax.random.uniform(jax.random.key(1), (4, default.num_patches))
+
+    def loss_and_grads(model):
+        return jax.jit(jax.value_and_grad(
+            lambda p: model.apply({"params": p, "frozen": variables["frozen"]}, images, noise=noise).loss))(
+                variables["params"])
+
+    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(default), loss_and_grads(other)
+    np.testing.assert_allclose(loss_b, loss_a, rtol=tol)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads_a))
+    for a, b in zip(jax.tree_util.tree_leaves(grads_a), jax.tree_util.tree_leaves(grads_b)):
+        np.testing.assert_allclose(b, a, atol=tol * scale)
+
+
 def test_init_follows_reference():
     fields = models.variant("test/16", image_size=64, embed_dim=256, num_heads=4, decoder_embed_dim=128)
     model = models.MaskedAutoencoderViT(**fields)
