@@ -168,17 +168,24 @@ def train_step(state: TrainState, images: jax.Array, *, model: models.MaskedAuto
         (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
         loss, grads = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, (loss, grads))
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.nonfinite_step < 0)
+
+    def update(operands):
+        grads, params, opt_state = operands
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
     # After a non-finite loss the state stops changing, so what the host saves or reports is the last
-    # good state; the loop raises at its next check, naming the step.
-    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+    # good state; the loop raises at its next check, naming the step. A cond rather than a select of new
+    # and old values: the update then reads each donated buffer once and writes it in place (a select
+    # made XLA copy the whole optimizer state first, 6% of the CPU step).
+    params, opt_state = jax.lax.cond(finite, update, lambda operands: operands[1:],
+                                     (grads, state.params, state.opt_state))
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
+        params=params,
+        opt_state=opt_state,
         nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~finite, state.step + 1, state.nonfinite_step),
     )
     # Only what is cheap: a norm lowers to a reduction over every parameter, and on the CPU each costs as

@@ -160,6 +160,28 @@ def test_one_step_matches_pytorch():
     assert moved > 1e-3  # parameters did move by more than the tolerance
 
 
+def test_nonfinite_step_leaves_state_unchanged():
+    """A NaN batch: params and optimizer state stay bit-identical, the step is recorded; later steps too."""
+    config = tiny.get_config()
+    config.batch_size = 4
+    fields = dict(config.model)
+    _, state, tx, schedule = _hf_and_state(fields, config, 2, 10)
+    model = models.MaskedAutoencoderViT(**fields)
+    step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
+                                        grad_accum_steps=1, num_batch_shards=1))
+    images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    state, _ = step_fn(state, images)  # one good step, so that the optimizer state is not all zeros
+    before = jax.device_get((state.params, state.opt_state))
+    bad = images.copy()
+    bad[1, 3, 5, 0] = np.nan
+    state, metrics = step_fn(state, bad)
+    assert not np.isfinite(float(metrics["loss"])) and int(state.nonfinite_step) == 2 and int(state.step) == 2
+    chex.assert_trees_all_equal(jax.device_get((state.params, state.opt_state)), before)
+    state, metrics = step_fn(state, images)  # a good batch after a bad one is not applied either
+    assert np.isfinite(float(metrics["loss"])) and int(state.nonfinite_step) == 2
+    chex.assert_trees_all_equal(jax.device_get((state.params, state.opt_state)), before)
+
+
 def test_weight_decay_mask_follows_official_groups():
     model = models.MaskedAutoencoderViT(**models.variant("test/8", image_size=32))
     params = models.init_variables(model, jax.random.key(0))["params"]
