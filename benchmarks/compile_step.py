@@ -67,7 +67,8 @@ def compile_one(variant: str, scan: bool) -> dict:
     mesh = parallel.create_mesh(data, fsdp)
     schedule = train.learning_rate_schedule(config, 1000, 100_000)
     tx = train.make_optimizer(config, schedule)
-    shardings = train.state_shardings(jax.eval_shape(functools.partial(train._init_state, model, tx), 0), tx, mesh)
+    abstract = jax.eval_shape(functools.partial(train._init_state, model, tx), 0)
+    shardings = train.state_shardings(abstract, tx, mesh)
     start = time.perf_counter()
     step = train.compile_train_step(config, model, tx, schedule, mesh, shardings)
     compile_seconds = time.perf_counter() - start
@@ -83,9 +84,7 @@ def compile_one(variant: str, scan: bool) -> dict:
         "batch_size": config.batch_size,
         "dtype": FLAGS.dtype,
         "remat": FLAGS.remat,
-        "params": models.count_params(jax.eval_shape(model.init, {"params": jax.random.key(0)},
-                                                     jax.ShapeDtypeStruct((1, *train.model_image_shape(model)),
-                                                                          "float32"))["params"]),
+        "params": models.count_params(abstract.params),
         "compile_seconds": round(compile_seconds, 2),
         "flops_per_image": flops / config.batch_size,
         "memory_per_device_gib": {
@@ -105,6 +104,7 @@ def estimate(result: dict, mfu: float) -> list[dict]:
             "variant": result["variant"], "accelerator": name, "mfu": round(mfu, 3),
             "images_per_sec_per_chip": round(per_chip, 1),
             "hours_800_epochs_on_64_chips": round(PAPER_VIT_L["images"] / (64 * per_chip) / 3600, 1),
+            "hours_800_epochs_on_8_chips": round(PAPER_VIT_L["images"] / (8 * per_chip) / 3600, 1),
             "memory_per_device_gib": round(result["memory_per_device_gib"]["total"], 2),
             "fits_hbm": result["memory_per_device_gib"]["total"] * 2**30 < hbm,
         })
@@ -140,9 +140,8 @@ def main(argv):
 
 if __name__ == "__main__":
     # The device count must be fixed before jax initialises its backend.
-    for arg in sys.argv:
-        if arg.startswith("--devices="):
-            count = int(arg.split("=", 1)[1])
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                       + f" --xla_force_host_platform_device_count={count}")
+    FLAGS(sys.argv)
+    if FLAGS.devices > 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={FLAGS.devices}")
     app.run(main)
