@@ -11,8 +11,8 @@ CONFIGS = {"B/16": "configs/vit_base.py", "L/16": "configs/vit_large.py", "H/14"
 def model_flops_per_step(config: ml_collections.ConfigDict) -> float:
     """FLOPs of one train step as written (no rematerialisation), from XLA's cost analysis.
 
-    Taken from the lowered, unscanned step: the compiled step's own figure counts a scanned loop body
-    once, and rematerialisation adds work that MFU does not count. Lowering is cheap (no compilation).
+    Taken from the lowered step without scans (blocks unrolled, no gradient accumulation): XLA's figure
+    counts a loop body once, and rematerialisation adds work that MFU does not count. Lowering is cheap (no compilation).
     """
     import jax
     import jax.numpy as jnp
@@ -26,7 +26,7 @@ def model_flops_per_step(config: ml_collections.ConfigDict) -> float:
     state = jax.eval_shape(functools.partial(train._init_state, model, tx), 0)
     images = jax.ShapeDtypeStruct((config.batch_size, *train.model_image_shape(model)), jnp.float32)
     step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                     grad_accum_steps=config.grad_accum_steps, num_batch_shards=1))
+                                     grad_accum_steps=1, num_batch_shards=1))
     cost = step.lower(state, images).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
