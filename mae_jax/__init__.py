@@ -2,8 +2,9 @@
 
 import os
 
-# TensorFlow (tf.data input only) prints INFO banners about oneDNN and CPU features on every start;
-# warnings and errors still show. Set TF_CPP_MIN_LOG_LEVEL=0 to see them.
+# TensorFlow (used for tf.data input only) logs C++ INFO lines (CPU features, tf.data buffer notes) on
+# every run; hide them, keep warnings and errors. Set TF_CPP_MIN_LOG_LEVEL=0 to see them. (TF's oneDNN
+# notice is printed before its logging is configured and still shows.)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 __version__ = "0.1.0"
