@@ -1,42 +1,44 @@
-"""Shared by the benchmarks: configs, model FLOPs and the machine's matmul peak."""
+"""Shared by the benchmarks: the step's pieces from a config, model FLOPs and the machine's matmul peak."""
 
-import functools
 import time
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
-CONFIGS = {"B/16": "configs/vit_base.py", "L/16": "configs/vit_large.py", "H/14": "configs/vit_huge.py"}
+from configs import vit_base, vit_huge, vit_large
+from mae_jax import models, parallel, train
+
+CONFIGS = {"B/16": vit_base.get_config, "L/16": vit_large.get_config, "H/14": vit_huge.get_config}
 
 
-def model_flops_per_step(config: ml_collections.ConfigDict) -> float:
+def setup(config: ml_collections.ConfigDict):
+    """What `train.train_and_evaluate` builds before compiling: (model, mesh, schedule, optimizer)."""
+    data, fsdp = train.validate_config(config, jax.device_count(), jax.process_count())
+    schedule = train.learning_rate_schedule(config, 1000, 100_000)
+    return (models.MaskedAutoencoderViT(**config.model), parallel.create_mesh(data, fsdp), schedule,
+            train.make_optimizer(config, schedule))
+
+
+def model_flops_per_step(config: ml_collections.ConfigDict, tx, schedule, mesh) -> float:
     """FLOPs of one train step as written (no rematerialisation), from XLA's cost analysis.
 
     Taken from the lowered step without scans (blocks unrolled, no gradient accumulation): XLA's figure
-    counts a loop body once, and rematerialisation adds work that MFU does not count. Lowering is cheap (no compilation).
+    counts a loop body once, and rematerialisation adds work that MFU does not count. The lowered module
+    is the global (unpartitioned) program, so the figure is for the whole batch on any mesh. Lowering is
+    cheap (no compilation).
     """
-    import jax
-    import jax.numpy as jnp
-
-    from mae_jax import models, train
-
-    fields = dict(config.model, scan_blocks=False, remat="none")
-    model = models.MaskedAutoencoderViT(**fields)
-    schedule = train.learning_rate_schedule(config, 1000, 100_000)
-    tx = train.make_optimizer(config, schedule)
-    state = jax.eval_shape(functools.partial(train._init_state, model, tx), 0)
-    images = jax.ShapeDtypeStruct((config.batch_size, *train.model_image_shape(model)), jnp.float32)
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                     grad_accum_steps=1, num_batch_shards=1))
-    cost = step.lower(state, images).cost_analysis()
+    config = config.copy_and_resolve_references()
+    config.grad_accum_steps = 1
+    model = models.MaskedAutoencoderViT(**dict(config.model, scan_blocks=False, remat="none"))
+    shardings = train.state_shardings(train.abstract_train_state(model, tx), tx, mesh)
+    cost = train.lower_train_step(config, model, tx, schedule, mesh, shardings).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
 
 
 def matmul_peak_flops() -> float:
     """float32 FLOP/s of a 2048 x 2048 x 2048 jnp.dot on the first device (best of 10)."""
-    import jax
-    import jax.numpy as jnp
-
     n = 2048
     a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), jnp.float32), jax.devices()[0])
     dot = jax.jit(jnp.dot)

@@ -16,8 +16,6 @@ the per-device memory fits their HBM. The memory figures are XLA:CPU's buffer as
 GPU compilers fuse and schedule differently, so treat them as a guide (within tens of percent).
 """
 
-import functools
-import importlib.util
 import json
 import os
 import sys
@@ -28,7 +26,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from mae_jax import models, parallel, train  # noqa: E402
+from mae_jax import models, train  # noqa: E402
 
 flags.DEFINE_list("variants", ["B/16", "L/16", "H/14"], "Model variants.")
 flags.DEFINE_list("scan_blocks", ["false", "true"], "Compile with blocks unrolled (false) and/or scanned (true).")
@@ -53,34 +51,27 @@ PAPER_VIT_L = {"chips": 64, "hours": 15.4, "images": 800 * 1_281_167}
 
 
 def compile_one(variant: str, scan: bool) -> dict:
-    spec = importlib.util.spec_from_file_location("config", common.CONFIGS[variant])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = common.CONFIGS[variant]()
     config.batch_size = FLAGS.per_device_batch * jax.device_count()
     config.model.scan_blocks = scan
     config.model.dtype = FLAGS.dtype
     config.model.remat = FLAGS.remat
     config.mesh.fsdp = FLAGS.fsdp
-    data, fsdp = train.validate_config(config, jax.device_count(), jax.process_count())
-    model = models.MaskedAutoencoderViT(**config.model)
-    mesh = parallel.create_mesh(data, fsdp)
-    schedule = train.learning_rate_schedule(config, 1000, 100_000)
-    tx = train.make_optimizer(config, schedule)
-    abstract = jax.eval_shape(functools.partial(train._init_state, model, tx), 0)
+    model, mesh, schedule, tx = common.setup(config)
+    abstract = train.abstract_train_state(model, tx)
     shardings = train.state_shardings(abstract, tx, mesh)
     start = time.perf_counter()
     step = train.compile_train_step(config, model, tx, schedule, mesh, shardings)
     compile_seconds = time.perf_counter() - start
     memory = step.memory_analysis()
-    flops = common.model_flops_per_step(config)
+    flops = common.model_flops_per_step(config, tx, schedule, mesh)
     per_device = (memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes
                   - memory.alias_size_in_bytes)
     return {
         "variant": variant,
         "scan_blocks": scan,
         "devices": jax.device_count(),
-        "mesh": {"data": data, "fsdp": fsdp},
+        "mesh": dict(mesh.shape),
         "batch_size": config.batch_size,
         "dtype": FLAGS.dtype,
         "remat": FLAGS.remat,
@@ -132,10 +123,9 @@ def main(argv):
             mfu = mfu or paper_mfu
         if mfu is None:
             raise app.UsageError("--estimate needs L/16 among --variants or an explicit --mfu")
-        for result in results:
-            if result["scan_blocks"] == any(r["scan_blocks"] for r in results):  # one row set per variant
-                for row in estimate(result, mfu):
-                    print(json.dumps(row))
+        for result in {r["variant"]: r for r in results}.values():  # one row set per variant (its last)
+            for row in estimate(result, mfu):
+                print(json.dumps(row))
 
 
 if __name__ == "__main__":

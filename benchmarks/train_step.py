@@ -25,7 +25,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/vit_base.py", "Training configuration.", lock_config=True)
@@ -44,14 +43,11 @@ def time_jax(config, steps: int) -> dict:
     import jax
     import numpy as np
 
-    from mae_jax import input_pipeline, models, parallel, train
+    from benchmarks import common  # jax and the project: imported by the JAX worker only
+    from mae_jax import input_pipeline, parallel, train
 
     config.dataset = "synthetic"
-    data, fsdp = train.validate_config(config, jax.device_count(), jax.process_count())
-    model = models.MaskedAutoencoderViT(**config.model)
-    mesh = parallel.create_mesh(data, fsdp)
-    schedule = train.learning_rate_schedule(config, 1000, 100_000)
-    tx = train.make_optimizer(config, schedule)
+    model, mesh, schedule, tx = common.setup(config)
     state, shardings = train.create_train_state(model, tx, config.seed, mesh)
     start = time.perf_counter()
     step = train.compile_train_step(config, model, tx, schedule, mesh, shardings)
@@ -74,7 +70,7 @@ def time_jax(config, steps: int) -> dict:
     loss = float(jax.device_get(metrics["loss"]))
     assert np.isfinite(loss)
     median = statistics.median(times)
-    flops_per_step = common.model_flops_per_step(config)
+    flops_per_step = common.model_flops_per_step(config, tx, schedule, mesh)
     peak = common.matmul_peak_flops()
     return {
         "framework": "jax",

@@ -207,10 +207,15 @@ def _init_state(model: models.MaskedAutoencoderViT, tx: optax.GradientTransforma
                       nonfinite_step=jnp.full((), -1, jnp.int32))
 
 
+def abstract_train_state(model: models.MaskedAutoencoderViT, tx: optax.GradientTransformation) -> TrainState:
+    """Shapes and dtypes of the state (`jax.ShapeDtypeStruct`s); nothing is allocated."""
+    return jax.eval_shape(functools.partial(_init_state, model, tx), 0)
+
+
 def create_train_state(model: models.MaskedAutoencoderViT, tx: optax.GradientTransformation, seed: int,
                        mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState]:
     """Initialises the state directly into its shardings. Returns (state, its shardings)."""
-    shardings = state_shardings(jax.eval_shape(functools.partial(_init_state, model, tx), seed), tx, mesh)
+    shardings = state_shardings(abstract_train_state(model, tx), tx, mesh)
     init = jax.jit(_init_state, static_argnums=(0, 1), out_shardings=shardings)
     return init(model, tx, seed), shardings
 
@@ -317,6 +322,13 @@ def compile_train_step(config: ml_collections.ConfigDict, model: models.MaskedAu
     A compiled step is called with exactly these shapes and shardings: anything else is an error, never
     a silent recompilation.
     """
+    return lower_train_step(config, model, tx, schedule, mesh, shardings).compile()
+
+
+def lower_train_step(config: ml_collections.ConfigDict, model: models.MaskedAutoencoderViT,
+                     tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: jax.sharding.Mesh,
+                     shardings: TrainState) -> jax.stages.Lowered:
+    """The step of `compile_train_step`, lowered but not compiled (e.g. for its cost analysis)."""
     batch_sharding = parallel.batch_sharding(mesh)
     step = jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule,
@@ -325,10 +337,10 @@ def compile_train_step(config: ml_collections.ConfigDict, model: models.MaskedAu
         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=0)
     abstract_state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                            jax.eval_shape(functools.partial(_init_state, model, tx), 0), shardings)
+                                            abstract_train_state(model, tx), shardings)
     images = jax.ShapeDtypeStruct((config.batch_size, *model_image_shape(model)), jnp.float32,
                                   sharding=batch_sharding)
-    return step.lower(abstract_state, images).compile()
+    return step.lower(abstract_state, images)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -428,9 +440,9 @@ def _loop(config, state, step_fn, data_iter, mesh, manager, log, preemption, rec
                 batch, input_state = next_batch()  # overlaps the device's work on this step
         if every(config.log_every_steps) or step == total_steps:
             metrics, bad = jax.device_get((metrics, state.nonfinite_step))
-            metrics["param_norm"] = _param_norm(state.params)
             if int(bad) >= 0:
                 raise FloatingPointError(_nonfinite_message(int(bad), manager))
+            metrics["param_norm"] = _param_norm(state.params)
             now = time.perf_counter()
             seconds_per_step = (now - mark_time) / (step - mark_step)
             last = {k: float(v) for k, v in metrics.items()}
