@@ -44,7 +44,7 @@ def time_jax(config, steps: int) -> dict:
     import numpy as np
 
     from benchmarks import common  # jax and the project: imported by the JAX worker only
-    from mae_jax import input_pipeline, parallel, train
+    from mae_jax import host_memory, input_pipeline, parallel, train
 
     config.dataset = "synthetic"
     model, mesh, schedule, tx = common.setup(config)
@@ -87,6 +87,7 @@ def time_jax(config, steps: int) -> dict:
         "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
         "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "host_memory_kept": host_memory.KEPT,  # mae_jax/host_memory.py (MAE_JAX_KEEP_HOST_MEMORY=0: off)
         "model": {k: config.model[k] for k in ("embed_dim", "depth", "patch_size", "mask_ratio", "dtype",
                                                 "attention", "remat", "scan_blocks")},
     }

@@ -25,7 +25,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mae_jax import checkpoints, input_pipeline, models, parallel
+from mae_jax import checkpoints, host_memory, input_pipeline, models, parallel
 
 PyTree = Any
 
@@ -383,6 +383,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
         state, shardings = create_train_state(model, tx, config.seed, mesh)
         logging.info("Model: %s params.", f"{models.count_params(state.params):,}")
+        if jax.default_backend() == "cpu":
+            logging.info("Host memory: %s.", "freed memory kept for reuse (mae_jax/host_memory.py)"
+                         if host_memory.KEPT else f"system malloc settings ({host_memory.skip_reason()})")
         if resume_step is not None:
             state = checkpoints.restore(manager, resume_step, jax.tree_util.tree_map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings))
