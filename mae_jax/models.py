@@ -247,6 +247,12 @@ def gelu(x: Array) -> Array:
     return x * 0.5 * (1.0 + jax.lax.erf(x * 0.5**0.5))
 
 
+def _keep(x: Array) -> Array:
+    """x (exactly, if finite), as an op that XLA computes once and keeps as it is: it neither duplicates the
+    producer into consumers nor moves transposes through it (exp counts as expensive)."""
+    return x * jnp.exp(x * 0.0)
+
+
 @jax.custom_vjp
 def softmax_attention(qkv: Array) -> Array:
     """softmax(q k^T / sqrt(d)) v for qkv [N, T, 3, H, D] (rows q, k, v); returns [N, T, H, D].
@@ -274,16 +280,25 @@ def _softmax_attention_fwd(qkv):
 
 def _softmax_attention_bwd(residuals, dout):
     q, k, v, exp, inv_sum, out = residuals
+    row_scale = inv_sum * q.shape[-1] ** -0.5  # [N, H, T, 1]: 1 / (row sum * sqrt(d))
+    dout_t = dout.transpose(0, 2, 3, 1)  # [N, H, D, T]
     dout = dout.transpose(0, 2, 1, 3)  # [N, H, T, D]
-    scale = q.shape[-1] ** -0.5
-    dv = jnp.einsum("nhqk,nhqd->nhkd", exp, (dout * inv_sum).astype(q.dtype),
-                    preferred_element_type=jnp.float32)
     dweights = jnp.einsum("nhqd,nhkd->nhqk", dout, v, preferred_element_type=jnp.float32)
     delta = (dout.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1, keepdims=True)  # [N, H, T, 1]
-    dlogits = (exp * (dweights - delta) * (inv_sum * scale)).astype(q.dtype)
-    dq = jnp.einsum("nhqk,nhkd->nhqd", dlogits, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("nhqk,nhqd->nhkd", dlogits, q, preferred_element_type=jnp.float32)
-    return (jnp.stack([dq, dk, dv]).astype(q.dtype).transpose(1, 3, 0, 2, 4),)
+    # d loss / d logits = dscores * row_scale (per query row), applied to the small factors below.
+    dscores = (exp * (dweights - delta)).astype(q.dtype)
+    dq = jnp.einsum("nhqk,nhkd->nhqd", dscores, k, preferred_element_type=jnp.float32) * row_scale
+    # dk and dv contract over the query rows of dscores / exp. XLA:CPU runs that transposed-left product as
+    # a plain loop 2-3x slower than its matmul kernels, so they are computed transposed, [D, T] x [T, T],
+    # from the small factor scaled per row into [N, H, D, T]; _keep stops XLA from folding these transposes
+    # back into the products.
+    q_t = _keep(q.swapaxes(-1, -2) * row_scale.swapaxes(-1, -2)).astype(q.dtype)
+    dk_t = jnp.einsum("nhdq,nhqk->nhdk", q_t, dscores, preferred_element_type=jnp.float32)
+    dv_t = jnp.einsum("nhdq,nhqk->nhdk", (dout_t * inv_sum.swapaxes(-1, -2)).astype(q.dtype), exp,
+                      preferred_element_type=jnp.float32)
+    dk_t, dv_t = (_keep(x) for x in (dk_t, dv_t))
+    dqkv = jnp.stack([dq, dk_t.swapaxes(-1, -2), dv_t.swapaxes(-1, -2)])
+    return (dqkv.astype(q.dtype).transpose(1, 3, 0, 2, 4),)
 
 
 softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
@@ -321,7 +336,7 @@ def _materialize_grad_fwd(x):
 
 
 def _materialize_grad_bwd(_, g):
-    return (g * jnp.exp(g * 0.0),)
+    return (_keep(g),)
 
 
 materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
