@@ -36,8 +36,8 @@ _ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
 def _jax_backend_started() -> bool:
-    xla_bridge = sys.modules.get("jax._src.xla_bridge")
-    return bool(getattr(xla_bridge, "_backends", None))
+    xla_bridge = sys.modules.get("jax._src.xla_bridge")  # not imported: JAX has not started
+    return xla_bridge is not None and xla_bridge.backends_are_initialized()
 
 
 def _accelerator_plugin() -> bool:

@@ -260,8 +260,8 @@ def softmax_attention(qkv: Array) -> Array:
     The same function as the einsum path, arranged for the CPU with a hand-written backward: q, k and v
     move to [N, H, T, D] in one copy, the forward keeps the unnormalised exp-scores and divides the
     [N, H, T, D] output rather than the [N, H, T, T] weights, and the backward uses them with the row sums
-    of dout * out (the flash-attention backward without tiling) and returns dqkv in one copy. Scores,
-    exponentials and sums are float32 whatever the input dtype.
+    of dout * out (the flash-attention backward without tiling) and returns dqkv in one copy. Scores, row
+    maxima and sums are float32 whatever the input dtype; the kept exponentials are in the input dtype.
     """
     return _softmax_attention_fwd(qkv)[0]
 
@@ -323,9 +323,9 @@ def materialize_grad(x: Array) -> Array:
 
     Placed on the input of each residual branch (attention and MLP). Without it, XLA's CPU backend fuses
     the chain of LayerNorm-backward additions of every later branch into each weight-gradient transpose
-    and recomputes it there: a third of the ViT-B train step. The backward multiplies by exp(0 * g), which is exactly 1 for finite g (and
-    NaN for non-finite g, which the train step rejects anyway): an elementwise op XLA considers expensive,
-    so it materialises the result instead of duplicating the chain into its consumers.
+    and recomputes it there: a third of the ViT-B train step. The backward is _keep(g), g * exp(0 * g):
+    exactly g for finite g (NaN for non-finite g, which the train step rejects anyway), and an elementwise
+    op XLA considers expensive, so it materialises the result instead of duplicating the chain.
     `optimization_barrier` does not help: XLA removes it before fusion on the CPU.
     """
     return x
