@@ -10,12 +10,13 @@ pages: the step then runs with no page faults (measured in `benchmarks/README.md
 tests/test_host_memory.py). The price is that freed memory stays with the process, which a training run
 reuses (ViT-B at batch 8: 5-6 GB resident instead of about 4).
 
-`import mae_jax` applies this when JAX will run on the CPU (glibc on Linux, no GPU/TPU plugin installed or
-`JAX_PLATFORMS=cpu`) unless the environment already chooses: set
+`mae_jax.runtime.configure()` (called by main.py and the benchmarks, never by importing mae_jax) applies this
+when JAX will run on the CPU (glibc on Linux, no GPU/TPU plugin installed or `JAX_PLATFORMS=cpu`) unless the
+environment already chooses: set
 `MAE_JAX_KEEP_HOST_MEMORY=0` to opt out, and any of `MALLOC_ARENA_MAX`, `MALLOC_MMAP_MAX_`,
 `MALLOC_TRIM_THRESHOLD_`, a `glibc.malloc` entry in `GLIBC_TUNABLES` or an `LD_PRELOAD`ed allocator
 (jemalloc, tcmalloc, mimalloc) is left alone. It must run before JAX starts its CPU client (the client's
-threads pick their arena when they start), which importing mae_jax before using JAX ensures.
+threads pick their arena when they start): call it before anything uses JAX.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import platform
 import sys
 
 OPT_OUT = "MAE_JAX_KEEP_HOST_MEMORY"
-KEPT = False  # set by `import mae_jax`: whether keep_freed_memory() changed the allocator
 # mallopt(3) parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _USER_SETTINGS = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
@@ -67,7 +67,7 @@ def skip_reason(environ=os.environ) -> str | None:
     if not platforms and _accelerator_plugin():
         return "a GPU/TPU plugin for JAX is installed"
     if _jax_backend_started():
-        return "JAX's CPU client has already started (import mae_jax before using JAX)"
+        return "JAX's CPU client has already started (configure before using JAX)"
     return None
 
 

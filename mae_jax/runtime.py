@@ -1,0 +1,73 @@
+"""Process-wide settings for programs that train or benchmark, applied only when asked for.
+
+Importing `mae_jax` changes nothing in the process. The entry points (`main.py`, `benchmarks/`) call
+`configure()` first thing, before JAX or TensorFlow start; a notebook or script of your own may do the same:
+
+    from mae_jax import runtime
+    settings = runtime.configure()    # before anything uses JAX; returns what was applied
+    logging.info("%s", settings)
+
+What it sets, each with its opt-out:
+  - host memory (`mae_jax/host_memory.py`): glibc keeps freed memory for reuse when JAX runs on the CPU, so
+    XLA:CPU's temporaries are not page-faulted in again on every step. `keep_host_memory=False` or the
+    environment `MAE_JAX_KEEP_HOST_MEMORY=0` leaves malloc alone.
+  - TensorFlow's C++ INFO lines (tf.data is the input pipeline) are hidden: `TF_CPP_MIN_LOG_LEVEL=1` unless
+    the environment sets it.
+  - JAX's persistent compilation cache, so that a restarted run skips compilation: `JAX_COMPILATION_CACHE_DIR`
+    if set, else `$MAE_JAX_COMPILATION_CACHE`, else `~/.cache/mae_jax/jax_compilation_cache`;
+    `MAE_JAX_COMPILATION_CACHE=0` (or `compilation_cache=False`) turns it off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from mae_jax import host_memory
+
+CACHE_ENV = "MAE_JAX_COMPILATION_CACHE"
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "mae_jax", "jax_compilation_cache")
+_OFF = ("0", "false", "no", "off", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What `configure()` applied, for the log."""
+
+    host_memory: str  # "kept for reuse" or why malloc was left alone
+    compilation_cache: str  # the cache directory, or why there is none
+
+    def __str__(self) -> str:
+        return f"host memory: {self.host_memory}; compilation cache: {self.compilation_cache}"
+
+
+def _compilation_cache_dir(environ=os.environ) -> str | None:
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return environ["JAX_COMPILATION_CACHE_DIR"]  # JAX reads it itself
+    value = environ.get(CACHE_ENV)
+    if value is not None and value.strip().lower() in _OFF:
+        return None
+    return os.path.expanduser(value or DEFAULT_CACHE_DIR)
+
+
+def configure(*, keep_host_memory: bool = True, compilation_cache: bool = True) -> Settings:
+    """Applies the process-wide settings of the module docstring; call before JAX and TensorFlow start.
+
+    Idempotent. Returns what was applied.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    if not keep_host_memory:
+        memory = "system malloc settings (keep_host_memory=False)"
+    elif host_memory.keep_freed_memory():
+        memory = "freed memory kept for reuse (mae_jax/host_memory.py)"
+    else:
+        memory = f"system malloc settings ({host_memory.skip_reason()})"
+    cache_dir = _compilation_cache_dir() if compilation_cache else None
+    if cache_dir is None:
+        cache = "off"
+    else:
+        import jax  # importing jax does not start its backends
+
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        cache = cache_dir
+    return Settings(host_memory=memory, compilation_cache=cache)
