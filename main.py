@@ -8,10 +8,14 @@ import logging as std_logging
 import re
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from mae_jax import runtime
 
-from mae_jax import input_pipeline, train
+SETTINGS = runtime.configure()  # process-wide settings, before JAX and TensorFlow start (mae_jax/runtime.py)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mae_jax import input_pipeline, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -42,6 +46,7 @@ def main(argv):
     # Orbax narrates every save at INFO, and jax reports each accelerator it does not find: keep their
     # warnings and errors only.
     handler.addFilter(lambda r: r.levelno >= std_logging.WARNING or not re.search(r"/orbax/|xla_bridge", r.pathname))
+    logging.info("Process settings: %s.", SETTINGS)
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (train.ConfigError, input_pipeline.DataError) as e:  # bad settings: one line, no traceback

@@ -1,5 +1,6 @@
-"""Shared by the benchmarks: the step's pieces from a config, model FLOPs and the machine's matmul peak."""
+"""Shared by the benchmarks: the step's pieces from a config, model FLOPs, the machine's matmul peak and CPU."""
 
+import platform
 import time
 
 import jax
@@ -7,13 +8,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from configs import vit_base, vit_huge, vit_large
-from mae_jax import models, parallel, train
+from mae_jax import config_lib, models, parallel, train
 
 CONFIGS = {"B/16": vit_base.get_config, "L/16": vit_large.get_config, "H/14": vit_huge.get_config}
 
 
 def setup(config: ml_collections.ConfigDict):
     """What `train.train_and_evaluate` builds before compiling: (model, mesh, schedule, optimizer)."""
+    config_lib.resolve(config)
     data, fsdp = train.validate_config(config, jax.device_count(), jax.process_count())
     schedule = train.learning_rate_schedule(config, 1000, 100_000)
     return (models.MaskedAutoencoderViT(**config.model), parallel.create_mesh(data, fsdp), schedule,
@@ -28,11 +30,9 @@ def model_flops_per_step(config: ml_collections.ConfigDict, tx, schedule, mesh) 
     is the global (unpartitioned) program, so the figure is for the whole batch on any mesh. Lowering is
     cheap (no compilation).
     """
-    config = config.copy_and_resolve_references()
-    config.grad_accum_steps = 1
     model = models.MaskedAutoencoderViT(**dict(config.model, scan_blocks=False, remat="none"))
     shardings = train.state_shardings(train.abstract_train_state(model, tx), tx, mesh)
-    cost = train.lower_train_step(config, model, tx, schedule, mesh, shardings).cost_analysis()
+    cost = train.lower_train_step(model, tx, schedule, mesh, shardings, batch_size=config.batch_size).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
 
@@ -49,3 +49,20 @@ def matmul_peak_flops() -> float:
         dot(a, a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def cpu_info() -> dict:
+    """The CPU model and its vector ISA flags (figures are only comparable on the same CPU)."""
+    model, flags = platform.processor(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = sorted(f for f in flags if f.startswith(("avx", "fma", "amx")))
+    return {"model": model, "isa": isa}

@@ -21,10 +21,14 @@ import os
 import sys
 import time
 
-import jax
-from absl import app, flags
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mae_jax import runtime  # noqa: E402
+
+runtime.configure(compilation_cache=False)  # what main.py applies, but compile times are measured cold
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
 from benchmarks import common  # noqa: E402
 from mae_jax import models, train  # noqa: E402
 
@@ -61,13 +65,15 @@ def compile_one(variant: str, scan: bool) -> dict:
     abstract = train.abstract_train_state(model, tx)
     shardings = train.state_shardings(abstract, tx, mesh)
     start = time.perf_counter()
-    step = train.compile_train_step(config, model, tx, schedule, mesh, shardings)
+    step = train.compile_train_step(model, tx, schedule, mesh, shardings, batch_size=config.batch_size,
+                                    grad_accum_steps=config.grad_accum_steps)
     compile_seconds = time.perf_counter() - start
     memory = step.memory_analysis()
     flops = common.model_flops_per_step(config, tx, schedule, mesh)
     per_device = (memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes
                   - memory.alias_size_in_bytes)
     return {
+        "cpu": common.cpu_info(),
         "variant": variant,
         "scan_blocks": scan,
         "devices": jax.device_count(),

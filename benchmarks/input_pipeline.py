@@ -16,14 +16,17 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mae_jax import runtime  # noqa: E402
+
+runtime.configure()  # what main.py applies (TensorFlow's INFO lines hidden, host memory)
 
 import numpy as np  # noqa: E402
 import skimage.data  # noqa: E402
 from absl import logging  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from configs import vit_base  # noqa: E402
 from mae_jax import input_pipeline  # noqa: E402
 
@@ -56,7 +59,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batches", type=int, default=30, help="timed batches, after 3 warm-up batches")
-    parser.add_argument("--threads", type=int, default=0, help="config.data_threads (0: one per core)")
+    parser.add_argument("--threads", type=int, default=0, help="config.input.threads (0: one per core)")
     args = parser.parse_args()
     logging.set_verbosity(logging.ERROR)
 
@@ -66,11 +69,12 @@ def main() -> None:
         mean_kb = write_jpegs(folder, args.num_files)
         config = vit_base.get_config()
         config.model.image_size = (args.image_size, args.image_size)
-        config.dataset, config.image_folder, config.data_dir = "folder", folder, os.path.join(tmp, "tfds")
-        config.data_threads = args.threads
+        config.input.dataset, config.input.image_folder = "folder", folder
+        config.input.data_dir, config.input.threads = os.path.join(tmp, "tfds"), args.threads
         with contextlib.redirect_stdout(sys.stderr):  # tfds prints while preparing; stdout is for the result
-            it = input_pipeline.create_train_iterator(config, global_batch_size=args.batch_size, process_index=0,
-                                                      process_count=1)
+            it = input_pipeline.create_train_iterator(
+                config.input, image_shape=(args.image_size, args.image_size, 3), seed=0,
+                global_batch_size=args.batch_size, process_index=0, process_count=1)
         for _ in range(3):
             next(it)
         start = time.perf_counter()
@@ -86,6 +90,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "timed_images": args.batches * args.batch_size,
         "cpu_cores": os.cpu_count(),
+        "cpu": common.cpu_info(),
         "load_average_1min": round(os.getloadavg()[0], 2),
     }))
 

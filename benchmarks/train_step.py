@@ -21,10 +21,10 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/vit_base.py", "Training configuration.", lock_config=True)
@@ -40,21 +40,27 @@ def _config_overrides(argv):
 
 
 def time_jax(config, steps: int) -> dict:
+    from mae_jax import runtime
+
+    # What main.py applies, except the compilation cache (compile_seconds is a cold compile).
+    settings = runtime.configure(compilation_cache=False)
     import jax
     import numpy as np
 
     from benchmarks import common  # jax and the project: imported by the JAX worker only
-    from mae_jax import host_memory, input_pipeline, parallel, train
+    from mae_jax import input_pipeline, parallel, train
 
-    config.dataset = "synthetic"
+    config.input.dataset = "synthetic"
     model, mesh, schedule, tx = common.setup(config)
     state, shardings = train.create_train_state(model, tx, config.seed, mesh)
     start = time.perf_counter()
-    step = train.compile_train_step(config, model, tx, schedule, mesh, shardings)
+    step = train.compile_train_step(model, tx, schedule, mesh, shardings, batch_size=config.batch_size,
+                                    grad_accum_steps=config.grad_accum_steps)
     compile_seconds = time.perf_counter() - start
     memory = step.memory_analysis()
     batch = next(input_pipeline.create_train_iterator(
-        config, global_batch_size=config.batch_size, process_index=0, process_count=1))["images"]
+        config.input, image_shape=model.image_shape, seed=config.seed, global_batch_size=config.batch_size,
+        process_index=0, process_count=1))["images"]
     images = parallel.global_batch(batch, parallel.batch_sharding(mesh))
     for _ in range(2):
         state, metrics = step(state, images)
@@ -87,9 +93,9 @@ def time_jax(config, steps: int) -> dict:
         "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
         "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "host_memory_kept": host_memory.KEPT,  # mae_jax/host_memory.py (MAE_JAX_KEEP_HOST_MEMORY=0: off)
-        "model": {k: config.model[k] for k in ("embed_dim", "depth", "patch_size", "mask_ratio", "dtype",
-                                                "attention", "remat", "scan_blocks")},
+        "host_memory": settings.host_memory,  # mae_jax/host_memory.py (MAE_JAX_KEEP_HOST_MEMORY=0: off)
+        "model": {k: config.model.get(k) for k in ("embed_dim", "depth", "patch_size", "mask_ratio", "dtype",
+                                                    "attention", "ops", "remat", "scan_blocks")},
     }
 
 
@@ -161,14 +167,19 @@ def main(argv):
         print(json.dumps(time_torch(FLAGS.config, FLAGS.steps)))
         return
     if FLAGS.compare is None:
-        print(json.dumps(_run_worker("jax")))
+        from benchmarks import common
+
+        print(json.dumps({"cpu": common.cpu_info(), **_run_worker("jax")}))
         return
     runs = {"jax": [], FLAGS.compare: []}
     for _ in range(FLAGS.rounds):
         runs["jax"].append(_run_worker("jax"))
         runs[FLAGS.compare].append(_run_worker(*BASELINES[FLAGS.compare]))
     ips = {name: statistics.median(r["images_per_sec"] for r in rs) for name, rs in runs.items()}
+    from benchmarks import common
+
     print(json.dumps({
+        "cpu": common.cpu_info(),
         "jax_images_per_sec": ips["jax"],
         f"{FLAGS.compare}_images_per_sec": ips[FLAGS.compare],
         f"speedup_vs_{FLAGS.compare}": ips["jax"] / ips[FLAGS.compare],

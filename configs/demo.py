@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = models.variant("test/8", image_size=(64, 64), embed_dim=128, depth=4, num_heads=4,
                                   decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4,
                                   mask_ratio=0.75, norm_pix_loss=False)
-    config.dataset = "demo"
+    config.input.dataset = "demo"
     config.batch_size = 64
     config.num_epochs = 10  # 32 steps an epoch: 320 steps, under 2 minutes on a 2-core CPU
     config.warmup_epochs = 1

@@ -12,8 +12,8 @@ from mae_jax import models
 def get_config() -> ml_collections.ConfigDict:
     config = vit_base.get_config()
     config.model = models.variant("test/8", image_size=(32, 32), norm_pix_loss=True)
-    config.dataset = "synthetic"
-    config.synthetic_num_examples = 16 * 10
+    config.input.dataset = "synthetic"
+    config.input.synthetic_num_examples = 16 * 10
     config.batch_size = 16
     config.num_epochs = 6
     config.warmup_epochs = 1

@@ -10,7 +10,7 @@ ImageNet must be prepared for tfds first (see README.md, "Data").
 
 import ml_collections
 
-from mae_jax import models
+from mae_jax import config_lib, models
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -19,19 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Model: constructor fields of models.MaskedAutoencoderViT, nothing else.
     config.model = models.variant("B/16", image_size=(224, 224), mask_ratio=0.75, norm_pix_loss=True)
 
-    # Data (mae_jax/input_pipeline.py, mae_jax/datasets.py).
-    config.dataset = "imagenet2012"  # a tfds name, "folder" (image_folder), "demo" (offline photos) or "synthetic"
-    config.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (None: tfds default); folders
-    #   and the demo are prepared (copied into TFRecords) here too
-    config.image_folder = ""  # dataset="folder": root/<class>/<image> or a flat folder of JPEG/PNG files
-    config.train_split = "train"
-    config.eval_split = "validation"  # held-out images for reconstructions (train_split if the dataset lacks it)
-    config.synthetic_num_examples = 1_281_167  # epoch length of dataset="synthetic"
-    config.shuffle_buffer = 10_000  # encoded images shuffled within an epoch (ImageNet: ~1.1 GB of host memory)
-    config.crop_scale = (0.2, 1.0)  # RandomResizedCrop: range of the crop's area, as a fraction of the image's
-    config.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop: range of the crop's aspect ratio, width / height
-    config.prefetch_batches = 2  # batches prepared ahead of the trainer on each host (-1: tf.data autotune)
-    config.data_threads = 0  # threads decoding and augmenting on each host (0: tf.data's default, one per core)
+    # Data and augmentation (mae_jax/input_pipeline.py, mae_jax/datasets.py), handed to the pipeline whole.
+    config.input = config_lib.input_config()
 
     # Optimisation (PRETRAIN.md): lr = base_lr * batch_size / 256, AdamW(0.9, 0.95), wd 0.05.
     config.batch_size = 4096  # global batch per optimizer step, over all devices and hosts
@@ -58,5 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.visualize_every_steps = 2500  # reconstructions of held-out images (0: never)
     config.visualize_num_images = 8
     config.init_from = ""  # start from these weights (our checkpoint/export, official .pth, HF directory)
+    config.profile_steps = 0  # > 0: a JAX profiler trace of this many steps into workdir/tensorboard (TensorBoard's
+    #   Profile tab, or Perfetto), starting at step profile_first_step
+    config.profile_first_step = 10
+
+    config_lib.add_renamed(config)  # old names of moved fields (e.g. config.dataset), for one release
 
     return config

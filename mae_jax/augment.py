@@ -11,19 +11,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import numpy as np
 import tensorflow as tf
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from mae_jax import pixels
+
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back to a central crop
-
-
-def _normalisation(num_channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (mean, std) of images in [0, 1]: ImageNet's for RGB, (0.5, 0.25) otherwise."""
-    if num_channels == 3:
-        return IMAGENET_MEAN, IMAGENET_STD
-    return np.full(num_channels, 0.5, np.float32), np.full(num_channels, 0.25, np.float32)
 
 
 def crop_box_from_uniforms(height, width, u_area, u_log_ratio, u_top, u_left,
@@ -70,8 +62,7 @@ def sample_crop_box(height, width, key, scale: Sequence[float] = (0.2, 1.0),
 
 def _normalise(image: tf.Tensor, num_channels: int) -> tf.Tensor:
     """[..., C] float pixel values in [0, 255] (clipped) -> normalised float32."""
-    mean, std = _normalisation(num_channels)
-    return (tf.clip_by_value(image, 0.0, 255.0) / 255.0 - mean) / std
+    return pixels.normalise(tf.clip_by_value(image, 0.0, 255.0) / 255.0, num_channels)
 
 
 def preprocess_for_train(encoded: tf.Tensor, key: tf.Tensor, *, image_size: tuple[int, int], num_channels: int,

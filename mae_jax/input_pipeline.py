@@ -2,13 +2,15 @@
 
 Interface used by the trainer (`mae_jax.train`):
 
-    it = create_train_iterator(config, global_batch_size=..., process_index=..., process_count=..., state=None)
+    it = create_train_iterator(config.input, image_shape=(H, W, C), seed=..., global_batch_size=...,
+                               process_index=..., process_count=..., state=None)
     it.num_examples          # examples in the training split (for steps per epoch)
     batch = next(it)         # {"images": np.ndarray [global_batch_size // process_count, H, W, C] float32}
     it.get_state()           # JSON-able position after the last batch returned; pass it back as `state`
                              # to continue exactly where it stopped
 
-`config.dataset` selects the source: "synthetic" (random smooth images, for mechanics tests and benchmarks),
+`config` is the `config.input` group of a training config (data and augmentation settings, see
+configs/vit_base.py); the model's image shape and the run's seed are passed separately. `config.dataset` selects the source: "synthetic" (random smooth images, for mechanics tests and benchmarks),
 "demo" (crops of scikit-image's sample photographs, offline), "folder" (`config.image_folder`) or any tfds
 image dataset by name ("imagenet2012"); see `mae_jax.datasets`. `load_eval_images` gives a few fixed held-out
 images (center crops) for reconstructions.
@@ -43,21 +45,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from mae_jax import datasets
+from mae_jax import datasets, pixels
 from mae_jax.datasets import DataError  # noqa: F401  (re-exported: what callers catch)
-from mae_jax.augment import IMAGENET_MEAN, IMAGENET_STD, center_crop, preprocess_for_train
+from mae_jax.augment import center_crop, preprocess_for_train
 
 _ORDER, _AUGMENT = 1, 2  # separate random streams for the epoch order and the per-example augmentation
 _SYNTHETIC_EVAL_BATCH = 2**40  # a batch index that no synthetic training run reaches: held-out images
-
-
-def _image_size(config) -> tuple[int, int]:
-    size = config.model.image_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
-def _num_channels(config) -> int:
-    return int(config.model.get("num_channels", 3))  # 3 is MaskedAutoencoderViT's default
 
 
 class SyntheticIterator(Iterator[dict]):
@@ -90,10 +83,7 @@ class SyntheticIterator(Iterator[dict]):
         x = np.linspace(0.0, 1.0, self.width, dtype=np.float32)[None, :, None]
         fy, fx, py, px = rng.uniform(0.5, 3.0, size=(4, self.num_channels)).astype(np.float32) * [[6], [6], [1], [1]]
         image = 0.5 + 0.4 * np.sin(fy * y + py) * np.cos(fx * x + px)  # [H, W, C] in (0.1, 0.9)
-        mean, std = IMAGENET_MEAN[:self.num_channels], IMAGENET_STD[:self.num_channels]
-        if self.num_channels != 3:
-            mean, std = np.float32(0.5), np.float32(0.25)
-        return ((image - mean) / std).astype(np.float32)
+        return pixels.normalise(image, self.num_channels).astype(np.float32)
 
     def get_state(self) -> dict:
         return {"batch_index": self.batch_index}
@@ -216,10 +206,10 @@ class TfdsIterator(Iterator[dict]):
     example id of every row of the last batch (`last_epochs`, `last_example_ids`).
     """
 
-    def __init__(self, builder: tfds.core.DatasetBuilder, config, *, global_batch_size: int, process_index: int,
-                 process_count: int, state: dict | None = None):
+    def __init__(self, builder: tfds.core.DatasetBuilder, config, *, image_shape: tuple[int, int, int], seed: int,
+                 global_batch_size: int, process_index: int, process_count: int, state: dict | None = None):
         _check_split(builder, config.train_split, "train_split")
-        self.seed = int(config.seed)
+        self.seed = int(seed)
         self.process_count = process_count
         self.local_batch_size = global_batch_size // process_count
         self.num_examples = builder.info.splits[config.train_split].num_examples
@@ -240,10 +230,10 @@ class TfdsIterator(Iterator[dict]):
                          self.examples_consumed % self.local_num_examples)
         dataset = train_dataset(
             builder, local_split, seed=self.seed, start=self.examples_consumed, batch_size=self.local_batch_size,
-            image_size=_image_size(config), num_channels=_num_channels(config),
+            image_size=tuple(image_shape[:2]), num_channels=image_shape[2],
             shuffle_buffer=config.shuffle_buffer, crop_scale=tuple(config.crop_scale),
             crop_ratio=tuple(config.crop_ratio), prefetch_batches=config.prefetch_batches,
-            threads=config.data_threads)
+            threads=config.threads)
         self._iterator = dataset.as_numpy_iterator()
         self.last_epochs = self.last_example_ids = None
 
@@ -278,27 +268,29 @@ class TfdsIterator(Iterator[dict]):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def create_train_iterator(config, *, global_batch_size: int, process_index: int, process_count: int,
-                          state: dict | None = None) -> Iterator[dict]:
-    """The training input for this process; see the module docstring."""
+def create_train_iterator(config, *, image_shape: Sequence[int], seed: int, global_batch_size: int,
+                          process_index: int, process_count: int, state: dict | None = None) -> Iterator[dict]:
+    """The training input for this process: `config` is `config.input`, `image_shape` the model's (H, W, C)."""
     if global_batch_size % process_count:
         raise DataError(f"batch size {global_batch_size} does not split evenly over {process_count} processes")
     if config.dataset == "synthetic":
         return SyntheticIterator(
-            seed=config.seed, image_size=_image_size(config), num_channels=_num_channels(config),
+            seed=seed, image_size=tuple(image_shape[:2]), num_channels=image_shape[2],
             global_batch_size=global_batch_size, process_index=process_index, process_count=process_count,
             num_examples=config.synthetic_num_examples, state=state)
     _keep_tf_off_accelerators()
-    return TfdsIterator(datasets.get_builder(config), config, global_batch_size=global_batch_size,
-                        process_index=process_index, process_count=process_count, state=state)
+    return TfdsIterator(datasets.get_builder(config), config, image_shape=tuple(image_shape), seed=seed,
+                        global_batch_size=global_batch_size, process_index=process_index,
+                        process_count=process_count, state=state)
 
 
-def load_eval_images(config, num_images: int) -> np.ndarray:
+def load_eval_images(config, *, image_shape: Sequence[int], seed: int, num_images: int) -> np.ndarray:
     """The first `num_images` images of `config.eval_split` (the training split if the dataset has no such
-    split), center-cropped to the model's size and normalised: [n, H, W, C] float32, the same every call."""
-    image_size, num_channels = _image_size(config), _num_channels(config)
+    split), center-cropped to `image_shape` (H, W, C) and normalised: [n, H, W, C] float32, the same every
+    call. `config` is `config.input`."""
+    image_size, num_channels = tuple(image_shape[:2]), image_shape[2]
     if config.dataset == "synthetic":
-        return SyntheticIterator(seed=config.seed, image_size=image_size, num_channels=num_channels,
+        return SyntheticIterator(seed=seed, image_size=image_size, num_channels=num_channels,
                                  global_batch_size=num_images, process_index=0, process_count=1, num_examples=0,
                                  state={"batch_index": _SYNTHETIC_EVAL_BATCH}).__next__()["images"]
     _keep_tf_off_accelerators()

@@ -473,6 +473,11 @@ class MaskedAutoencoderViT(nn.Module):
         return height // self.patch_size, width // self.patch_size
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the images the model takes."""
+        return (*_pair(self.image_size), self.num_channels)
+
+    @property
     def num_patches(self) -> int:
         h, w = self.grid_size
         return h * w
@@ -487,7 +492,7 @@ class MaskedAutoencoderViT(nn.Module):
         return jnp.dtype(self.dtype)
 
     def _check_images(self, images: Array) -> None:
-        expected = (*_pair(self.image_size), self.num_channels)
+        expected = self.image_shape
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
                 f"images of shape {tuple(images.shape)} do not match the model: expected [N, H, W, C] = "
@@ -586,8 +591,7 @@ class MaskedAutoencoderViT(nn.Module):
 
 def init_variables(model: MaskedAutoencoderViT, rng: Array, batch_size: int = 1) -> PyTree:
     """Initialises {"params", "frozen"} from `rng` with a dummy batch (no data needed)."""
-    h, w = _pair(model.image_size)
-    images = jnp.zeros((batch_size, h, w, model.num_channels), jnp.float32)
+    images = jnp.zeros((batch_size, *model.image_shape), jnp.float32)
     params_rng, masking_rng = jax.random.split(rng)
     # Jitted: op-by-op initialisation is several times slower, even for a tiny model.
     return jax.jit(model.init)({"params": params_rng, "masking": masking_rng}, images)

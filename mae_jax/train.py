@@ -1,43 +1,29 @@
-"""MAE pretraining: train state, the pure train step, the loop, metrics and checkpoints.
+"""MAE pretraining: config checks, the lr schedule, AdamW, the pure train step, and `train_and_evaluate`.
 
 `train_and_evaluate(config, workdir)` is everything `main.py` runs. Re-running the same command resumes
-from the latest checkpoint in `workdir/checkpoints` and continues exactly as if it had never stopped.
+from the latest checkpoint in `workdir/checkpoints` and continues exactly as if it had never stopped. The
+state, its sharded initialisation, compilation and the loop are the shared skeleton in `mae_jax/trainer.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
-import signal
-import threading
 import time
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
-from mae_jax import checkpoints, host_memory, input_pipeline, models, parallel
+from mae_jax import checkpoints, config_lib, input_pipeline, models, parallel, trainer
+from mae_jax.trainer import TrainState
 
 PyTree = Any
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # int32 []: optimizer steps taken
-    params: PyTree  # trained
-    frozen: PyTree  # fixed position tables, checkpointed with the rest
-    opt_state: PyTree
-    rng: jax.Array  # uint32 key data of the run's base key; step s masks with fold_in(rng, s)
-    nonfinite_step: jax.Array  # int32 []: first step (1-based, as logged) with a non-finite loss or gradient, else -1
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -76,6 +62,7 @@ def _validate_config(config: ml_collections.ConfigDict, num_devices: int, proces
     check(config.log_every_steps >= 1, f"log_every_steps {config.log_every_steps} must be >= 1")
     check(config.checkpoint_every_steps >= 0,
           f"checkpoint_every_steps {config.checkpoint_every_steps} must be >= 0 (0: only at the end)")
+    check(config.profile_steps >= 0, f"profile_steps {config.profile_steps} must be >= 0 (0: no profile)")
     check(config.grad_accum_steps >= 1, f"grad_accum_steps {config.grad_accum_steps} must be >= 1")
     data, fsdp = parallel.mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
     batch, accum = config.batch_size, config.grad_accum_steps
@@ -148,11 +135,11 @@ def train_step(state: TrainState, images: jax.Array, *, model: models.MaskedAuto
                num_batch_shards: int) -> tuple[TrainState, dict[str, jax.Array]]:
     """One AdamW step on the global batch `images` [B, H, W, C]. Pure; jit it with the state donated.
 
-    Masking noise: example i of the batch at step s draws from fold_in(fold_in(rng, s), i), so losses do
-    not depend on devices, mesh shape, processes or gradient accumulation.
+    Masking noise: example i of the batch at step s draws from fold_in(rng_stream(rng, "masking", s), i), so
+    losses do not depend on devices, mesh shape, processes or gradient accumulation.
     """
-    rng = jax.random.wrap_key_data(state.rng)
-    noise = models.per_example_uniform(jax.random.fold_in(rng, state.step), images.shape[0], model.num_patches)
+    rng = trainer.rng_stream(jax.random.wrap_key_data(state.rng), "masking", state.step)
+    noise = models.per_example_uniform(rng, images.shape[0], model.num_patches)
     grad_fn = jax.value_and_grad(loss_fn)
     if grad_accum_steps == 1:
         loss, grads = grad_fn(state.params, state.frozen, model, images, noise)
@@ -195,39 +182,44 @@ def train_step(state: TrainState, images: jax.Array, *, model: models.MaskedAuto
 
 
 # -------------------------------------------------------------------------------------------------------
-# State creation.
+# State and compiled step of the MAE.
 # -------------------------------------------------------------------------------------------------------
 
 
-def _init_state(model: models.MaskedAutoencoderViT, tx: optax.GradientTransformation, seed) -> TrainState:
-    rng = jax.random.key(seed)
-    variables = models.init_variables(model, jax.random.fold_in(rng, 0))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"], frozen=variables["frozen"],
-                      opt_state=tx.init(variables["params"]), rng=jax.random.key_data(rng),
-                      nonfinite_step=jnp.full((), -1, jnp.int32))
+def _init_fn(model: models.MaskedAutoencoderViT):
+    return functools.partial(models.init_variables, model)
 
 
 def abstract_train_state(model: models.MaskedAutoencoderViT, tx: optax.GradientTransformation) -> TrainState:
     """Shapes and dtypes of the state (`jax.ShapeDtypeStruct`s); nothing is allocated."""
-    return jax.eval_shape(functools.partial(_init_state, model, tx), 0)
+    return trainer.abstract_state(_init_fn(model), tx)
 
 
 def create_train_state(model: models.MaskedAutoencoderViT, tx: optax.GradientTransformation, seed: int,
                        mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState]:
     """Initialises the state directly into its shardings. Returns (state, its shardings)."""
-    shardings = state_shardings(abstract_train_state(model, tx), tx, mesh)
-    init = jax.jit(_init_state, static_argnums=(0, 1), out_shardings=shardings)
-    return init(model, tx, seed), shardings
+    return trainer.create_state(_init_fn(model), tx, seed, mesh)
 
 
-def state_shardings(abstract: TrainState, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> TrainState:
-    replicated = parallel.replicated(mesh)
-    params = parallel.param_shardings(abstract.params, mesh)
-    opt_state = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, params,
-                                      transform_non_params=lambda _: replicated)
-    return TrainState(step=replicated, params=params,
-                      frozen=jax.tree_util.tree_map(lambda _: replicated, abstract.frozen),
-                      opt_state=opt_state, rng=replicated, nonfinite_step=replicated)
+state_shardings = trainer.state_shardings
+
+
+def lower_train_step(model: models.MaskedAutoencoderViT, tx: optax.GradientTransformation,
+                     schedule: optax.Schedule, mesh: jax.sharding.Mesh, shardings: TrainState, *,
+                     batch_size: int, grad_accum_steps: int = 1) -> jax.stages.Lowered:
+    """`train_step` jitted for the global batch, the state donated, lowered but not compiled."""
+    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, grad_accum_steps=grad_accum_steps,
+                             num_batch_shards=mesh.shape["data"] * mesh.shape["fsdp"])
+    return trainer.lower_step(step, abstract_train_state(model, tx), shardings, (batch_size, *model.image_shape),
+                              mesh)
+
+
+def compile_train_step(model: models.MaskedAutoencoderViT, tx: optax.GradientTransformation,
+                       schedule: optax.Schedule, mesh: jax.sharding.Mesh, shardings: TrainState, *,
+                       batch_size: int, grad_accum_steps: int = 1) -> jax.stages.Compiled:
+    """`lower_train_step(...).compile()`: called with exactly these shapes and shardings, never recompiled."""
+    return lower_train_step(model, tx, schedule, mesh, shardings, batch_size=batch_size,
+                            grad_accum_steps=grad_accum_steps).compile()
 
 
 def _init_from(path: str, model: models.MaskedAutoencoderViT, state: TrainState,
@@ -243,113 +235,38 @@ def _init_from(path: str, model: models.MaskedAutoencoderViT, state: TrainState,
 
 
 # -------------------------------------------------------------------------------------------------------
-# Metrics.
+# The run.
 # -------------------------------------------------------------------------------------------------------
 
 
-class MetricsLog:
-    """metrics.jsonl + TensorBoard events (process 0 only), and a progress line on the log."""
-
-    def __init__(self, workdir: epath.Path, total_steps: int, resume_step: int):
-        self.active = jax.process_index() == 0
-        self.total_steps = total_steps
-        self.path = workdir / "metrics.jsonl"
-        self.writer = None
-        if not self.active:
-            return
-        if self.path.exists():  # a resumed run rewrites history after its checkpoint
-            lines = [l for l in self.path.read_text().splitlines() if l.strip()]
-            kept = [l for l in lines if json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
-        from clu import metric_writers  # imports tensorflow for the event files
-
-        self.writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.fspath(workdir / "tensorboard")))
-
-    def write(self, step: int, scalars: dict[str, float], seconds_per_step: float | None) -> None:
-        if not self.active:
-            return
-        record = {"step": step, **{k: float(v) for k, v in scalars.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
-        eta = ""
-        if seconds_per_step:
-            remaining = int(seconds_per_step * (self.total_steps - step))
-            eta = f" | ETA {remaining // 3600}:{remaining % 3600 // 60:02d}:{remaining % 60:02d}"
-        logging.info("step %d/%d | loss %.5f | lr %.3e | grad_norm %.3f | %.1f img/s%s", step, self.total_steps,
-                     record["loss"], record["lr"], record["grad_norm"], record.get("images_per_sec", 0.0), eta)
-
-    def write_image(self, step: int, name: str, image: np.ndarray) -> None:
-        """An [H, W, 3] uint8 image to TensorBoard."""
-        if self.active:
-            self.writer.write_images(step, {name: image[None]})
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+def _batches(data_iter, mesh: jax.sharding.Mesh):
+    """(global batch, input position after it) from this process's batches."""
+    sharding = parallel.batch_sharding(mesh)
+    while True:
+        local = next(data_iter)["images"]
+        yield parallel.global_batch(local, sharding), data_iter.get_state()
 
 
-class _Preemption:
-    """SIGTERM -> save at a step boundary. One process: a Python signal handler. Several: JAX's
-    preemption service (started by jax.distributed), which makes every process stop at the same step."""
+def _reconstruction_hook(config, model, mesh, workdir: epath.Path, log: trainer.MetricsLog, total_steps: int):
+    """Reconstructions of held-out images every visualize_every_steps and at the end (PNG + TensorBoard)."""
+    from mae_jax import visualize  # PIL, only when asked for
 
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+    images = input_pipeline.load_eval_images(config.input, image_shape=model.image_shape, seed=config.seed,
+                                             num_images=config.visualize_num_images)
+    reconstructions = visualize.TrainingReconstructions(model, images, mesh, workdir / "reconstructions",
+                                                        seed=config.seed)
 
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting.")
-        self.requested = True
+    def hook(step: int, state: TrainState) -> None:
+        if step % config.visualize_every_steps == 0 or step == total_steps:
+            log.write_image(step, "reconstructions", reconstructions(step, {"params": state.params,
+                                                                            "frozen": state.frozen}))
 
-    def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
-
-    def restore(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-
-def compile_train_step(config: ml_collections.ConfigDict, model: models.MaskedAutoencoderViT,
-                       tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: jax.sharding.Mesh,
-                       shardings: TrainState) -> jax.stages.Compiled:
-    """`train_step` compiled ahead of time for the global batch of `config`, the state donated.
-
-    A compiled step is called with exactly these shapes and shardings: anything else is an error, never
-    a silent recompilation.
-    """
-    return lower_train_step(config, model, tx, schedule, mesh, shardings).compile()
-
-
-def lower_train_step(config: ml_collections.ConfigDict, model: models.MaskedAutoencoderViT,
-                     tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: jax.sharding.Mesh,
-                     shardings: TrainState) -> jax.stages.Lowered:
-    """The step of `compile_train_step`, lowered but not compiled (e.g. for its cost analysis)."""
-    batch_sharding = parallel.batch_sharding(mesh)
-    step = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                          grad_accum_steps=config.grad_accum_steps,
-                          num_batch_shards=mesh.shape["data"] * mesh.shape["fsdp"]),
-        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, parallel.replicated(mesh)),
-        donate_argnums=0)
-    abstract_state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                            abstract_train_state(model, tx), shardings)
-    images = jax.ShapeDtypeStruct((config.batch_size, *model_image_shape(model)), jnp.float32,
-                                  sharding=batch_sharding)
-    return step.lower(abstract_state, images)
-
-
-# -------------------------------------------------------------------------------------------------------
-# The loop.
-# -------------------------------------------------------------------------------------------------------
+    return hook
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Pretrains (or resumes) in `workdir`. Returns the last logged metrics."""
+    config_lib.resolve(config)
     parallel.maybe_initialize_distributed()
     data, fsdp = validate_config(config, jax.device_count(), jax.process_count())
     workdir = epath.Path(workdir)
@@ -361,14 +278,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     parallel.process_batch_rows(parallel.batch_sharding(mesh), config.batch_size)
 
     with contextlib.ExitStack() as cleanup:
-        manager = checkpoints.make_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-        cleanup.callback(manager.close)  # waits for a save in flight
+        manager = cleanup.enter_context(trainer.checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints))
         resume_step = manager.latest_step()
 
         # Input first: its length fixes the schedule.
         data_iter = input_pipeline.create_train_iterator(
-            config, global_batch_size=config.batch_size, process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            config.input, image_shape=model.image_shape, seed=config.seed, global_batch_size=config.batch_size,
+            process_index=jax.process_index(), process_count=jax.process_count(),
             state=None if resume_step is None else checkpoints.restore_input_state(manager, resume_step))
         steps_per_epoch = data_iter.num_examples // config.batch_size
         if steps_per_epoch == 0:
@@ -378,102 +294,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
         tx = make_optimizer(config, schedule)
         logging.info("%s: %d examples, %d steps/epoch, %d steps, peak lr %.3e, mesh data=%d x fsdp=%d over %d "
-                     "process(es).", config.dataset, data_iter.num_examples, steps_per_epoch, total_steps,
+                     "process(es).", config.input.dataset, data_iter.num_examples, steps_per_epoch, total_steps,
                      config.base_lr * config.batch_size / 256, data, fsdp, jax.process_count())
 
         state, shardings = create_train_state(model, tx, config.seed, mesh)
         logging.info("Model: %s params.", f"{models.count_params(state.params):,}")
-        if jax.default_backend() == "cpu":
-            logging.info("Host memory: %s.", "freed memory kept for reuse (mae_jax/host_memory.py)"
-                         if host_memory.KEPT else f"system malloc settings ({host_memory.skip_reason()})")
         if resume_step is not None:
-            state = checkpoints.restore(manager, resume_step, jax.tree_util.tree_map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings))
+            state = checkpoints.restore(manager, resume_step, trainer.with_shardings(state, shardings))
             logging.info("Resumed from step %d of %s.", resume_step, manager.directory)
         elif config.init_from:
             state = _init_from(config.init_from, model, state, shardings)
 
         start = time.perf_counter()
-        step_fn = compile_train_step(config, model, tx, schedule, mesh, shardings)
+        step_fn = compile_train_step(model, tx, schedule, mesh, shardings, batch_size=config.batch_size,
+                                     grad_accum_steps=config.grad_accum_steps)
         logging.info("Compiled the train step in %.1f s.", time.perf_counter() - start)
 
-        log = MetricsLog(workdir, total_steps, resume_step or 0)
+        log = trainer.MetricsLog(workdir, total_steps, resume_step or 0)
         cleanup.callback(log.close)
-        preemption = _Preemption()
-        cleanup.callback(preemption.restore)
-        reconstructions = None
+        hooks = []
         if config.visualize_every_steps:
-            from mae_jax import visualize  # PIL, only when asked for
-
-            reconstructions = visualize.TrainingReconstructions(
-                model, input_pipeline.load_eval_images(config, config.visualize_num_images), mesh,
-                workdir / "reconstructions", seed=config.seed)
-        return _loop(config, state, step_fn, data_iter, mesh, manager, log, preemption, reconstructions,
-                     start_step=int(resume_step or 0), total_steps=total_steps, model=model)
-
-
-_param_norm = jax.jit(optax.tree.norm)
-
-
-def _loop(config, state, step_fn, data_iter, mesh, manager, log, preemption, reconstructions, *, start_step,
-          total_steps, model) -> dict[str, float]:
-    """Steps until `total_steps` or preemption; logs, visualises and checkpoints on their schedules."""
-    batch_sharding = parallel.batch_sharding(mesh)
-    model_fields = models.constructor_fields(model)
-
-    def next_batch():
-        local = next(data_iter)["images"]
-        return parallel.global_batch(local, batch_sharding), data_iter.get_state()
-
-    def every(n: int) -> bool:
-        return bool(n) and step % n == 0
-
-    step, last = start_step, {}
-    if step < total_steps:
-        batch, input_state = next_batch()
-    mark_time, mark_step = time.perf_counter(), step
-    while step < total_steps:
-        # Dispatching the step and feeding the next batch never wait on the device: any device-to-host
-        # transfer here would raise. The host reads results only on logging, visualisation and saving steps.
-        with jax.transfer_guard_device_to_host("disallow_explicit"):
-            state, metrics = step_fn(state, batch)
-            step += 1
-            consumed = input_state  # the input position after the batch this step used
-            if step < total_steps:
-                batch, input_state = next_batch()  # overlaps the device's work on this step
-        if every(config.log_every_steps) or step == total_steps:
-            metrics, bad = jax.device_get((metrics, state.nonfinite_step))
-            if int(bad) >= 0:
-                raise FloatingPointError(_nonfinite_message(int(bad), manager))
-            metrics["param_norm"] = _param_norm(state.params)
-            now = time.perf_counter()
-            seconds_per_step = (now - mark_time) / (step - mark_step)
-            last = {k: float(v) for k, v in metrics.items()}
-            last["images_per_sec"] = config.batch_size / seconds_per_step
-            log.write(step, last, seconds_per_step)
-            mark_time, mark_step = now, step
-        if reconstructions is not None and (every(config.visualize_every_steps) or step == total_steps):
-            image = reconstructions(step, {"params": state.params, "frozen": state.frozen})
-            log.write_image(step, "reconstructions", image)
-        preempted = preemption.reached(step)
-        if step == total_steps or preempted or every(config.checkpoint_every_steps):
-            bad = int(jax.device_get(state.nonfinite_step))
-            if bad >= 0:
-                raise FloatingPointError(_nonfinite_message(bad, manager))
-            checkpoints.save(manager, step, state, model_fields, consumed)
-        if preempted:
-            logging.warning("Preempted: saved step %d; re-run the same command to resume.", step)
-            break
-    return last
-
-
-def model_image_shape(model: models.MaskedAutoencoderViT) -> tuple[int, int, int]:
-    h, w = model.grid_size
-    return h * model.patch_size, w * model.patch_size, model.num_channels
-
-
-def _nonfinite_message(step: int, manager) -> str:
-    latest = manager.latest_step()
-    kept = f"the last good checkpoint (step {latest}) is intact" if latest is not None else "no checkpoint was written"
-    return (f"non-finite loss or gradient at step {step}: stopping; {kept}. Lower base_lr, raise warmup_epochs "
-            f"or use float32 (model.dtype)")
+            hooks.append(_reconstruction_hook(config, model, mesh, workdir, log, total_steps))
+        loop = trainer.Loop(
+            step_fn=step_fn, batches=_batches(data_iter, mesh), manager=manager, log=log, total_steps=total_steps,
+            batch_size=config.batch_size, log_every_steps=config.log_every_steps,
+            checkpoint_every_steps=config.checkpoint_every_steps, model_fields=models.constructor_fields(model),
+            hooks=hooks, profile_dir=workdir / "tensorboard", profile_steps=config.profile_steps,
+            profile_first_step=config.profile_first_step)
+        return loop.run(state, int(resume_step or 0))

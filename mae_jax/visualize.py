@@ -22,8 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image, ImageDraw, ImageFont
 
-from mae_jax import models
-from mae_jax.input_pipeline import IMAGENET_MEAN, IMAGENET_STD
+from mae_jax import models, pixels
 
 PANEL_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
 NORM_PIX_NOTE = "norm-pix model: predictions de-normalised with each patch's true mean and variance"
@@ -32,13 +31,6 @@ MIN_PANEL = 128  # small images are upscaled to at least this many pixels
 _TITLE_HEIGHT = 18
 _LINE_HEIGHT = 14
 _GAP = 4
-
-
-def _to_pixels(images: jax.Array, num_channels: int) -> jax.Array:
-    """ImageNet-normalised -> [0, 1] pixels."""
-    if num_channels == 3:
-        return images * IMAGENET_STD + IMAGENET_MEAN
-    return images * 0.25 + 0.5
 
 
 def reconstruct(model: models.MaskedAutoencoderViT, variables, images: jax.Array, noise: jax.Array) -> jax.Array:
@@ -58,8 +50,8 @@ def reconstruct(model: models.MaskedAutoencoderViT, variables, images: jax.Array
     c = model.num_channels
     mask = jnp.repeat(out.mask[:, :, None], p * p * c, axis=-1)  # [N, L, p*p*C], 1 = removed
     mask = models.unpatchify(mask, p, size)
-    original = jnp.clip(_to_pixels(images, c), 0.0, 1.0)
-    reconstruction = jnp.clip(_to_pixels(models.unpatchify(pred, p, size), c), 0.0, 1.0)
+    original = jnp.clip(pixels.denormalise(images, c), 0.0, 1.0)
+    reconstruction = jnp.clip(pixels.denormalise(models.unpatchify(pred, p, size), c), 0.0, 1.0)
     masked = original * (1 - mask) + MASK_GRAY * mask
     pasted = original * (1 - mask) + reconstruction * mask
     return jnp.stack([original, masked, reconstruction, pasted], axis=1)
@@ -89,9 +81,9 @@ def render(panels: np.ndarray, note: str | None = None, titles: Sequence[str] = 
     """
     n, k, h, w, c = panels.shape
     scale = panel_scale((h, w))
-    pixels = to_uint8(panels).repeat(scale, axis=2).repeat(scale, axis=3)
+    tiles = to_uint8(panels).repeat(scale, axis=2).repeat(scale, axis=3)
     if c == 1:
-        pixels = np.repeat(pixels, 3, axis=-1)
+        tiles = np.repeat(tiles, 3, axis=-1)
     font = ImageFont.load_default()
     width = k * w * scale + (k - 1) * _GAP
     lines = _wrap(note, font, width) if note else []
@@ -103,7 +95,7 @@ def render(panels: np.ndarray, note: str | None = None, titles: Sequence[str] = 
     for i in range(n):
         for j in range(k):
             top, left, _, _ = panel_box(i, j, (h, w))
-            figure.paste(Image.fromarray(pixels[i, j]), (left, top))
+            figure.paste(Image.fromarray(tiles[i, j]), (left, top))
     for i, line in enumerate(lines):
         draw.text((2, height - (len(lines) - i) * _LINE_HEIGHT - 2), line, fill="black", font=font)
     return figure
@@ -162,10 +154,8 @@ def load_image(path: str, image_size: tuple[int, int], num_channels: int = 3) ->
     resized = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))),
                            Image.Resampling.BICUBIC)
     top, left = (resized.height - h) // 2, (resized.width - w) // 2
-    pixels = np.asarray(resized.crop((left, top, left + w, top + h)), np.float32) / 255.0
-    if num_channels == 1:
-        return ((pixels - 0.5) / 0.25)[..., None]
-    return (pixels - IMAGENET_MEAN) / IMAGENET_STD
+    values = np.asarray(resized.crop((left, top, left + w, top + h)), np.float32) / 255.0
+    return pixels.normalise(values.reshape(h, w, num_channels), num_channels)
 
 
 def load_model(path: str, image_size: int | None = None, mask_ratio: float | None = None):

@@ -12,11 +12,12 @@ import jax
 import numpy as np
 import pytest
 import safetensors.numpy
-import torch
-import transformers
 
-import torch_reference
-from mae_jax import checkpoints, convert, models
+torch = pytest.importorskip("torch", reason="the converter tests compare with PyTorch: pip install -e '.[torch]'")
+transformers = pytest.importorskip("transformers", reason="the converter tests need transformers: pip install -e '.[torch]'")
+
+import torch_reference  # noqa: E402
+from mae_jax import checkpoints, convert, models  # noqa: E402
 
 torch.set_num_threads(2)
 

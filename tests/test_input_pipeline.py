@@ -19,10 +19,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import vit_base
-from mae_jax import augment, datasets, input_pipeline, models
+from mae_jax import augment, datasets, input_pipeline, models, pixels
 
-LOW = (0.0 - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD  # normalised black, per channel
-HIGH = (1.0 - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD  # normalised white
+LOW = (0.0 - pixels.IMAGENET_MEAN) / pixels.IMAGENET_STD  # normalised black, per channel
+HIGH = (1.0 - pixels.IMAGENET_MEAN) / pixels.IMAGENET_STD  # normalised white
 PHOTOS = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
 
 
@@ -42,17 +42,27 @@ def _write(path: str, image: np.ndarray) -> None:
 def _config(tmp_path, image_folder="", dataset="folder", image_size=(32, 48), seed=0):
     config = vit_base.get_config()
     config.model = ml_collections.ConfigDict(models.variant("test/8", image_size=image_size))
-    config.dataset = dataset
-    config.image_folder = str(image_folder)
-    config.data_dir = str(tmp_path / "tfds")
+    config.input.dataset = dataset
+    config.input.image_folder = str(image_folder)
+    config.input.data_dir = str(tmp_path / "tfds")
     config.seed = seed
-    config.shuffle_buffer = 64
+    config.input.shuffle_buffer = 64
     return config
 
 
+def _image_shape(config):
+    return models.MaskedAutoencoderViT(**config.model).image_shape
+
+
 def _iterator(config, *, batch=4, process_index=0, process_count=1, state=None):
-    return input_pipeline.create_train_iterator(config, global_batch_size=batch, process_index=process_index,
+    return input_pipeline.create_train_iterator(config.input, image_shape=_image_shape(config), seed=config.seed,
+                                                global_batch_size=batch, process_index=process_index,
                                                 process_count=process_count, state=state)
+
+
+def _eval_images(config, num_images):
+    return input_pipeline.load_eval_images(config.input, image_shape=_image_shape(config), seed=config.seed,
+                                           num_images=num_images)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +79,7 @@ def class_folder(tmp_path_factory):
 
 def _prepare_sharded(config, num_shards):
     """Prepares the folder dataset with several shard files (as a large folder would have)."""
-    builder = datasets.ImageFolder(folder=config.image_folder, data_dir=config.data_dir)
+    builder = datasets.ImageFolder(folder=config.input.image_folder, data_dir=config.input.data_dir)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False, num_shards=num_shards))
 
@@ -83,7 +93,7 @@ def test_class_folder_batches(class_folder, tmp_path):
     config = _config(tmp_path, class_folder)
     it = _iterator(config, batch=8)
     assert it.num_examples == 11 and it.num_skipped_files == 0
-    builder = datasets.get_builder(config)
+    builder = datasets.get_builder(config.input)
     assert builder.info.features["label"].names == ["cat", "dog"]
 
     batch = next(it)
@@ -120,7 +130,7 @@ def test_flat_folder(tmp_path):
     config = _config(tmp_path, root, image_size=(24, 24))
     it = _iterator(config, batch=8)
     assert it.num_examples == 8
-    assert datasets.get_builder(config).info.features["label"].names == ["flat photos"]
+    assert datasets.get_builder(config.input).info.features["label"].names == ["flat photos"]
     images = next(it)["images"]
     assert images.shape == (8, 24, 24, 3) and np.isfinite(images).all()
     assert sorted(it.last_example_ids) == list(range(8))  # batch == dataset: one whole epoch
@@ -164,7 +174,7 @@ def test_unprepared_tfds_dataset_is_a_one_line_error(tmp_path):
         _iterator(config)
     assert time.time() - start < 10  # no download attempt
     message = str(info.value)
-    data_dir = config.data_dir
+    data_dir = config.input.data_dir
     assert "\n" not in message
     assert f"{data_dir}/downloads/manual" in message and "ILSVRC2012_img_train.tar" in message
     assert f"`tfds build imagenet2012 --data_dir={data_dir}`" in message
@@ -272,8 +282,8 @@ def test_bicubic_resize_matches_pil():
     image = _photo(0, 300, 400)
     ours = augment.center_crop(tf.constant(image), (60, 80), 3).numpy()
     pil = np.asarray(Image.fromarray(image).resize((80, 60), Image.BICUBIC), np.float32) / 255.0
-    pil = (pil - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD
-    diff = np.abs(ours - pil) * input_pipeline.IMAGENET_STD * 255  # in 8-bit levels
+    pil = (pil - pixels.IMAGENET_MEAN) / pixels.IMAGENET_STD
+    diff = np.abs(ours - pil) * pixels.IMAGENET_STD * 255  # in 8-bit levels
     assert diff.mean() < 0.5 and diff.max() < 6
 
 
@@ -287,7 +297,7 @@ def sharded(class_folder, tmp_path_factory):
     """The class folder (11 images) prepared as 3 shard files."""
     config = _config(tmp_path_factory.mktemp("sharded"), class_folder)
     _prepare_sharded(config, num_shards=3)
-    assert len(datasets.get_builder(config).info.splits["train"].file_instructions) == 3
+    assert len(datasets.get_builder(config.input).info.splits["train"].file_instructions) == 3
     return config
 
 
@@ -367,32 +377,32 @@ def test_demo_photographs_offline(tmp_path):
     dx = np.abs(np.diff(images, axis=2)).mean()
     assert dx < 0.3 * images.std()
 
-    builder = datasets.get_builder(config)
+    builder = datasets.get_builder(config.input)
     names = lambda split: {r["file_name"].decode().split("/")[0] for r in builder.as_dataset(split=split)
                            .as_numpy_iterator()}
     assert names("validation") == {"chelsea", "coffee"}
     assert not names("validation") & names("train")
 
-    eval_images = input_pipeline.load_eval_images(config, 8)
+    eval_images = _eval_images(config, 8)
     assert eval_images.shape == (8, 64, 64, 3) and eval_images.dtype == np.float32
-    np.testing.assert_array_equal(eval_images, input_pipeline.load_eval_images(config, 8))
+    np.testing.assert_array_equal(eval_images, _eval_images(config, 8))
     with pytest.raises(ValueError, match="20 eval images asked for, but mae_demo validation has only 16"):
-        input_pipeline.load_eval_images(config, 20)
+        _eval_images(config, 20)
 
 
 def test_eval_images_are_center_crops_from_train_when_no_eval_split(class_folder, tmp_path, caplog):
     config = _config(tmp_path, class_folder, image_size=(24, 48))
     caplog.set_level(logging.WARNING)
-    images = input_pipeline.load_eval_images(config, 3)
+    images = _eval_images(config, 3)
     assert "has no split 'validation'" in caplog.text
-    builder = datasets.get_builder(config)
+    builder = datasets.get_builder(config.input)
     first = next(builder.as_dataset(split="train", shuffle_files=False).as_numpy_iterator())["image"]
     h, w = first.shape[:2]
     ch, cw = min(h, round(w / 2)), min(w, round(h * 2))  # the largest central box of aspect 1:2
     top, left = (h - ch) // 2, (w - cw) // 2
     pil = np.asarray(Image.fromarray(first[top:top + ch, left:left + cw]).resize((48, 24), Image.BICUBIC),
                      np.float32) / 255.0
-    pil = (pil - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD
+    pil = (pil - pixels.IMAGENET_MEAN) / pixels.IMAGENET_STD
     assert np.abs(images[0] - pil).mean() * 255 * 0.226 < 1.0  # within a grey level on average
 
 
@@ -404,7 +414,7 @@ def test_synthetic_rows_are_a_function_of_seed_batch_and_global_row(tmp_path):
         np.testing.assert_array_equal(next(whole)["images"], np.concatenate([next(h)["images"] for h in halves]))
     resumed = _iterator(config, batch=4, state=json.loads(json.dumps(whole.get_state())))
     np.testing.assert_array_equal(next(resumed)["images"], next(whole)["images"])
-    assert input_pipeline.load_eval_images(config, 2).shape == (2, 16, 16, 3)
+    assert _eval_images(config, 2).shape == (2, 16, 16, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import torch_reference
 from configs import tiny
-from mae_jax import checkpoints, models, train, visualize
+from mae_jax import checkpoints, models, pixels, train, visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,7 +72,7 @@ def test_figure_from_trained_model_shows_the_right_panels(trained, photos, tmp_p
     images = np.stack([visualize.load_image(str(f), size) for f in photos])
     for i in range(2):
         original, masked, recon, pasted = (_panel(figure, i, j, size).astype(int) for j in range(4))
-        expected = np.round(np.clip(images[i] * visualize.IMAGENET_STD + visualize.IMAGENET_MEAN, 0, 1) * 255)
+        expected = np.round(np.clip(images[i] * pixels.IMAGENET_STD + pixels.IMAGENET_MEAN, 0, 1) * 255)
         assert np.abs(original - expected).max() <= 1
         visible, removed = ~pixel_mask[i], pixel_mask[i]
         np.testing.assert_array_equal(pasted[visible], original[visible])  # visible patches pasted exactly
@@ -85,8 +84,8 @@ def test_figure_from_trained_model_shows_the_right_panels(trained, photos, tmp_p
     out = model.apply(variables, images, noise=np.asarray(models.per_example_uniform(jax.random.key(3), 2, 16)))
     target = np.asarray(models.patchify(images, p))
     mean, std = target.mean(-1, keepdims=True), np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
-    pixels = np.asarray(models.unpatchify(np.asarray(out.pred) * std + mean, p, size))
-    expected = np.round(np.clip(pixels * visualize.IMAGENET_STD + visualize.IMAGENET_MEAN, 0, 1) * 255)
+    values = np.asarray(models.unpatchify(np.asarray(out.pred) * std + mean, p, size))
+    expected = np.round(np.clip(values * pixels.IMAGENET_STD + pixels.IMAGENET_MEAN, 0, 1) * 255)
     for i in range(2):
         assert np.abs(_panel(figure, i, 2, size).astype(int) - expected[i]).max() <= 1
 
@@ -102,6 +101,9 @@ def test_note_only_for_norm_pix_models():
 
 
 def test_hf_directory_and_other_image_size(tmp_path, photos):
+    pytest.importorskip("transformers", reason="writing a Hugging Face directory needs torch and transformers")
+    import torch_reference
+
     hf = torch_reference.random_hf_model(models.variant("test/8", image_size=32, norm_pix_loss=False), seed=1)
     hf.save_pretrained(tmp_path / "hf")
     model, variables = visualize.load_model(str(tmp_path / "hf"), image_size=48, mask_ratio=0.25)

@@ -1,0 +1,337 @@
+"""The training skeleton shared by every task: state, random streams, sharded init, the compiled step, the loop.
+
+A task (pretraining: `mae_jax/train.py`) supplies what differs: how variables are initialised, the optimizer,
+a pure `step_fn(state, batch) -> (state, metrics)`, its batches, and hooks. This module owns what does not
+differ: the `TrainState`, its shardings and initialisation straight into them, ahead-of-time compilation with
+the state donated, and `Loop` (metrics averaged over each logging window, progress and profiling by clu's
+periodic actions, checkpoints, preemption, the non-finite guard).
+
+Random streams. A run has one base key, `jax.random.key(config.seed)`, kept in the state. Every use draws from
+its own named stream of it, derived in one place (`rng_stream`): `stream = fold_in(base, crc32(name))`, and a
+per-step stream is `fold_in(stream, step)`. The names in use are listed in `RNG_STREAMS`; a new use adds a name,
+never reuses one, so no two uses ever share random numbers (parameter initialisation and step 0's masks did).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import signal
+import threading
+import time
+import zlib
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import periodic_actions
+from etils import epath
+from jax.experimental import multihost_utils
+
+from mae_jax import checkpoints, parallel
+
+PyTree = Any
+StepFn = Callable[[Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
+
+# Named random streams of a run (see the module docstring). "params": initialisation; "masking": the MAE's
+# per-example masks, per step. Reserved for the downstream recipes: "dropout", "drop_path", "mixup".
+RNG_STREAMS = ("params", "masking", "dropout", "drop_path", "mixup")
+
+
+def rng_stream(rng: jax.Array, name: str, step: jax.Array | int | None = None) -> jax.Array:
+    """The key of stream `name` of the run key `rng` (and of `step` of it, if given)."""
+    if name not in RNG_STREAMS:
+        raise ValueError(f"random stream {name!r} is not one of {RNG_STREAMS}")
+    key = jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    return key if step is None else jax.random.fold_in(key, step)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []: optimizer steps taken
+    params: PyTree  # trained
+    frozen: PyTree  # variables that are not trained (fixed position tables), checkpointed with the rest
+    opt_state: PyTree
+    rng: jax.Array  # uint32 key data of the run's base key; see rng_stream
+    nonfinite_step: jax.Array  # int32 []: first step (1-based, as logged) with a non-finite loss or gradient, else -1
+
+
+# -------------------------------------------------------------------------------------------------------
+# State: initialisation straight into its shardings.
+# -------------------------------------------------------------------------------------------------------
+
+InitFn = Callable[[jax.Array], Mapping[str, PyTree]]  # key -> {"params", "frozen"}
+
+
+def init_state(init_variables: InitFn, tx: optax.GradientTransformation, seed) -> TrainState:
+    """A fresh state: variables from the run's "params" stream, the optimizer's initial state."""
+    rng = jax.random.key(seed)
+    variables = init_variables(rng_stream(rng, "params"))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      frozen=variables.get("frozen", {}), opt_state=tx.init(variables["params"]),
+                      rng=jax.random.key_data(rng), nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def abstract_state(init_variables: InitFn, tx: optax.GradientTransformation) -> TrainState:
+    """Shapes and dtypes of the state (`jax.ShapeDtypeStruct`s); nothing is allocated."""
+    return jax.eval_shape(functools.partial(init_state, init_variables, tx), 0)
+
+
+def state_shardings(abstract: TrainState, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> TrainState:
+    """Parameters and their optimizer moments by `parallel.FSDP_RULES`; everything else replicated."""
+    replicated = parallel.replicated(mesh)
+    params = parallel.param_shardings(abstract.params, mesh)
+    opt_state = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, params,
+                                      transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=params,
+                      frozen=jax.tree_util.tree_map(lambda _: replicated, abstract.frozen),
+                      opt_state=opt_state, rng=replicated, nonfinite_step=replicated)
+
+
+def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
+    """ShapeDtypeStructs carrying their shardings (what Orbax restores into and `jit.lower` takes)."""
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                                  shardings)
+
+
+def create_state(init_variables: InitFn, tx: optax.GradientTransformation, seed: int,
+                 mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState]:
+    """Initialises the state directly into its shardings (no host copy). Returns (state, its shardings)."""
+    shardings = state_shardings(abstract_state(init_variables, tx), tx, mesh)
+    init = jax.jit(init_state, static_argnums=(0, 1), out_shardings=shardings)
+    return init(init_variables, tx, seed), shardings
+
+
+def lower_step(step_fn: StepFn, abstract: TrainState, shardings: TrainState, batch_shape: Sequence[int],
+               mesh: jax.sharding.Mesh) -> jax.stages.Lowered:
+    """`step_fn` jitted with the state donated and explicit shardings, lowered for a float32 global batch of
+    `batch_shape`; `.compile()` it. A compiled step accepts exactly these shapes and shardings: anything else
+    is an error, never a silent recompilation."""
+    batch_sharding = parallel.batch_sharding(mesh)
+    step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    batch = jax.ShapeDtypeStruct(tuple(batch_shape), jnp.float32, sharding=batch_sharding)
+    return step.lower(with_shardings(abstract, shardings), batch)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Metrics.
+# -------------------------------------------------------------------------------------------------------
+
+
+def read_metrics(path: epath.Path) -> list[dict]:
+    """The records of a metrics.jsonl; a torn last line (a kill mid-write) is ignored."""
+    if not path.exists():
+        return []
+    records = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+            logging.warning("%s: ignoring a torn last line (the run was killed while writing it).", path)
+    return records
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard events (process 0 only), and a progress line on the log.
+
+    On resume, metrics.jsonl is cut back to the checkpoint's step with an atomic rewrite (a temporary file,
+    then a rename), so that a kill at any moment leaves either the old or the new history.
+    """
+
+    def __init__(self, workdir: epath.Path, total_steps: int, resume_step: int):
+        self.active = jax.process_index() == 0
+        self.total_steps = total_steps
+        self.path = workdir / "metrics.jsonl"
+        self.writer = None
+        if not self.active:
+            return
+        records = read_metrics(self.path)
+        kept = [r for r in records if r["step"] <= resume_step]
+        if len(kept) != len(records) or (self.path.exists() and not records):
+            tmp = self.path.parent / (self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.rename(self.path)
+        from clu import metric_writers  # imports tensorflow for the event files
+
+        self.writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.fspath(workdir / "tensorboard")))
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.active:
+            return
+        record = {"step": step, **{k: float(v) for k, v in scalars.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+        first = [k for k in ("loss", "lr") if k in record]
+        shown = first + sorted(k for k in record if k not in ("step", "images_per_sec", *first))
+        details = " | ".join(f"{k} {record[k]:.5f}" if k == "loss" else f"{k} {record[k]:.3e}" if k == "lr"
+                             else f"{k} {record[k]:.3f}" for k in shown)
+        logging.info("step %d/%d | %s | %.1f img/s", step, self.total_steps, details,
+                     record.get("images_per_sec", 0.0))
+
+    def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+        """An [H, W, 3] uint8 image to TensorBoard."""
+        if self.active:
+            self.writer.write_images(step, {name: image[None]})
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+@jax.jit
+def _add_metrics(total: dict[str, jax.Array], metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return jax.tree_util.tree_map(jnp.add, total, metrics)
+
+
+_param_norm = jax.jit(optax.tree.norm)
+
+
+class Preemption:
+    """SIGTERM -> save at a step boundary. One process: a Python signal handler. Several: JAX's
+    preemption service (started by jax.distributed), which makes every process stop at the same step."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting.")
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def nonfinite_message(step: int, manager) -> str:
+    latest = manager.latest_step()
+    kept = f"the last good checkpoint (step {latest}) is intact" if latest is not None else "no checkpoint was written"
+    return (f"non-finite loss or gradient at step {step}: stopping; {kept}. Lower base_lr, raise warmup_epochs "
+            f"or use float32 (model.dtype)")
+
+
+# -------------------------------------------------------------------------------------------------------
+# The loop.
+# -------------------------------------------------------------------------------------------------------
+
+Hook = Callable[[int, TrainState], None]  # called after every step with (step, state)
+
+
+@dataclasses.dataclass
+class Loop:
+    """Steps a compiled `step_fn` until `total_steps` or preemption; logs, checkpoints and runs hooks.
+
+    Metrics: every step's metrics are summed on the device (no host transfer); on logging steps their means
+    over the steps since the previous log line are written (`lr`: its value at the last step), with
+    `param_norm` after the update and `images_per_sec`. Progress (steps/s, ETA) and optional profiler traces
+    come from clu's periodic actions.
+    """
+
+    step_fn: StepFn  # compiled: (state, global batch) -> (state, metrics)
+    batches: Iterator[tuple[jax.Array, Any]]  # (global batch, input position after it)
+    manager: Any  # orbax CheckpointManager
+    log: MetricsLog
+    total_steps: int
+    batch_size: int  # global, for images/s
+    log_every_steps: int
+    checkpoint_every_steps: int  # 0: only at the end and on preemption
+    model_fields: Mapping[str, Any]  # saved with every checkpoint
+    hooks: Sequence[Hook] = ()
+    profile_dir: epath.Path | None = None  # a profiler trace of `profile_steps` steps goes here
+    profile_steps: int = 0
+    profile_first_step: int = 10
+
+    def run(self, state: TrainState, start_step: int) -> dict[str, float]:
+        """Runs from `start_step`; returns the last logged metrics."""
+        preemption = Preemption()
+        try:
+            return self._run(state, start_step, preemption)
+        finally:
+            preemption.restore()
+
+    def _every(self, n: int, step: int) -> bool:
+        return bool(n) and step % n == 0
+
+    def _run(self, state: TrainState, start_step: int, preemption: Preemption) -> dict[str, float]:
+        actions = [periodic_actions.ReportProgress(num_train_steps=self.total_steps, writer=self.log.writer,
+                                                   every_steps=self.log_every_steps, every_secs=None)]
+        if self.profile_steps and jax.process_index() == 0 and self.profile_dir is not None:
+            actions.append(periodic_actions.Profile(
+                logdir=self.profile_dir, num_profile_steps=self.profile_steps, profile_duration_ms=0,
+                first_profile=max(self.profile_first_step, start_step + 1), every_steps=None, every_secs=None))
+        step, last, total = start_step, {}, None
+        if step < self.total_steps:
+            batch, input_state = next(self.batches)
+        mark_time, mark_step = time.perf_counter(), step
+        while step < self.total_steps:
+            # Dispatching the step and feeding the next batch never wait on the device: any device-to-host
+            # transfer here would raise. The host reads results only on logging and saving steps.
+            with jax.transfer_guard_device_to_host("disallow_explicit"):
+                state, metrics = self.step_fn(state, batch)
+                total = metrics if total is None else _add_metrics(total, metrics)
+                step += 1
+                consumed = input_state  # the input position after the batch this step used
+                if step < self.total_steps:
+                    batch, input_state = next(self.batches)  # overlaps the device's work on this step
+            for action in actions:
+                action(step)
+            if self._every(self.log_every_steps, step) or step == self.total_steps:
+                last = self._log(step, state, total, metrics, step - mark_step, time.perf_counter() - mark_time)
+                mark_time, mark_step, total = time.perf_counter(), step, None
+            for hook in self.hooks:
+                hook(step, state)
+            preempted = preemption.reached(step)
+            if step == self.total_steps or preempted or self._every(self.checkpoint_every_steps, step):
+                bad = int(jax.device_get(state.nonfinite_step))
+                if bad >= 0:
+                    raise FloatingPointError(nonfinite_message(bad, self.manager))
+                checkpoints.save(self.manager, step, state, self.model_fields, consumed)
+            if preempted:
+                logging.warning("Preempted: saved step %d; re-run the same command to resume.", step)
+                break
+        return last
+
+    def _log(self, step: int, state: TrainState, total: dict, metrics: dict, steps: int,
+             seconds: float) -> dict[str, float]:
+        total, lr, bad = jax.device_get((total, metrics.get("lr"), state.nonfinite_step))
+        if int(bad) >= 0:
+            raise FloatingPointError(nonfinite_message(int(bad), self.manager))
+        scalars = {k: float(v) / steps for k, v in total.items()}
+        if lr is not None:
+            scalars["lr"] = float(lr)
+        scalars["param_norm"] = float(_param_norm(state.params))
+        scalars["images_per_sec"] = self.batch_size * steps / seconds
+        self.log.write(step, scalars)
+        return scalars
+
+
+@contextlib.contextmanager
+def checkpoint_manager(directory: epath.Path, keep: int) -> Iterator[Any]:
+    """An Orbax CheckpointManager that is closed (waiting for a save in flight) on exit."""
+    manager = checkpoints.make_manager(directory, max_to_keep=keep)
+    try:
+        yield manager
+    finally:
+        manager.close()

@@ -1,0 +1,42 @@
+"""Helpers of the end-to-end tests: `python main.py` in a fresh process, and its metrics."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIVE_STEPS = ("--config.total_steps=5", "--config.log_every_steps=1", "--config.checkpoint_every_steps=0")
+
+
+def run_main(workdir, *overrides, devices=1, env=None, wait=True):
+    """Runs `python main.py --config configs/tiny.py` in a fresh process with `devices` CPU devices."""
+    env = dict(os.environ, **(env or {}))
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    cmd = [sys.executable, "main.py", "--config", "configs/tiny.py", "--workdir", str(workdir), *overrides]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def losses(workdir):
+    return {m["step"]: m["loss"] for m in read_metrics(workdir)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# End to end.
+# --------------------------------------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,57 @@
+"""Devices, meshes and processes: the same losses on any of them; FSDP shards what it should."""
+
+import jax
+import numpy as np
+
+from configs import tiny
+from mae_jax import models, parallel, train
+from runs import FIVE_STEPS, free_port, losses, run_main
+
+
+def test_losses_do_not_depend_on_devices_mesh_or_processes(tmp_path):
+    runs = {
+        "1 device": run_main(tmp_path / "a", *FIVE_STEPS, devices=1),
+        "8 devices": run_main(tmp_path / "b", *FIVE_STEPS, devices=8),
+        "2 x 4 data x fsdp": run_main(tmp_path / "c", *FIVE_STEPS, "--config.mesh.data=2", "--config.mesh.fsdp=4",
+                                      devices=8),
+    }
+    port = free_port()
+    procs = [run_main(tmp_path / "d", *FIVE_STEPS, devices=4, wait=False, env={
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
+        for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert "over 2 process(es)" in outputs[0][0]
+    for name, result in runs.items():
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+    reference = losses(tmp_path / "a")
+    assert sorted(reference) == [1, 2, 3, 4, 5]
+    print("losses on 1 device:", [reference[s] for s in sorted(reference)])
+    for name, workdir in [("8 devices", "b"), ("2 x 4 data x fsdp", "c"), ("2 processes x 4 devices", "d")]:
+        other = losses(tmp_path / workdir)
+        assert sorted(other) == sorted(reference), name
+        diff = max(abs(other[s] - reference[s]) for s in reference)
+        print(f"{name}: max |loss - 1-device loss| = {diff:.2e}")
+        assert diff < 1e-5, name
+
+
+def test_fsdp_shards_large_kernels():
+    assert jax.device_count() == 8
+    mesh = parallel.create_mesh(2, 4)
+    model = models.MaskedAutoencoderViT(**models.variant("test/8", image_size=32))
+    config = tiny.get_config()
+    tx = train.make_optimizer(config, train.learning_rate_schedule(config, 10, 60))
+    state, _ = train.create_train_state(model, tx, 0, mesh)
+    kernel = state.params["blocks_0"]["mlp"]["fc1"]["kernel"]  # [32, 128]
+    mu = state.opt_state[0].mu["blocks_0"]["mlp"]["fc1"]["kernel"]
+    for array in (kernel, mu):
+        assert len(array.addressable_shards) == 8
+        assert {s.data.shape for s in array.addressable_shards} == {(8, 128)}  # a quarter of the input dim
+        # The four fsdp devices of one data row hold the four different slices.
+        rows = {s.index[0].start for s in array.addressable_shards}
+        assert rows == {0, 8, 16, 24}
+    # Small arrays (biases, LayerNorm, tokens) stay replicated.
+    bias = state.params["blocks_0"]["mlp"]["fc1"]["bias"]
+    assert {s.data.shape for s in bias.addressable_shards} == {(128,)}
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(kernel))  # the global view is intact
