@@ -26,6 +26,12 @@ Command line (writes our Orbax format, an official .pth or a Hugging Face direct
   python -m mae_jax.convert /tmp/mae_b16 /tmp/mae_b16.pth --to official
   python -m mae_jax.convert /tmp/mae_b16 /tmp/mae_b16_hf --to hf
   python -m mae_jax.convert hf_dir out --variant B/16 --image_size 448       # force an architecture / size
+
+Our exports carry their architecture: an official .pth holds {"model": state dict, "mae_jax_model":
+constructor fields} (the official code reads "model" only), a Hugging Face directory its config.json, our
+format its "model" item. A source that cannot be read or does not fit raises `CheckpointError`, one line
+naming the path, what was expected and what was found; the command line prints that line and exits 1
+(`-v 1` also shows the traceback and third-party INFO logs, which are hidden otherwise).
 """
 
 from __future__ import annotations

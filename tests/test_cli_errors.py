@@ -3,6 +3,7 @@ fail on bad input with one line naming the file (no traceback unless -v 1), read
 (architectures that shapes cannot tell included, bit-exact), and print none of Orbax's or jax's chatter; and
 `convert.load_variables` raises one exception type, with one line, for every source it cannot use."""
 
+import fractions
 import os
 import subprocess
 import sys
@@ -208,6 +209,13 @@ def test_load_variables_raises_one_error_type(bad_sources, demo_export, tmp_path
         message = str(error.value)
         assert message.startswith(f"{path} (") and "does not fit the model (embed_dim=128" in message, message
         assert "cls_token [1, 1, 32] vs [1, 1, 128]" in message and "\n" not in message
+    # Python objects torch will not unpickle safely: named, without torch's advice to load unsafely.
+    torch.save({"model": {"cls_token": torch.zeros(1, 1, 8)}, "extra": fractions.Fraction(1, 3)},
+               tmp_path / "objects.pth")
+    with pytest.raises(convert.CheckpointError) as error:
+        convert.load_variables(tmp_path / "objects.pth", model)
+    assert str(error.value) == (f"{tmp_path / 'objects.pth'}: it pickles Python objects (fractions.Fraction), which "
+                                "are not loaded, for safety; expected a state dict saved by torch.save")
     # A tensor instead of a state dict; and a config.json of another model type.
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     with pytest.raises(convert.CheckpointError, match=r"tensor.pth holds a Tensor: expected a state dict"):
