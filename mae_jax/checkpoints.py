@@ -104,9 +104,13 @@ def load_variables(path: str | os.PathLike) -> tuple[dict | None, dict]:
     `path` may be a workdir, its `checkpoints` directory (latest step), a step directory, or an export
     written by `save_variables`. The optimizer state is not read.
     """
-    step_dir = _step_dir(epath.Path(path))
+    step_dir = _step_dir(epath.Path(path).absolute())  # Orbax finds no metadata under a relative path
     metadata = ocp.StandardCheckpointer().metadata(step_dir / STATE)
-    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
+    metadata = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
+    tree = getattr(metadata, "tree", None)
+    if not isinstance(tree, dict):
+        raise ValueError(f"checkpoint {step_dir / STATE} has no readable Orbax metadata: expected a complete "
+                         "checkpoint written by mae_jax (an interrupted copy?)")
     wanted = {k: tree[k] for k in ("params", "frozen") if k in tree}
     if "params" not in wanted:
         raise ValueError(f"checkpoint {step_dir} holds no 'params' (it has {sorted(tree)})")

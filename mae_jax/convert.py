@@ -26,17 +26,26 @@ Command line (writes our Orbax format, an official .pth or a Hugging Face direct
   python -m mae_jax.convert /tmp/mae_b16 /tmp/mae_b16.pth --to official
   python -m mae_jax.convert /tmp/mae_b16 /tmp/mae_b16_hf --to hf
   python -m mae_jax.convert hf_dir out --variant B/16 --image_size 448       # force an architecture / size
+
+Our exports carry their architecture: an official .pth holds {"model": state dict, "mae_jax_model":
+constructor fields} (the official code reads "model" only), a Hugging Face directory its config.json, our
+format its "model" item. A source that cannot be read or does not fit raises `CheckpointError`, one line
+naming the path, what was expected and what was found; the command line prints that line and exits 1
+(`-v 1` also shows the traceback and third-party INFO logs, which are hidden otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 import json
+import logging as std_logging
 import os
 import re
 import sys
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -47,8 +56,14 @@ from mae_jax import checkpoints, models, torch_layout
 
 PyTree = Any
 FORMATS = ("official", "hf", "hf_t5")
+MODEL_FIELDS_KEY = "mae_jax_model"  # our official-format exports: the constructor fields, beside "model"
 FROZEN_KEYS = torch_layout.FROZEN_KEYS
 SHOW = torch_layout.SHOW
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit: a one-line message naming the path, what was
+    expected and what was found."""
 
 
 def default_frozen(model: models.MaskedAutoencoderViT) -> dict[str, np.ndarray]:
@@ -324,17 +339,50 @@ def _warn_on_eps(fields: Mapping[str, Any]) -> None:
 
 
 def save_hf(params: PyTree, model: models.MaskedAutoencoderViT, directory: str | os.PathLike) -> None:
-    """Writes `config.json` + `model.safetensors` that `ViTMAEForPreTraining.from_pretrained` loads."""
+    """Writes `config.json` + `model.safetensors` that `ViTMAEForPreTraining.from_pretrained` loads.
+
+    Each file is written under a temporary name and renamed when complete, `config.json` (which makes the
+    directory a Hugging Face one) last, so an interrupted export is never read back as a whole one.
+    """
     from safetensors.numpy import save_file
 
     config = hf_config(model)
     os.makedirs(directory, exist_ok=True)
     sd = to_torch(params, model, format="hf")
-    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, os.path.join(directory, "model.safetensors"),
-              metadata={"format": "pt"})
-    with open(os.path.join(directory, "config.json"), "w") as f:
+    with _written(os.path.join(directory, "model.safetensors")) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, tmp, metadata={"format": "pt"})
+    with _written(os.path.join(directory, "config.json")) as tmp, open(tmp, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     logging.info("Wrote a Hugging Face ViTMAEForPreTraining (%d tensors) to %s", len(sd), directory)
+
+
+def save_official(variables: PyTree, model: models.MaskedAutoencoderViT, path: str | os.PathLike) -> None:
+    """Writes `torch.save({"model": state_dict, "mae_jax_model": fields})`: the official loaders read "model"
+    (strict=True fits), and `load_model` rebuilds the architecture from the constructor fields."""
+    import torch
+
+    sd = to_torch(variables, model, format="official")
+    record = {"model": {k: torch.from_numpy(v) for k, v in sd.items()},
+              MODEL_FIELDS_KEY: checkpoints._jsonable(models.constructor_fields(model))}
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory: expected the name of the .pth file to write")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with _written(path) as tmp:
+        torch.save(record, tmp)
+    logging.info("Wrote an official MAE state dict (%d tensors, under 'model') to %s", len(sd), path)
+
+
+@contextlib.contextmanager
+def _written(path: str) -> Iterator[str]:
+    """Yields a temporary name next to `path`, renamed to `path` if the block succeeds, removed otherwise."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _read_hf_weights(directory: str) -> dict[str, Any]:
@@ -353,13 +401,10 @@ def _read_hf_weights(directory: str) -> dict[str, Any]:
             continue
         sd = {}
         for file in files:
-            if file.endswith(".safetensors"):
-                from safetensors.numpy import load_file
-                sd.update(load_file(file))
-            else:
-                sd.update(_torch_load(file))
+            sd.update(_read_file(file))
         return sd
-    raise FileNotFoundError(f"{directory} has config.json but no model.safetensors or pytorch_model.bin")
+    raise CheckpointError(f"{directory} has a config.json but no weights: expected model.safetensors or "
+                          "pytorch_model.bin (or their sharded .index.json) next to it")
 
 
 def load_hf(directory: str | os.PathLike, **overrides: Any) -> tuple[models.MaskedAutoencoderViT, PyTree]:
@@ -369,11 +414,11 @@ def load_hf(directory: str | os.PathLike, **overrides: Any) -> tuple[models.Mask
     position tables are checked; `load_variables(directory, model)` also returns them.
     """
     directory = os.fspath(directory)
-    with open(os.path.join(directory, "config.json")) as f:
-        fields = _fields_from_hf_config(json.load(f)) | overrides
-    _warn_on_eps(fields)
-    model = models.MaskedAutoencoderViT(**fields)
-    params = from_torch(_read_hf_weights(directory), model)
+    with _reading(directory):
+        fields = _read_hf_config(directory) | overrides
+        _warn_on_eps(fields)
+        model = models.MaskedAutoencoderViT(**fields)
+        params = from_torch(_read_hf_weights(directory), model)
     logging.info("Loaded a Hugging Face ViTMAE from %s", directory)
     return model, params
 
@@ -383,47 +428,111 @@ def load_hf(directory: str | os.PathLike, **overrides: Any) -> tuple[models.Mask
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _torch_load(path: str) -> Any:
-    """torch.load with weights_only=True; official checkpoints also hold an argparse.Namespace."""
-    import torch
+EXPECTED_SOURCES = ("an official MAE .pth (torch.save), a .safetensors file, a Hugging Face ViTMAE directory "
+                    "(config.json + weights) or a mae_jax checkpoint (workdir, checkpoints directory, step or export)")
 
+
+def _read_hf_config(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): expected a Hugging Face ViTMAE config") from None
+    if not isinstance(config, Mapping) or config.get("model_type", "vit_mae") != "vit_mae":
+        found = config.get("model_type") if isinstance(config, Mapping) else type(config).__name__
+        raise CheckpointError(f"{path} describes a {found!r} model: expected a Hugging Face ViTMAE config "
+                              "(model_type 'vit_mae')")
+    return _fields_from_hf_config(config)
+
+
+def _torch_load(path: str) -> Any:
+    """torch.load with weights_only=True (official checkpoints also hold an argparse.Namespace); torch's
+    errors, and its advice to load unsafely, become one line saying what the file is not."""
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"reading {path} needs PyTorch: pip install -e '.[torch]' (or convert it to "
+                              ".safetensors)") from None
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises UnpicklingError with the offending global named
-            raise ValueError(f"cannot read {path} safely (torch.load weights_only=True): {e}") from e
+        except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, KeyError, ... per kind of damage
+            message = str(e)
+            unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+            if unsupported:
+                found = f"it pickles Python objects ({unsupported.group(1)}), which are not loaded, for safety"
+            elif "central directory" in message or "zip archive" in message:
+                found = "a truncated or damaged torch.save zip archive"
+            else:  # legacy-pickle parsing of arbitrary bytes fails in many ways, none of them informative
+                found = "not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle of tensors)"
+            raise CheckpointError(f"{path}: {found}; expected a state dict saved by torch.save") from None
+
+
+def _read_file(path: str) -> Any:
+    """A weights file's contents: `.safetensors` without torch, anything else with `torch.load`."""
+    if not path.endswith(".safetensors"):
+        return _torch_load(path)
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: a truncated or damaged .safetensors file ({e}); expected a complete "
+                              "safetensors file of tensors") from None
+
+
+def _fields_from_record(record: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """Constructor fields as our exports record them (JSON types) -> fields for MaskedAutoencoderViT."""
+    known = {f.name for f in dataclasses.fields(models.MaskedAutoencoderViT)}
+    fields = {k: v for k, v in record.items() if k in known}
+    if isinstance(fields.get("image_size"), list):
+        fields["image_size"] = tuple(fields["image_size"])
+    ignored = sorted(set(record) - known)
+    if ignored:
+        logging.warning("%s records model fields this version does not know, ignored: %s", path, ignored)
+    return fields
+
+
+def _describe_directory(path: str) -> str:
+    names = sorted(os.listdir(path))
+    if not names:
+        return "it is empty"
+    return f"it holds {', '.join(names[:SHOW])}" + (f" and {len(names) - SHOW} more" if len(names) > SHOW else "")
 
 
 def _read_source(path: str | os.PathLike, model: models.MaskedAutoencoderViT | None = None) -> dict:
     """Reads a checkpoint -> {"sd", "origin", "description", "fields" (or None), "hints"}."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist")
+        kind = "file" if os.path.lexists(path) else "path"
+        raise CheckpointError(f"{path} does not exist{' (a dangling symbolic link)' if kind == 'file' else ''}: "
+                              f"expected {EXPECTED_SOURCES}")
     # Ours first: a training workdir also holds a config.json (the training config).
     if os.path.isdir(path) and checkpoints.is_checkpoint(path):
         fields, variables = checkpoints.load_variables(path)
         if fields is None:
             if model is None:
-                raise ValueError(f"{path} records no model fields: pass --variant")
+                raise CheckpointError(f"{path} records no model fields: pass --variant")
             saved = model
         else:
             saved = models.MaskedAutoencoderViT(**fields)
         sd = to_torch(variables, saved, format="official")
         return dict(sd=sd, origin={}, description=f"{path} (mae_jax checkpoint)", fields=fields, hints={})
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-        with open(os.path.join(path, "config.json")) as f:
-            fields = _fields_from_hf_config(json.load(f))
+        fields = _read_hf_config(path)
         sd, origin, fmt = torch_layout.canonical(_read_hf_weights(path))
         return dict(sd=sd, origin=origin, description=f"{path} ({fmt})", fields=fields, hints={})
     if os.path.isdir(path):
-        raise ValueError(f"{path} is neither a Hugging Face directory (config.json) nor a mae_jax checkpoint")
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        raw = load_file(path)
-    else:
-        raw = _torch_load(path)
+        raise CheckpointError(f"{path} is a directory but not a checkpoint ({_describe_directory(path)}): expected "
+                              f"{EXPECTED_SOURCES}")
+    raw = _read_file(path)
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict")
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}: expected a state dict (names -> tensors)")
+    if isinstance(raw.get(MODEL_FIELDS_KEY), Mapping) and isinstance(raw.get("model"), Mapping):  # our export
+        sd, origin, fmt = torch_layout.canonical(raw["model"])
+        return dict(sd=sd, origin=origin, description=f"{path} ({fmt}, written by mae_jax)",
+                    fields=_fields_from_record(raw[MODEL_FIELDS_KEY], path), hints={})
     hints = {}
     args = raw.get("args") if isinstance(raw.get("model"), Mapping) else None
     if args is not None:  # the official training script's argparse.Namespace
@@ -438,6 +547,20 @@ def _read_source(path: str | os.PathLike, model: models.MaskedAutoencoderViT | N
     return dict(sd=sd, origin=origin, description=f"{path} ({fmt})", fields=None, hints=hints)
 
 
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike) -> Iterator[None]:
+    """Turns any failure to read `path` into one CheckpointError, in one line that names the path."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        message = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+        if os.fspath(path) not in message:
+            message = f"{os.fspath(path)}: {message}"
+        raise CheckpointError(message) from e
+
+
 def load_variables(path: str | os.PathLike, model: models.MaskedAutoencoderViT,
                    base_variables: PyTree | None = None, strict: bool = True) -> dict:
     """Reads any supported checkpoint into {"params", "frozen"} (numpy) shaped for `model`.
@@ -445,12 +568,14 @@ def load_variables(path: str | os.PathLike, model: models.MaskedAutoencoderViT,
     `path`: an official `.pth` (bare state dict or a training checkpoint), a `.safetensors` file, a Hugging
     Face directory, or our Orbax checkpoint / export (workdir, checkpoints dir or step dir). What the source
     lacks comes from `base_variables` (else a fresh init) and is logged; position tables are interpolated
-    when the grid differs. For `config.init_from`.
+    when the grid differs. For `config.init_from`. Raises CheckpointError (one line naming `path`) when the
+    source is missing, unreadable or does not fit `model`.
     """
-    source = _read_source(path, model)
-    logging.info("Loading %s: %d tensors", source["description"], len(source["sd"]))
-    return _variables_from_official(source["sd"], source["origin"], model, base_variables, strict,
-                                    source["description"])
+    with _reading(path):
+        source = _read_source(path, model)
+        logging.info("Loading %s: %d tensors", source["description"], len(source["sd"]))
+        return _variables_from_official(source["sd"], source["origin"], model, base_variables, strict,
+                                        source["description"])
 
 
 def _infer_fields(sd: Mapping[str, np.ndarray], variant: str | None = None) -> dict[str, Any]:
@@ -520,23 +645,48 @@ def load_model(path: str | os.PathLike, variant: str | None = None,
     its recorded fields or its shapes (`variant`, e.g. "B/16", where they cannot tell).
 
     `overrides` replace constructor fields, e.g. `image_size=(448, 448)` (position tables interpolated) or
-    `mask_ratio=0.5`.
+    `mask_ratio=0.5`. Raises CheckpointError (one line naming `path`) for a source that cannot be read.
     """
-    source = _read_source(path)
-    fields = _model_fields(source, variant, None)
-    fields.update(overrides)
-    _warn_on_eps(fields)
-    model = models.MaskedAutoencoderViT(**fields)
-    logging.info("Read %s: %d tensors, %.2fM values; model %s", source["description"], len(source["sd"]),
-                 sum(v.size for v in source["sd"].values()) / 1e6, models.constructor_fields(model))
-    variables = _variables_from_official(source["sd"], source["origin"], model, None, True, source["description"])
+    if variant:
+        models.variant(variant)  # an unknown name is the caller's error, not the checkpoint's
+    with _reading(path):
+        source = _read_source(path)
+        fields = _model_fields(source, variant, None)
+        fields.update(overrides)
+        _warn_on_eps(fields)
+        model = models.MaskedAutoencoderViT(**fields)
+        logging.info("Read %s: %d tensors, %.2fM values; model %s", source["description"], len(source["sd"]),
+                     sum(v.size for v in source["sd"].values()) / 1e6, models.constructor_fields(model))
+        variables = _variables_from_official(source["sd"], source["origin"], model, None, True,
+                                             source["description"])
     return model, variables
+
+
+def _is_third_party_chatter(record: std_logging.LogRecord) -> bool:
+    """Orbax's narration of every save and restore, jax's report of each accelerator it does not find, and
+    Orbax's warning that a step has no metadata file (our exports never write one)."""
+    if re.search(r"/orbax/|xla_bridge", record.pathname) is None:
+        return False
+    return record.levelno < std_logging.WARNING or record.getMessage().startswith("Metadata file does not exist")
+
+
+def quiet_logs() -> bool:
+    """For command-line entry points: hides third-party INFO chatter unless absl's `-v 1` (or more) was given.
+
+    Our own INFO lines and real warnings stay. Returns whether the user asked for verbosity (then errors may
+    show their traceback as well).
+    """
+    if logging.get_verbosity() >= 1:
+        return True
+    logging.get_absl_handler().addFilter(lambda record: not _is_third_party_chatter(record))
+    return False
 
 
 def _parse_flags(argv: list[str]) -> argparse.Namespace:
     parser = argparse_flags.ArgumentParser(  # also parses absl's own flags (--verbosity, ...)
         prog="python -m mae_jax.convert",
-        description="Convert MAE weights between an official .pth, a Hugging Face directory and our format.")
+        description="Convert MAE weights between an official .pth, a Hugging Face directory and our format. "
+                    "Errors are one line; -v 1 also shows third-party logs and an error's traceback.")
     parser.add_argument("input", help="official .pth / .safetensors, Hugging Face directory, or our checkpoint")
     parser.add_argument("output", help="directory (flax, hf) or file (official) to write")
     parser.add_argument("--to", choices=("flax", "official", "hf"), default=None,
@@ -548,23 +698,22 @@ def _parse_flags(argv: list[str]) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
+    verbose = quiet_logs()
     try:
         overrides = {"image_size": args.image_size} if args.image_size else {}
         model, variables = load_model(args.input, args.variant, **overrides)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
-    to = args.to or ("official" if args.output.endswith((".pth", ".pt")) else "flax")
-    if to == "flax":
-        step_dir = checkpoints.save_variables(args.output, variables, models.constructor_fields(model))
-        logging.info("Wrote our checkpoint to %s", step_dir)
-    elif to == "official":
-        import torch
-
-        sd = to_torch(variables, model, format="official")
-        torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, args.output)
-        logging.info("Wrote an official MAE state dict (%d tensors, under 'model') to %s", len(sd), args.output)
-    else:
-        save_hf(variables, model, args.output)
+        to = args.to or ("official" if args.output.endswith((".pth", ".pt")) else "flax")
+        if to == "flax":
+            step_dir = checkpoints.save_variables(args.output, variables, models.constructor_fields(model))
+            logging.info("Wrote our checkpoint to %s", step_dir)
+        elif to == "official":
+            save_official(variables, model, args.output)
+        else:
+            save_hf(variables, model, args.output)
+    except (ValueError, OSError) as e:  # bad input or output: one line, no traceback (unless -v 1)
+        if verbose:
+            raise
+        sys.exit(f"python -m mae_jax.convert: error: {' '.join(str(e).split())}")
 
 
 if __name__ == "__main__":

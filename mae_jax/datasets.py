@@ -7,19 +7,30 @@ pipeline reads every source the same way (TFRecord shards, tfds splits and per-p
   - "folder": `config.image_folder`, either `root/<class>/<image>` or a flat folder of JPEG and PNG files.
     It is copied once into TFRecords under the tfds `data_dir`, keyed by a fingerprint of the file listing
     (a changed folder is prepared again). Every file is decoded once while preparing: unreadable or corrupt
-    files are skipped, counted and logged, so training never meets one;
+    files are skipped, counted, logged and listed in the metadata, so training never meets one;
   - "demo": crops cut from the photographs that scikit-image ships in its wheel (offline, a few seconds to
     prepare). Its "validation" split holds crops of two photographs the "train" split never shows.
+
+Which files of a folder count: regular files whose names end in .jpg, .jpeg or .png (any case), at any depth.
+Names starting with "." (hidden files, and everything inside hidden directories such as .git or .thumbnails)
+are ignored, like other files. Symbolic links are followed, to files and directories inside or outside the
+folder; each directory is walked once and each file counted once, whatever number of paths lead to it (a link
+back up the tree, a cycle, ends there; a file reached through a link keeps the first path in sorted order,
+real directories before links). Entries that cannot be read (a dangling link, a link loop, permission denied,
+a directory that cannot be listed, a FIFO named like an image) are skipped like corrupt files: logged, counted
+and listed in the prepared copy's metadata.json; they never stop preparation.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import inspect
 import io
 import os
 import re
+import stat
 from typing import Iterator
 
 import numpy as np
@@ -101,20 +112,70 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return epath.Path(inspect.getfile(cls))
 
 
-def list_image_files(folder: str) -> list[str]:
-    """Paths (relative to `folder`, sorted) of the JPEG and PNG files under `folder`, at any depth."""
+@dataclasses.dataclass(frozen=True)
+class FolderListing:
+    """What `list_image_files` found under a folder."""
+
+    files: list[str]  # paths relative to the folder, sorted, one per distinct file
+    stats: list[tuple[int, int]]  # (size, mtime_ns) of each file, for the fingerprint
+    skipped: dict[str, str]  # relative path -> why it cannot be read (dangling link, permission denied, ...)
+
+
+def list_image_files(folder: str) -> FolderListing:
+    """The JPEG and PNG files under `folder`, at any depth, by the rules of the module docstring.
+
+    Symbolic links are followed, each directory and each file once (by identity, so a link back up the tree
+    ends the walk there); entries that cannot be listed or stat'ed are returned in `skipped`, not raised.
+    """
     if not os.path.isdir(folder):
         raise DataError(f"config.image_folder={folder!r} is not a directory")
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = os.path.relpath(dirpath, folder)
-        files += [os.path.normpath(os.path.join(rel, f)) for f in filenames
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    files, stats, skipped = [], [], {}
+    seen_dirs, seen_files = set(), set()
+
+    def relative(path):
+        return os.path.normpath(os.path.relpath(path, folder))
+
+    def unlistable(error: OSError):  # os.walk could not read a directory
+        skipped[relative(error.filename) + os.sep] = f"directory not readable: {error.strerror or error}"
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unlistable, followlinks=True):
+        try:
+            directory = os.stat(dirpath)
+        except OSError as e:  # removed or re-linked since its parent was listed
+            unlistable(e)
+            dirnames[:] = []
+            continue
+        if (directory.st_dev, directory.st_ino) in seen_dirs:  # reached again through a link: a cycle or alias
+            dirnames[:] = []
+            continue
+        seen_dirs.add((directory.st_dev, directory.st_ino))
+        # Real directories before links at each level, so that a file keeps its own path when it has two.
+        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")),
+                             key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))
+        for name in sorted(filenames):
+            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path, relpath = os.path.join(dirpath, name), relative(os.path.join(dirpath, name))
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                dangling = isinstance(e, FileNotFoundError) and os.path.islink(path)
+                skipped[relpath] = f"dangling symbolic link to {os.readlink(path)}" if dangling else \
+                    (e.strerror or str(e))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                skipped[relpath] = "not a regular file"
+            elif (st.st_dev, st.st_ino) not in seen_files:
+                seen_files.add((st.st_dev, st.st_ino))
+                files.append(relpath)
+                stats.append((st.st_size, st.st_mtime_ns))
     if not files:
-        raise DataError(f"config.image_folder={folder!r} holds no images: expected <class>/<image> or <image> "
+        found = f": {len(skipped)} unreadable entries, e.g. {next(iter(skipped))} ({next(iter(skipped.values()))})" \
+            if skipped else ""
+        raise DataError(f"config.image_folder={folder!r} holds no images{found}: expected <class>/<image> or <image> "
                         f"files ending in {', '.join(IMAGE_EXTENSIONS)} (any case)")
-    return sorted(files)
+    order = sorted(range(len(files)), key=files.__getitem__)
+    return FolderListing([files[i] for i in order], [stats[i] for i in order], dict(sorted(skipped.items())))
 
 
 def _class_of(relpath: str, folder: str) -> str:
@@ -123,11 +184,12 @@ def _class_of(relpath: str, folder: str) -> str:
     return parts[0] if len(parts) > 1 else os.path.basename(os.path.abspath(folder))
 
 
-def _fingerprint(folder: str, files: list[str]) -> str:
+def _fingerprint(folder: str, listing: FolderListing) -> str:
     digest = hashlib.sha1(os.path.abspath(folder).encode())
-    for f in files:
-        st = os.stat(os.path.join(folder, f))
-        digest.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for f, (size, mtime_ns) in zip(listing.files, listing.stats):
+        digest.update(f"{f}\0{size}\0{mtime_ns}\n".encode())
+    for f, reason in listing.skipped.items():  # a repaired link or permission prepares the folder again
+        digest.update(f"{f}\0{reason}\n".encode())
     return digest.hexdigest()[:12]
 
 
@@ -152,11 +214,12 @@ class ImageFolder(_LocalBuilder, skip_registration=True):
 
     def __init__(self, *, folder: str, data_dir: str | None = None, config=None, version=None):
         self.folder = os.path.abspath(os.path.expanduser(folder))
-        self.files = list_image_files(self.folder)
+        self.listing = list_image_files(self.folder)
+        self.files = self.listing.files
         self.classes = sorted({_class_of(f, self.folder) for f in self.files})
         if config is None:
             slug = re.sub(r"[^a-z0-9]+", "_", os.path.basename(self.folder).lower()).strip("_")[:40] or "root"
-            config = tfds.core.BuilderConfig(name=f"{slug}_{_fingerprint(self.folder, self.files)}",
+            config = tfds.core.BuilderConfig(name=f"{slug}_{_fingerprint(self.folder, self.listing)}",
                                              description=self.folder)
         super().__init__(data_dir=data_dir, config=config, version=version)
         self._original_state["folder"] = folder
@@ -178,7 +241,9 @@ class ImageFolder(_LocalBuilder, skip_registration=True):
         return {"train": self._generate_examples()}
 
     def _generate_examples(self) -> Iterator[tuple[str, dict]]:
-        skipped = []
+        skipped = list(self.listing.skipped)
+        for relpath, reason in self.listing.skipped.items():
+            logging.warning("Skipping unreadable image %s: %s", os.path.join(self.folder, relpath), reason)
 
         def read(relpath):
             try:
@@ -198,13 +263,14 @@ class ImageFolder(_LocalBuilder, skip_registration=True):
                                         error)
                         continue
                     yield relpath, {"image": data, "label": _class_of(relpath, self.folder), "file_name": relpath}
-        if len(skipped) == len(self.files):
-            raise DataError(f"config.image_folder={self.folder!r}: none of its {len(self.files)} images could be "
-                            "decoded")
+        num_images = len(self.files) + len(self.listing.skipped) - len(skipped)
+        if num_images == 0:
+            raise DataError(f"config.image_folder={self.folder!r}: none of its {len(skipped)} image files could be "
+                            "read and decoded (see the warnings above)")
         self.info.metadata["num_skipped_files"] = len(skipped)
-        self.info.metadata["skipped_files"] = skipped[:_MAX_LISTED_SKIPS]
+        self.info.metadata["skipped_files"] = sorted(skipped)[:_MAX_LISTED_SKIPS]
         logging.log(logging.WARNING if skipped else logging.INFO, "Image folder %s: %d images, %d skipped.",
-                    self.folder, len(self.files) - len(skipped), len(skipped))
+                    self.folder, num_images, len(skipped))
 
 
 def num_skipped_files(builder: tfds.core.DatasetBuilder) -> int:

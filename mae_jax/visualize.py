@@ -146,9 +146,29 @@ class TrainingReconstructions:
         return np.asarray(fig)
 
 
-def load_image(path: str, image_size: tuple[int, int], num_channels: int = 3) -> np.ndarray:
-    """An image file -> [H, W, C] normalised: shorter side resized (bicubic) to fit, then center crop."""
-    image = Image.open(path).convert("RGB" if num_channels == 3 else "L")
+def read_image(path: str) -> Image.Image:
+    """The fully decoded image in `path`; a one-line ValueError naming the file when it is missing, not an
+    image, or truncated (found before any model is loaded)."""
+    expected = "expected an image file (JPEG, PNG, ...)"
+    if not os.path.isfile(path):
+        found = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise ValueError(f"--image {path} {found}: {expected}")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes every byte: a truncated file fails here, not halfway through the figure
+            return image.copy()
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"--image {path} is not an image ({os.path.getsize(path)} bytes in no format PIL "
+                         f"reads): {expected}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"--image {path} is truncated or damaged ({e}): {expected}") from None
+
+
+def load_image(image: str | Image.Image, image_size: tuple[int, int], num_channels: int = 3) -> np.ndarray:
+    """An image (file or PIL image) -> [H, W, C] normalised: shorter side resized (bicubic) to fit, then
+    center crop."""
+    image = read_image(image) if isinstance(image, str) else image
+    image = image.convert("RGB" if num_channels == 3 else "L")
     h, w = image_size
     scale = max(h / image.height, w / image.width)
     resized = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))),
@@ -158,8 +178,10 @@ def load_image(path: str, image_size: tuple[int, int], num_channels: int = 3) ->
     return pixels.normalise(values.reshape(h, w, num_channels), num_channels)
 
 
-def load_model(path: str, image_size: int | None = None, mask_ratio: float | None = None):
-    """(model, variables) from any checkpoint `convert` reads, optionally at another image size."""
+def load_model(path: str, image_size: int | None = None, mask_ratio: float | None = None,
+               variant: str | None = None) -> tuple[models.MaskedAutoencoderViT, dict]:
+    """(model, variables) from any checkpoint `convert` reads, optionally at another image size; `variant`
+    (e.g. "B/16") where the checkpoint's architecture cannot be inferred."""
     from mae_jax import convert
 
     overrides = {}
@@ -167,7 +189,7 @@ def load_model(path: str, image_size: int | None = None, mask_ratio: float | Non
         overrides["image_size"] = image_size
     if mask_ratio is not None:
         overrides["mask_ratio"] = mask_ratio
-    return convert.load_model(path, **overrides)
+    return convert.load_model(path, variant, **overrides)
 
 
 FLAGS = flags.FLAGS
@@ -180,17 +202,38 @@ def _define_flags():
     flags.DEFINE_float("mask_ratio", None, "Fraction of patches removed (default: the checkpoint's).")
     flags.DEFINE_integer("seed", 0, "Seed of the masks.")
     flags.DEFINE_integer("image_size", None, "Square image size (default: the checkpoint's).")
+    flags.DEFINE_string("variant", None, "Architecture, e.g. B/16, for checkpoints whose shapes cannot tell it.")
     flags.mark_flags_as_required(["checkpoint", "image"])
 
 
 def main(argv):
+    """Errors are one line (-v 1 also shows third-party logs and an error's traceback)."""
     del argv
-    model, variables = load_model(FLAGS.checkpoint, FLAGS.image_size, FLAGS.mask_ratio)
-    size = (model.grid_size[0] * model.patch_size, model.grid_size[1] * model.patch_size)
-    images = np.stack([load_image(p, size, model.num_channels) for p in FLAGS.image])
-    fig = figure(model, variables, images, FLAGS.seed)
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    fig.save(FLAGS.output)
+    from mae_jax import convert
+
+    verbose = convert.quiet_logs()
+    try:
+        originals = [read_image(p) for p in FLAGS.image]
+        model, variables = load_model(FLAGS.checkpoint, FLAGS.image_size, FLAGS.mask_ratio, FLAGS.variant)
+        size = (model.grid_size[0] * model.patch_size, model.grid_size[1] * model.patch_size)
+        images = np.stack([load_image(image, size, model.num_channels) for image in originals])
+        fig = figure(model, variables, images, FLAGS.seed)
+        output = os.path.abspath(FLAGS.output)
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+        root, extension = os.path.splitext(output)
+        tmp = f"{root}.tmp-{os.getpid()}{extension}"  # the same extension: PIL picks the format from it
+        try:
+            fig.save(tmp)
+            os.replace(tmp, output)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--output {FLAGS.output}: cannot write the figure ({e})") from e
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except (ValueError, OSError) as e:  # bad input: one line, no traceback (unless -v 1)
+        if verbose:
+            raise
+        raise SystemExit(f"python -m mae_jax.visualize: error: {' '.join(str(e).split())}") from None
     logging.info("Wrote %s: %d image(s) at %dx%d, mask ratio %.2f%s.", FLAGS.output, len(images), *size,
                  model.mask_ratio, " (norm-pix: de-normalised with true patch statistics)"
                  if model.norm_pix_loss else "")

@@ -205,7 +205,7 @@ def test_official_training_checkpoint_file(tiny_hf, tiny_model, tmp_path):
     loaded = convert.load_variables(tmp_path / "encoder.pth", tiny_model, base)
     _assert_trees_equal(loaded["params"]["blocks_1"], variables["params"]["blocks_1"])
     _assert_trees_equal(loaded["params"]["decoder_blocks_0"], base["params"]["decoder_blocks_0"])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(convert.CheckpointError, match="missing.pth does not exist: expected an official MAE .pth"):
         convert.load_variables(tmp_path / "missing.pth", tiny_model)
 
 

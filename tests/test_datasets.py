@@ -1,0 +1,97 @@
+"""Tests of mae_jax.datasets' image folders: which files count, symbolic links (cycles, dangling, outside the
+folder) followed once, and unreadable entries skipped and listed like corrupt files, on real files."""
+
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from mae_jax import datasets
+
+
+def _image(path, seed):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def _config(folder, tmp_path):
+    return ml_collections.ConfigDict(dict(dataset="folder", image_folder=str(folder), data_dir=str(tmp_path / "tfds")))
+
+
+@pytest.fixture
+def linked_folder(tmp_path):
+    """root/ with 3 images of its own, one outside reached by a link, and every kind of awkward entry."""
+    root = tmp_path / "root"
+    _image(root / "cat" / "a.jpg", 0)
+    _image(root / "cat" / "b.png", 1)
+    _image(root / "c.JPEG", 2)
+    _image(tmp_path / "elsewhere" / "outside.png", 3)
+    os.symlink("..", root / "cat" / "loop")  # a cycle: root/cat/loop/cat/loop/...
+    os.symlink(tmp_path / "elsewhere" / "outside.png", root / "cat" / "outside.png")  # a file outside: counted
+    os.symlink(tmp_path / "elsewhere", root / "more")  # a directory outside: walked, its file already counted
+    os.symlink("../c.JPEG", root / "cat" / "alias.jpg")  # a second path to c.JPEG: counted once
+    os.symlink(tmp_path / "nowhere.jpg", root / "gone.jpg")  # dangling
+    os.symlink("self.png", root / "self.png")  # a link to itself: stat fails (ELOOP)
+    os.mkfifo(root / "pipe.jpg")  # named like an image, but reading it would block
+    _image(root / ".hidden.jpg", 4)  # hidden file: ignored
+    _image(root / ".thumbnails" / "d.png", 5)  # hidden directory: ignored
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+EXPECTED_SKIPS = {"gone.jpg": "dangling symbolic link to {tmp}/nowhere.jpg", "pipe.jpg": "not a regular file",
+                  "self.png": "Too many levels of symbolic links"}
+
+
+def test_links_followed_once_and_broken_entries_listed(linked_folder, tmp_path):
+    listing = datasets.list_image_files(str(linked_folder))
+    assert listing.files == ["c.JPEG", "cat/a.jpg", "cat/b.png", "cat/outside.png"]
+    assert listing.skipped == {k: v.format(tmp=tmp_path) for k, v in EXPECTED_SKIPS.items()}
+    # Prepared for real: the images once each, the broken entries counted and listed like corrupt files.
+    builder = datasets.get_builder(_config(linked_folder, tmp_path))
+    assert builder.info.splits["train"].num_examples == 4
+    assert datasets.num_skipped_files(builder) == 3
+    assert list(builder.info.metadata["skipped_files"]) == sorted(EXPECTED_SKIPS)
+    names = sorted(r["file_name"].decode() for r in builder.as_dataset(split="train").as_numpy_iterator())
+    assert names == listing.files
+    assert builder.info.features["label"].names == ["cat", "root"]
+
+
+def test_unlistable_directory_is_skipped_and_listed(tmp_path, monkeypatch):
+    """A directory that cannot be listed (permission denied; simulated, since root reads any directory)."""
+    root = tmp_path / "root"
+    _image(root / "ok" / "a.png", 0)
+    _image(root / "locked" / "b.png", 1)
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.basename(os.fspath(path)) == "locked":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    listing = datasets.list_image_files(str(root))
+    assert listing.files == ["ok/a.png"]
+    assert listing.skipped == {"locked" + os.sep: "directory not readable: Permission denied"}
+
+
+def test_folder_of_broken_entries_only_is_a_clear_error(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(tmp_path / "nowhere.png", root / "gone.png")
+    with pytest.raises(datasets.DataError) as error:
+        datasets.list_image_files(str(root))
+    assert str(error.value) == (
+        f"config.image_folder={str(root)!r} holds no images: 1 unreadable entries, e.g. gone.png (dangling "
+        f"symbolic link to {tmp_path}/nowhere.png): expected <class>/<image> or <image> files ending in .jpg, "
+        ".jpeg, .png (any case)")
+
+
+def test_repaired_link_changes_the_fingerprint(linked_folder, tmp_path):
+    before = datasets.ImageFolder(folder=str(linked_folder), data_dir=str(tmp_path / "tfds")).builder_config.name
+    _image(tmp_path / "nowhere.jpg", 9)  # the dangling link now points at an image
+    after = datasets.ImageFolder(folder=str(linked_folder), data_dir=str(tmp_path / "tfds"))
+    assert after.builder_config.name != before and "gone.jpg" in after.files
