@@ -1,11 +1,12 @@
 r"""Pretrains an MAE: `python main.py --config configs/vit_base.py --workdir DIR [--config.field=value ...]`.
 
 Flags only. The logic lives in the importable library `mae_jax.train` so that it can be tested and used
-from a notebook. Re-running the same command resumes from the latest checkpoint in DIR.
+from a notebook. Re-running the same command resumes from the latest checkpoint in DIR. The config fields,
+their defaults and meanings are in configs/vit_base.py (and README.md, "Pretraining"). Errors are one line;
+`-v 1` also shows their traceback and third-party INFO logs.
 """
 
-import logging as std_logging
-import re
+import os
 import sys
 
 from mae_jax import runtime
@@ -15,20 +16,30 @@ SETTINGS = runtime.configure()  # process-wide settings, before JAX and TensorFl
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mae_jax import input_pipeline, train  # noqa: E402
+from mae_jax import train  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Training configuration file, e.g. configs/vit_base.py; override any field with "
+    "--config.<field>=<value>. The fields, defaults and meanings are documented in configs/vit_base.py.",
+    lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def parse_flags(argv):
     """absl's parsing, with a one-line error (not a traceback) for a misspelt --config.* field."""
+    for i, arg in enumerate(argv[1:], 1):  # a missing config file: say so, not that it "is not available"
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1] if arg == "--config" and \
+            i + 1 < len(argv) else None
+        if path is not None and not os.path.isfile(path.split(":", 1)[0]):
+            sys.exit(f"{argv[0]}: error: --config {path}: no such file (e.g. configs/vit_base.py)")
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        sys.exit(f"{argv[0]}: error: {e}")
+        sys.exit(f"{argv[0]}: error: {' '.join(str(e).split())}")
+    except SyntaxError as e:  # the config file itself
+        sys.exit(f"{argv[0]}: error: --config: {e.filename}:{e.lineno}: {e.msg}")
     except (AttributeError, KeyError) as e:  # ml_collections: the locked config has no such field
         while isinstance(e, Exception) and e.args:
             e = e.args[0]
@@ -41,16 +52,21 @@ def parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    handler = logging.get_absl_handler()
-    handler.python_handler.stream = sys.stdout  # progress goes to stdout
-    # Orbax narrates every save at INFO, and jax reports each accelerator it does not find: keep their
-    # warnings and errors only.
-    handler.addFilter(lambda r: r.levelno >= std_logging.WARNING or not re.search(r"/orbax/|xla_bridge", r.pathname))
+    logging.get_absl_handler().python_handler.stream = sys.stdout  # progress goes to stdout
+    verbose = runtime.quiet_logs()  # Orbax's narration of every save, jax's search for accelerators
     logging.info("Process settings: %s.", SETTINGS)
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (train.ConfigError, input_pipeline.DataError) as e:  # bad settings: one line, no traceback
-        sys.exit(f"{sys.argv[0]}: error: {e}")
+    except (ValueError, OSError, FloatingPointError) as e:  # bad settings, data or weights; a NaN stop
+        if verbose:
+            raise
+        sys.exit(f"{sys.argv[0]}: error: {' '.join(str(e).split())}")
+    except KeyboardInterrupt:  # a second Ctrl-C (the first saves at the next step and exits normally)
+        if verbose:
+            raise
+        print(f"{sys.argv[0]}: interrupted: stopped without saving; re-run to resume from the last checkpoint",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
-import logging as std_logging
 import os
 import re
 import sys
@@ -52,7 +50,7 @@ import numpy as np
 from absl import app, logging
 from absl.flags import argparse_flags
 
-from mae_jax import checkpoints, models, torch_layout
+from mae_jax import checkpoints, models, runtime, torch_layout
 
 PyTree = Any
 FORMATS = ("official", "hf", "hf_t5")
@@ -662,26 +660,6 @@ def load_model(path: str | os.PathLike, variant: str | None = None,
     return model, variables
 
 
-def _is_third_party_chatter(record: std_logging.LogRecord) -> bool:
-    """Orbax's narration of every save and restore, jax's report of each accelerator it does not find, and
-    Orbax's warning that a step has no metadata file (our exports never write one)."""
-    if re.search(r"/orbax/|xla_bridge", record.pathname) is None:
-        return False
-    return record.levelno < std_logging.WARNING or record.getMessage().startswith("Metadata file does not exist")
-
-
-def quiet_logs() -> bool:
-    """For command-line entry points: hides third-party INFO chatter unless absl's `-v 1` (or more) was given.
-
-    Our own INFO lines and real warnings stay. Returns whether the user asked for verbosity (then errors may
-    show their traceback as well).
-    """
-    if logging.get_verbosity() >= 1:
-        return True
-    logging.get_absl_handler().addFilter(lambda record: not _is_third_party_chatter(record))
-    return False
-
-
 def _parse_flags(argv: list[str]) -> argparse.Namespace:
     parser = argparse_flags.ArgumentParser(  # also parses absl's own flags (--verbosity, ...)
         prog="python -m mae_jax.convert",
@@ -698,7 +676,7 @@ def _parse_flags(argv: list[str]) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    verbose = quiet_logs()
+    verbose = runtime.quiet_logs()
     try:
         overrides = {"image_size": args.image_size} if args.image_size else {}
         model, variables = load_model(args.input, args.variant, **overrides)

@@ -1,10 +1,10 @@
 """Data sources as tfds builders: the tfds catalog, a local image folder and the offline demo photographs.
 
-`get_builder(config)` returns a prepared `tfds.core.DatasetBuilder` for `config.dataset`, so that the input
+`get_builder(config)` returns a prepared `tfds.core.DatasetBuilder` for `config.input.dataset`, so that the input
 pipeline reads every source the same way (TFRecord shards, tfds splits and per-process sub-splits):
 
   - a tfds name ("imagenet2012", ...): must have been prepared with `tfds build` (nothing is downloaded here);
-  - "folder": `config.image_folder`, either `root/<class>/<image>` or a flat folder of JPEG and PNG files.
+  - "folder": `config.input.image_folder`, either `root/<class>/<image>` or a flat folder of JPEG and PNG files.
     It is copied once into TFRecords under the tfds `data_dir`, keyed by a fingerprint of the file listing
     (a changed folder is prepared again). Every file is decoded once while preparing: unreadable or corrupt
     files are skipped, counted, logged and listed in the metadata, so training never meets one;
@@ -24,6 +24,7 @@ and listed in the prepared copy's metadata.json; they never stop preparation.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -31,6 +32,7 @@ import io
 import os
 import re
 import stat
+import time
 from typing import Iterator
 
 import numpy as np
@@ -53,11 +55,11 @@ class DatasetNotPreparedError(DataError):
 
 
 def get_builder(config) -> tfds.core.DatasetBuilder:
-    """The prepared tfds builder of `config.dataset` (preparing "folder" and "demo" on first use)."""
+    """The prepared tfds builder of `config.input.dataset` (preparing "folder" and "demo" on first use)."""
     name, data_dir = config.dataset, config.data_dir
     if name == "folder":
         if not config.image_folder:
-            raise DataError('dataset="folder" needs config.image_folder: the folder holding the images')
+            raise DataError('dataset="folder" needs config.input.image_folder: the folder holding the images')
         return _prepared(ImageFolder(folder=config.image_folder, data_dir=data_dir))
     if name == "demo":
         return _prepared(DemoPhotos(data_dir=data_dir))
@@ -76,19 +78,28 @@ def _how_to_prepare(builder: tfds.core.DatasetBuilder) -> str:
     if builder.name == "imagenet2012":
         return (f"imagenet2012 is not prepared in {root}: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
                 f"(from image-net.org) in {os.path.join(root, 'downloads', 'manual')} and run "
-                f"`tfds build imagenet2012 --data_dir={root}` (or set config.data_dir to where it is prepared)")
+                f"`tfds build imagenet2012 --data_dir={root}` (or set config.input.data_dir to where it is prepared)")
     manual = " (see its tfds catalog page for files to download by hand)" if builder.MANUAL_DOWNLOAD_INSTRUCTIONS \
         else ""
     return (f"{builder.name} is not prepared in {root}: run `tfds build {builder.name} --data_dir={root}`{manual} "
-            "(or set config.data_dir to where it is prepared)")
+            "(or set config.input.data_dir to where it is prepared)")
 
 
 def _prepared(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
     if builder.is_prepared():
         return builder
-    logging.info("Preparing %s into %s (once).", builder.name, builder.data_path)
+    logging.info("Preparing %s as TFRecords in %s (once; config.input.data_dir puts it elsewhere).", builder.name,
+                 builder.data_path)
+    start = time.perf_counter()
     try:
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        # tfds prints "Downloading and preparing dataset Unknown size" and progress bars although nothing is
+        # downloaded: only with absl's -v 1.
+        with contextlib.ExitStack() as quiet:
+            if logging.get_verbosity() < 1:
+                quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))  # tqdm's progress bars
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        logging.info("Prepared %s in %.1f s.", builder.name, time.perf_counter() - start)
     except (OSError, tf.errors.OpError):
         # Several processes may prepare the same dataset into a shared data_dir; the first one wins.
         if not type(builder)(**builder._original_state).is_prepared():
@@ -128,7 +139,7 @@ def list_image_files(folder: str) -> FolderListing:
     ends the walk there); entries that cannot be listed or stat'ed are returned in `skipped`, not raised.
     """
     if not os.path.isdir(folder):
-        raise DataError(f"config.image_folder={folder!r} is not a directory")
+        raise DataError(f"config.input.image_folder={folder!r} is not a directory")
     files, stats, skipped = [], [], {}
     seen_dirs, seen_files = set(), set()
 
@@ -172,7 +183,7 @@ def list_image_files(folder: str) -> FolderListing:
     if not files:
         found = f": {len(skipped)} unreadable entries, e.g. {next(iter(skipped))} ({next(iter(skipped.values()))})" \
             if skipped else ""
-        raise DataError(f"config.image_folder={folder!r} holds no images{found}: expected <class>/<image> or <image> "
+        raise DataError(f"config.input.image_folder={folder!r} holds no images{found}: expected <class>/<image> or <image> "
                         f"files ending in {', '.join(IMAGE_EXTENSIONS)} (any case)")
     order = sorted(range(len(files)), key=files.__getitem__)
     return FolderListing([files[i] for i in order], [stats[i] for i in order], dict(sorted(skipped.items())))
@@ -265,7 +276,7 @@ class ImageFolder(_LocalBuilder, skip_registration=True):
                     yield relpath, {"image": data, "label": _class_of(relpath, self.folder), "file_name": relpath}
         num_images = len(self.files) + len(self.listing.skipped) - len(skipped)
         if num_images == 0:
-            raise DataError(f"config.image_folder={self.folder!r}: none of its {len(skipped)} image files could be "
+            raise DataError(f"config.input.image_folder={self.folder!r}: none of its {len(skipped)} image files could be "
                             "read and decoded (see the warnings above)")
         self.info.metadata["num_skipped_files"] = len(skipped)
         self.info.metadata["skipped_files"] = sorted(skipped)[:_MAX_LISTED_SKIPS]

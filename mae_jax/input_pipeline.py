@@ -305,7 +305,9 @@ def load_eval_images(config, *, image_shape: Sequence[int], seed: int, num_image
     if available < num_images:
         raise DataError(f"{num_images} eval images asked for, but {builder.name} {split} has only {available}")
     image_key = _image_key(builder)
-    ds = builder.as_dataset(split=split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()})
+    # No autocache: tfds caches small splits, and taking a few images from a cached dataset makes tf.data warn.
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()},
+                            read_config=tfds.ReadConfig(try_autocache=False))
     ds = ds.take(num_images).map(lambda ex: center_crop(
         tf.io.decode_image(ex[image_key], channels=num_channels, expand_animations=False), image_size,
         num_channels))

@@ -21,7 +21,11 @@ What it sets, each with its opt-out:
 from __future__ import annotations
 
 import dataclasses
+import logging as std_logging
 import os
+import re
+
+from absl import logging
 
 from mae_jax import host_memory
 
@@ -71,3 +75,25 @@ def configure(*, keep_host_memory: bool = True, compilation_cache: bool = True) 
         jax.config.update("jax_compilation_cache_dir", cache_dir)
         cache = cache_dir
     return Settings(host_memory=memory, compilation_cache=cache)
+
+
+def _is_third_party_chatter(record: std_logging.LogRecord) -> bool:
+    """Orbax's narration of every save and restore, jax's report of each accelerator it does not find, tfds's
+    narration of reading and preparing datasets, and two warnings that are not: Orbax's that a step has no
+    metadata file (our exports never write one) and tfds's that a dataset being prepared has no info yet."""
+    if re.search(r"/orbax/|xla_bridge|/tensorflow_datasets/", record.pathname) is None:
+        return False
+    return record.levelno < std_logging.WARNING or record.getMessage().startswith(
+        ("Metadata file does not exist", "Variant folder "))
+
+
+def quiet_logs() -> bool:
+    """For command-line entry points: hides third-party INFO chatter unless absl's `-v 1` (or more) was given.
+
+    Our own INFO lines and real warnings stay. Returns whether the user asked for verbosity (then errors may
+    show their traceback as well).
+    """
+    if logging.get_verbosity() >= 1:
+        return True
+    logging.get_absl_handler().addFilter(lambda record: not _is_third_party_chatter(record))
+    return False

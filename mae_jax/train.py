@@ -264,8 +264,37 @@ def _reconstruction_hook(config, model, mesh, workdir: epath.Path, log: trainer.
     return hook
 
 
+class _Stages:
+    """Start-up, visibly staged: each stage's line says what is happening; the next one how long it took."""
+
+    def __init__(self):
+        self.start = self.mark = time.perf_counter()
+
+    def __call__(self, message: str, *args) -> None:
+        now = time.perf_counter()
+        logging.info("[%5.1f s] " + message, now - self.start, *args)
+        self.mark = now
+
+    def took(self) -> float:
+        return time.perf_counter() - self.mark
+
+
+def _summary(workdir: epath.Path, last: dict[str, float], steps: int, total_steps: int, seconds: float,
+             reconstructions: bool) -> None:
+    """The closing lines: what ran, where everything is, and what to run next."""
+    loss = f", loss {last['loss']:.4f} (mean of the last logging window)" if "loss" in last else ""
+    logging.info("Done: step %d/%d%s, %.0f s in all.", steps, total_steps, loss, seconds)
+    logging.info("  checkpoints: %s   metrics: %s", workdir / "checkpoints", workdir / "metrics.jsonl")
+    if reconstructions:
+        logging.info("  reconstructions: %s", workdir / "reconstructions")
+    logging.info("  TensorBoard: tensorboard --logdir %s", workdir / "tensorboard")
+    logging.info("  next: python -m mae_jax.visualize --checkpoint %s --image YOUR_IMAGE.jpg --output out.png",
+                 workdir)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Pretrains (or resumes) in `workdir`. Returns the last logged metrics."""
+    stage = _Stages()
     config_lib.resolve(config)
     parallel.maybe_initialize_distributed()
     data, fsdp = validate_config(config, jax.device_count(), jax.process_count())
@@ -282,6 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         resume_step = manager.latest_step()
 
         # Input first: its length fixes the schedule.
+        stage("Opening the input (%s)...", config.input.dataset)
         data_iter = input_pipeline.create_train_iterator(
             config.input, image_shape=model.image_shape, seed=config.seed, global_batch_size=config.batch_size,
             process_index=jax.process_index(), process_count=jax.process_count(),
@@ -291,24 +321,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             raise ConfigError(f"batch_size {config.batch_size} exceeds the {data_iter.num_examples} training "
                               "examples")
         total_steps = config.total_steps or int(config.num_epochs * steps_per_epoch)
-        schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
-        tx = make_optimizer(config, schedule)
+        peak_lr = config.base_lr * config.batch_size / 256
         logging.info("%s: %d examples, %d steps/epoch, %d steps, peak lr %.3e, mesh data=%d x fsdp=%d over %d "
                      "process(es).", config.input.dataset, data_iter.num_examples, steps_per_epoch, total_steps,
-                     config.base_lr * config.batch_size / 256, data, fsdp, jax.process_count())
+                     peak_lr, data, fsdp, jax.process_count())
+        if resume_step is not None and resume_step >= total_steps:
+            logging.info("Already complete: the checkpoint in %s is at step %d of %d; nothing to do (raise "
+                         "total_steps or num_epochs to train longer).", manager.directory, resume_step, total_steps)
+            return {}
+        warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+        if total_steps < warmup_steps:
+            logging.warning("The run ends inside the lr warmup: step %d of %d warmup steps, lr %.3e of the peak %.3e "
+                            "(raise total_steps or lower warmup_epochs).", total_steps, warmup_steps,
+                            peak_lr * total_steps / warmup_steps, peak_lr)
+        schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
+        tx = make_optimizer(config, schedule)
 
-        state, shardings = create_train_state(model, tx, config.seed, mesh)
-        logging.info("Model: %s params.", f"{models.count_params(state.params):,}")
-        if resume_step is not None:
-            state = checkpoints.restore(manager, resume_step, trainer.with_shardings(state, shardings))
-            logging.info("Resumed from step %d of %s.", resume_step, manager.directory)
-        elif config.init_from:
-            state = _init_from(config.init_from, model, state, shardings)
+        if resume_step is not None:  # straight into the shardings: no initialisation to compile
+            stage("Restoring step %d from %s...", resume_step, manager.directory)
+            abstract = abstract_train_state(model, tx)
+            shardings = state_shardings(abstract, tx, mesh)
+            state = checkpoints.restore(manager, resume_step, trainer.with_shardings(abstract, shardings))
+        else:
+            stage("Initialising %s params...", f"{models.count_params(abstract_train_state(model, tx).params):,}")
+            state, shardings = create_train_state(model, tx, config.seed, mesh)
+            if config.init_from:
+                state = _init_from(config.init_from, model, state, shardings)
 
-        start = time.perf_counter()
+        stage("Compiling the train step (compilation cache: %s)...", jax.config.jax_compilation_cache_dir or "off")
         step_fn = compile_train_step(model, tx, schedule, mesh, shardings, batch_size=config.batch_size,
                                      grad_accum_steps=config.grad_accum_steps)
-        logging.info("Compiled the train step in %.1f s.", time.perf_counter() - start)
 
         log = trainer.MetricsLog(workdir, total_steps, resume_step or 0)
         cleanup.callback(log.close)
@@ -321,4 +363,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             checkpoint_every_steps=config.checkpoint_every_steps, model_fields=models.constructor_fields(model),
             hooks=hooks, profile_dir=workdir / "tensorboard", profile_steps=config.profile_steps,
             profile_first_step=config.profile_first_step)
-        return loop.run(state, int(resume_step or 0))
+        stage("Training from step %d of %d.", resume_step or 0, total_steps)
+        last = loop.run(state, int(resume_step or 0))
+    if jax.process_index() == 0 and last:
+        _summary(workdir, last, loop.step, total_steps, time.perf_counter() - stage.start,
+                 bool(config.visualize_every_steps))
+    return last

@@ -202,27 +202,34 @@ _param_norm = jax.jit(optax.tree.norm)
 
 
 class Preemption:
-    """SIGTERM -> save at a step boundary. One process: a Python signal handler. Several: JAX's
-    preemption service (started by jax.distributed), which makes every process stop at the same step."""
+    """SIGTERM, or a first Ctrl-C (SIGINT) -> save at a step boundary and exit; a second Ctrl-C stops at once.
+
+    One process: Python signal handlers. Several: JAX's preemption service (started by jax.distributed), which
+    makes every process stop at the same step on SIGTERM.
+    """
 
     def __init__(self):
         self.requested = False
-        self.previous = None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            signals = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else (signal.SIGINT,)
+            self.previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting.")
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        logging.warning("%s received: saving a checkpoint at the next step boundary, then exiting%s.",
+                        signal.Signals(signum).name, " (Ctrl-C again stops at once)" if signum == signal.SIGINT else "")
         self.requested = True
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(step) or self.requested
         return self.requested
 
     def restore(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def nonfinite_message(step: int, manager) -> str:
@@ -262,6 +269,7 @@ class Loop:
     profile_dir: epath.Path | None = None  # a profiler trace of `profile_steps` steps goes here
     profile_steps: int = 0
     profile_first_step: int = 10
+    step: int = dataclasses.field(default=0, init=False)  # the last step run
 
     def run(self, state: TrainState, start_step: int) -> dict[str, float]:
         """Runs from `start_step`; returns the last logged metrics."""
@@ -308,6 +316,7 @@ class Loop:
                 if bad >= 0:
                     raise FloatingPointError(nonfinite_message(bad, self.manager))
                 checkpoints.save(self.manager, step, state, self.model_fields, consumed)
+            self.step = step
             if preempted:
                 logging.warning("Preempted: saved step %d; re-run the same command to resume.", step)
                 break

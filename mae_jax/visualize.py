@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image, ImageDraw, ImageFont
 
-from mae_jax import models, pixels
+from mae_jax import models, pixels, runtime
 
 PANEL_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
 NORM_PIX_NOTE = "norm-pix model: predictions de-normalised with each patch's true mean and variance"
@@ -209,9 +209,7 @@ def _define_flags():
 def main(argv):
     """Errors are one line (-v 1 also shows third-party logs and an error's traceback)."""
     del argv
-    from mae_jax import convert
-
-    verbose = convert.quiet_logs()
+    verbose = runtime.quiet_logs()
     try:
         originals = [read_image(p) for p in FLAGS.image]
         model, variables = load_model(FLAGS.checkpoint, FLAGS.image_size, FLAGS.mask_ratio, FLAGS.variant)

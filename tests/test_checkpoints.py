@@ -4,6 +4,9 @@ import os
 import signal
 import time
 
+import pytest
+
+from mae_jax import trainer
 from runs import losses, run_main
 
 
@@ -35,18 +38,27 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     assert got == expected  # bit for bit, every step
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_and_exits_zero(tmp_path, signum):
     proc = run_main(tmp_path, *LONG, wait=False)
     _wait_for_checkpoint(proc, tmp_path, 50)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
-    assert "Preempted: saved step" in stdout + stderr
+    assert "Preempted: saved step" in stdout + stderr and "Traceback" not in stdout + stderr
     steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
     last_logged = max(losses(tmp_path))
     assert steps[-1] == last_logged < 400  # the checkpoint is the step it stopped at
 
 
-# --------------------------------------------------------------------------------------------------------
-# Config errors.
-# --------------------------------------------------------------------------------------------------------
+def test_second_ctrl_c_stops_at_once():
+    previous = signal.getsignal(signal.SIGINT)
+    preemption = trainer.Preemption()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.reached(1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        preemption.restore()
+    assert signal.getsignal(signal.SIGINT) is previous

@@ -85,7 +85,7 @@ def test_folder_of_broken_entries_only_is_a_clear_error(tmp_path):
     with pytest.raises(datasets.DataError) as error:
         datasets.list_image_files(str(root))
     assert str(error.value) == (
-        f"config.image_folder={str(root)!r} holds no images: 1 unreadable entries, e.g. gone.png (dangling "
+        f"config.input.image_folder={str(root)!r} holds no images: 1 unreadable entries, e.g. gone.png (dangling "
         f"symbolic link to {tmp_path}/nowhere.png): expected <class>/<image> or <image> files ending in .jpg, "
         ".jpeg, .png (any case)")
 

@@ -163,7 +163,7 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
         _iterator(_config(tmp_path, tmp_path / "empty"))
     with pytest.raises(ValueError, match=r"image_folder=.*nowhere' is not a directory"):
         _iterator(_config(tmp_path, tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match=r'dataset="folder" needs config.image_folder'):
+    with pytest.raises(ValueError, match=r'dataset="folder" needs config.input.image_folder'):
         _iterator(_config(tmp_path, ""))
 
 

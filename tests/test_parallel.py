@@ -1,7 +1,6 @@
 """Devices, meshes and processes: the same losses on any of them; FSDP shards what it should."""
 
 import jax
-import numpy as np
 
 from configs import tiny
 from mae_jax import models, parallel, train
@@ -54,4 +53,3 @@ def test_fsdp_shards_large_kernels():
     # Small arrays (biases, LayerNorm, tokens) stay replicated.
     bias = state.params["blocks_0"]["mlp"]["fc1"]["bias"]
     assert {s.data.shape for s in bias.addressable_shards} == {(128,)}
-    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(kernel))  # the global view is intact

@@ -228,8 +228,3 @@ def test_validate_config_accepts_paper_recipes():
         assert config.model.norm_pix_loss and config.model.mask_ratio == 0.75
         assert train.validate_config(config, 8, 1) == (8, 1)
     assert train.validate_config(vit_base.get_config(), 256, 32) == (256, 1)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Starting from converted weights.
-# --------------------------------------------------------------------------------------------------------
