@@ -26,6 +26,10 @@ import tensorflow as tf
 
 from mae_jax.augment import IMAGENET_MEAN, _normalise
 
+# Everything here is plain TensorFlow with no tensor-dependent Python control flow: AutoGraph's conversion
+# (in tf.function and tf.data map) would only add work, ~10 s of tracing for rand_augment.
+_graph_only = tf.autograph.experimental.do_not_convert
+
 MAX_LEVEL = 10.0  # timm's _MAX_LEVEL: magnitudes are on a 0..10 scale
 FILL = tuple(min(255, round(255 * float(m))) for m in IMAGENET_MEAN)  # timm's img_mean: (124, 116, 104)
 INTERPOLATIONS = ("bilinear", "bicubic", "random")
@@ -43,8 +47,10 @@ DEFAULT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Sol
 # ---------------------------------------------------------------------------------------------------------
 
 
+@_graph_only
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
     """[H, W, C] uint8, or float in 0..255 (rounded and clipped, as Pillow would hold it) -> uint8."""
+    image = tf.convert_to_tensor(image)
     if image.dtype == tf.uint8:
         return image
     return tf.cast(tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0.0, 255.0), tf.uint8)
@@ -55,6 +61,16 @@ def _float64(value) -> tf.Tensor:
     if isinstance(value, (tf.Tensor, tf.Variable, np.ndarray, np.generic)):
         return tf.cast(value, tf.float64)
     return tf.constant(value, tf.float64)
+
+
+def _opaque(value: float) -> tf.Tensor:
+    """A float64 constant that Grappler's constant folding cannot merge into the arithmetic around it.
+
+    In a tf.function, constant folding rewrites x / c as x * (1 / c) and (x * c1) * c2 as x * (c1 * c2):
+    an ulp away from Pillow's and timm's double arithmetic, enough to flip truncated pixels that sit on an
+    integer (e.g. a whole-pixel translation). PlaceholderWithDefault is not folded; eagerly it is `value`.
+    """
+    return tf.raw_ops.PlaceholderWithDefault(input=tf.constant(value, tf.float64), shape=[])
 
 
 def _lookup(image: tf.Tensor, lut: tf.Tensor) -> tf.Tensor:
@@ -72,11 +88,13 @@ def _histograms(image: tf.Tensor) -> tf.Tensor:
     return tf.reshape(counts, [-1, 256])
 
 
+@_graph_only
 def invert(image: tf.Tensor) -> tf.Tensor:
     """ImageOps.invert: 255 - x."""
     return 255 - to_uint8(image)
 
 
+@_graph_only
 def posterize(image: tf.Tensor, bits: tf.Tensor) -> tf.Tensor:
     """ImageOps.posterize: keep the `bits` most significant bits (0 keeps none: black); 8 or more is a no-op."""
     image = to_uint8(image)
@@ -85,12 +103,14 @@ def posterize(image: tf.Tensor, bits: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.bitwise.bitwise_and(tf.cast(image, tf.int32), mask), tf.uint8)
 
 
+@_graph_only
 def solarize(image: tf.Tensor, threshold: tf.Tensor) -> tf.Tensor:
     """ImageOps.solarize: values >= threshold become 255 - x."""
     image = to_uint8(image)
     return tf.where(tf.cast(image, tf.int32) < tf.cast(threshold, tf.int32), image, 255 - image)
 
 
+@_graph_only
 def solarize_add(image: tf.Tensor, addition: tf.Tensor, threshold: int = 128) -> tf.Tensor:
     """timm's solarize_add: values below threshold get min(255, x + addition)."""
     x = tf.cast(to_uint8(image), tf.int32)
@@ -98,6 +118,7 @@ def solarize_add(image: tf.Tensor, addition: tf.Tensor, threshold: int = 128) ->
     return tf.cast(tf.where(x < threshold, added, x), tf.uint8)
 
 
+@_graph_only
 def auto_contrast(image: tf.Tensor) -> tf.Tensor:
     """ImageOps.autocontrast (cutoff 0): per channel, stretch [min, max] to [0, 255] with Pillow's lookup table."""
     image = to_uint8(image)
@@ -113,6 +134,7 @@ def auto_contrast(image: tf.Tensor) -> tf.Tensor:
     return _lookup(image, lut)
 
 
+@_graph_only
 def equalize(image: tf.Tensor) -> tf.Tensor:
     """ImageOps.equalize: Pillow's per-channel histogram-equalisation lookup table."""
     image = to_uint8(image)
@@ -135,6 +157,7 @@ def _luminance(image: tf.Tensor) -> tf.Tensor:
     return (x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000) // 65536
 
 
+@_graph_only
 def blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     """Image.blend(degenerate, image, factor): in1 + factor * (in2 - in1) in float32, clipped, truncated."""
     in1 = tf.cast(degenerate, tf.int32)
@@ -143,6 +166,7 @@ def blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tens
     return tf.cast(tf.clip_by_value(value, 0.0, 255.0), tf.uint8)  # the cast truncates, as C's (UINT8)
 
 
+@_graph_only
 def color(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     """ImageEnhance.Color: blend with the grey (L -> RGB) image; 0 gives grey, 1 the image."""
     image = to_uint8(image)
@@ -150,6 +174,7 @@ def color(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     return blend(grey, image, factor)
 
 
+@_graph_only
 def contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     """ImageEnhance.Contrast: blend with a flat image of the rounded mean luminance."""
     image = to_uint8(image)
@@ -158,12 +183,14 @@ def contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     return blend(flat, image, factor)
 
 
+@_graph_only
 def brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     """ImageEnhance.Brightness: blend with black."""
     image = to_uint8(image)
     return blend(tf.zeros_like(image), image, factor)
 
 
+@_graph_only
 def smooth(image: tf.Tensor) -> tf.Tensor:
     """ImageFilter.SMOOTH (3x3 kernel [1 1 1; 1 5 1; 1 1 1] / 13) as Pillow filters uint8: border pixels kept."""
     image = to_uint8(image)
@@ -180,6 +207,7 @@ def smooth(image: tf.Tensor) -> tf.Tensor:
     return tf.concat([image[:1], inner, image[-1:]], axis=0)
 
 
+@_graph_only
 def sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     """ImageEnhance.Sharpness: blend with the SMOOTH-filtered image; 0 blurs, 2 sharpens."""
     image = to_uint8(image)
@@ -199,6 +227,7 @@ def _cubic(v1, v2, v3, v4, d):
     return v2 + d * (p2 + d * (p3 + d * p4))
 
 
+@_graph_only
 def affine_transform(image: tf.Tensor, matrix: Sequence, interpolation: str = "bicubic",
                      fill: Sequence[int] = FILL) -> tf.Tensor:
     """Image.transform(size, AFFINE, matrix, resample, fillcolor=fill) of a uint8 [H, W, C] image.
@@ -218,7 +247,8 @@ def affine_transform(image: tf.Tensor, matrix: Sequence, interpolation: str = "b
                          indexing="ij")
     x_in = a * xs + b * ys + c
     y_in = d * xs + e * ys + f
-    inside = (x_in >= 0.0) & (x_in < tf.cast(width, tf.float64)) & (y_in >= 0.0) & (y_in < tf.cast(height, tf.float64))
+    inside = ((x_in >= 0.0) & (x_in < tf.cast(width, tf.float64))
+              & (y_in >= 0.0) & (y_in < tf.cast(height, tf.float64)))
     x_in, y_in = x_in - 0.5, y_in - 0.5
     x0, y0 = tf.floor(x_in), tf.floor(y_in)
     dx, dy = (x_in - x0)[..., None], (y_in - y0)[..., None]
@@ -246,60 +276,93 @@ def affine_transform(image: tf.Tensor, matrix: Sequence, interpolation: str = "b
 
 def _pil_round15(value: tf.Tensor) -> tf.Tensor:
     """Python's round(value, 15), which Image.rotate applies to cos and sin (to within one ulp)."""
-    return tf.round(value * 1e15) / 1e15
+    return tf.round(value * _opaque(1e15)) / _opaque(1e15)
 
 
-def rotate(image: tf.Tensor, degrees: tf.Tensor, interpolation: str = "bicubic",
-           fill: Sequence[int] = FILL) -> tf.Tensor:
-    """Image.rotate(degrees) counter-clockwise about the image centre, same size, as an affine transform."""
-    image = to_uint8(image)
+@_graph_only
+def rotation_matrix(degrees: tf.Tensor, height, width) -> tuple:
+    """The affine matrix (a, b, c, d, e, f) Image.rotate(degrees) samples with (about the centre, same size)."""
     # Pillow: angle = -math.radians(degrees % 360.0)
-    angle = -(tf.math.floormod(_float64(degrees), 360.0) * (math.pi / 180.0))
+    angle = -(tf.math.floormod(_float64(degrees), _opaque(360.0)) * _opaque(math.pi / 180.0))
     cos, sin = _pil_round15(tf.cos(angle)), _pil_round15(tf.sin(angle))
-    centre_x = tf.cast(tf.shape(image)[1], tf.float64) / 2.0
-    centre_y = tf.cast(tf.shape(image)[0], tf.float64) / 2.0
+    centre_x, centre_y = tf.cast(width, tf.float64) / 2.0, tf.cast(height, tf.float64) / 2.0
     # Pillow maps output to input about the centre: matrix[2], matrix[5] = M @ (-centre) + centre.
     c = cos * -centre_x + sin * -centre_y + 0.0 + centre_x
     f = -sin * -centre_x + cos * -centre_y + 0.0 + centre_y
-    return affine_transform(image, (cos, sin, c, -sin, cos, f), interpolation, fill)
+    return cos, sin, c, -sin, cos, f
 
 
+_GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel")
+
+
+@_graph_only
+def geometric_matrix(name: str, arg: tf.Tensor, height, width) -> tuple:
+    """The affine matrix of timm's geometric op `name` (one of _GEOMETRIC_OPS) with level argument `arg`."""
+    if name == "Rotate":
+        return rotation_matrix(arg, height, width)
+    arg = _float64(arg)
+    if name == "TranslateXRel":  # as timm: pixels = pct * img.size[0], not rounded
+        name, arg = "TranslateX", arg * tf.cast(width, tf.float64)
+    if name == "TranslateYRel":
+        name, arg = "TranslateY", arg * tf.cast(height, tf.float64)
+    one, zero = tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
+    return {"ShearX": (one, arg, zero, zero, one, zero), "ShearY": (one, zero, zero, arg, one, zero),
+            "TranslateX": (one, zero, arg, zero, one, zero), "TranslateY": (one, zero, zero, zero, one, arg)}[name]
+
+
+def _geometric(name: str, image: tf.Tensor, arg: tf.Tensor, interpolation: str, fill: Sequence[int]) -> tf.Tensor:
+    image = to_uint8(image)
+    matrix = geometric_matrix(name, arg, tf.shape(image)[0], tf.shape(image)[1])
+    return affine_transform(image, matrix, interpolation, fill)
+
+
+@_graph_only
+def rotate(image: tf.Tensor, degrees: tf.Tensor, interpolation: str = "bicubic",
+           fill: Sequence[int] = FILL) -> tf.Tensor:
+    """Image.rotate(degrees) counter-clockwise about the image centre, same size, as an affine transform."""
+    return _geometric("Rotate", image, degrees, interpolation, fill)
+
+
+@_graph_only
 def shear_x(image: tf.Tensor, factor: tf.Tensor, interpolation: str = "bicubic",
             fill: Sequence[int] = FILL) -> tf.Tensor:
     """timm's shear_x: affine (1, factor, 0, 0, 1, 0)."""
-    return affine_transform(image, (1.0, factor, 0.0, 0.0, 1.0, 0.0), interpolation, fill)
+    return _geometric("ShearX", image, factor, interpolation, fill)
 
 
+@_graph_only
 def shear_y(image: tf.Tensor, factor: tf.Tensor, interpolation: str = "bicubic",
             fill: Sequence[int] = FILL) -> tf.Tensor:
     """timm's shear_y: affine (1, 0, 0, factor, 1, 0)."""
-    return affine_transform(image, (1.0, 0.0, 0.0, factor, 1.0, 0.0), interpolation, fill)
+    return _geometric("ShearY", image, factor, interpolation, fill)
 
 
+@_graph_only
 def translate_x(image: tf.Tensor, pixels: tf.Tensor, interpolation: str = "bicubic",
                 fill: Sequence[int] = FILL) -> tf.Tensor:
     """timm's translate_x_abs: affine (1, 0, pixels, 0, 1, 0), i.e. the content moves left by `pixels`."""
-    return affine_transform(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), interpolation, fill)
+    return _geometric("TranslateX", image, pixels, interpolation, fill)
 
 
+@_graph_only
 def translate_y(image: tf.Tensor, pixels: tf.Tensor, interpolation: str = "bicubic",
                 fill: Sequence[int] = FILL) -> tf.Tensor:
     """timm's translate_y_abs: affine (1, 0, 0, 0, 1, pixels)."""
-    return affine_transform(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), interpolation, fill)
+    return _geometric("TranslateY", image, pixels, interpolation, fill)
 
 
+@_graph_only
 def translate_x_rel(image: tf.Tensor, fraction: tf.Tensor, interpolation: str = "bicubic",
                     fill: Sequence[int] = FILL) -> tf.Tensor:
     """timm's translate_x_rel: translate_x by fraction * width pixels (not rounded)."""
-    width = tf.cast(tf.shape(image)[1], tf.float64)
-    return translate_x(image, _float64(fraction) * width, interpolation, fill)
+    return _geometric("TranslateXRel", image, fraction, interpolation, fill)
 
 
+@_graph_only
 def translate_y_rel(image: tf.Tensor, fraction: tf.Tensor, interpolation: str = "bicubic",
                     fill: Sequence[int] = FILL) -> tf.Tensor:
     """timm's translate_y_rel: translate_y by fraction * height pixels (not rounded)."""
-    height = tf.cast(tf.shape(image)[0], tf.float64)
-    return translate_y(image, _float64(fraction) * height, interpolation, fill)
+    return _geometric("TranslateYRel", image, fraction, interpolation, fill)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,6 +370,7 @@ def translate_y_rel(image: tf.Tensor, fraction: tf.Tensor, interpolation: str = 
 # ---------------------------------------------------------------------------------------------------------
 
 
+@_graph_only
 def level_to_arg(name: str, magnitude: tf.Tensor, negate: tf.Tensor, *, translate_pct: float = 0.45,
                  translate_const: float = 250.0) -> tf.Tensor | None:
     """timm's LEVEL_TO_ARG[name](magnitude) as a float64 scalar (None for argument-free ops).
@@ -314,7 +378,8 @@ def level_to_arg(name: str, magnitude: tf.Tensor, negate: tf.Tensor, *, translat
     `magnitude` is on timm's 0..10 scale; `negate` (bool) is the outcome of timm's _randomly_negate for the
     signed levels (Rotate, Shear*, Translate*, *Increasing enhancements) and ignored by the others.
     """
-    m = _float64(magnitude) / MAX_LEVEL
+    c = _opaque  # every constant opaque, so the level is computed exactly as timm's Python does
+    m = _float64(magnitude) / c(MAX_LEVEL)
 
     def signed(level):
         return tf.where(negate, -level, level)
@@ -323,58 +388,83 @@ def level_to_arg(name: str, magnitude: tf.Tensor, negate: tf.Tensor, *, translat
         return tf.floor(level)
 
     table: dict[str, Callable[[], tf.Tensor]] = {
-        "Rotate": lambda: signed(m * 30.0),
-        "Posterize": lambda: trunc(m * 4.0),
-        "PosterizeIncreasing": lambda: 4.0 - trunc(m * 4.0),
-        "PosterizeOriginal": lambda: trunc(m * 4.0) + 4.0,
-        "Solarize": lambda: trunc(m * 256.0),
-        "SolarizeIncreasing": lambda: 256.0 - trunc(m * 256.0),
-        "SolarizeAdd": lambda: trunc(m * 110.0),
-        "ShearX": lambda: signed(m * 0.3),
-        "ShearY": lambda: signed(m * 0.3),
-        "TranslateX": lambda: signed(m * float(translate_const)),
-        "TranslateY": lambda: signed(m * float(translate_const)),
-        "TranslateXRel": lambda: signed(m * translate_pct),
-        "TranslateYRel": lambda: signed(m * translate_pct),
+        "Rotate": lambda: signed(m * c(30.0)),
+        "Posterize": lambda: trunc(m * c(4.0)),
+        "PosterizeIncreasing": lambda: c(4.0) - trunc(m * c(4.0)),
+        "PosterizeOriginal": lambda: trunc(m * c(4.0)) + c(4.0),
+        "Solarize": lambda: trunc(m * c(256.0)),
+        "SolarizeIncreasing": lambda: c(256.0) - trunc(m * c(256.0)),
+        "SolarizeAdd": lambda: trunc(m * c(110.0)),
+        "ShearX": lambda: signed(m * c(0.3)),
+        "ShearY": lambda: signed(m * c(0.3)),
+        "TranslateX": lambda: signed(m * c(float(translate_const))),
+        "TranslateY": lambda: signed(m * c(float(translate_const))),
+        "TranslateXRel": lambda: signed(m * c(translate_pct)),
+        "TranslateYRel": lambda: signed(m * c(translate_pct)),
     }
     for enhancement in ("Color", "Contrast", "Brightness", "Sharpness"):
-        table[enhancement] = lambda: m * 1.8 + 0.1
-        table[enhancement + "Increasing"] = lambda: 1.0 + signed(m * 0.9)
+        table[enhancement] = lambda: m * c(1.8) + c(0.1)
+        table[enhancement + "Increasing"] = lambda: c(1.0) + signed(m * c(0.9))
     if name in ("AutoContrast", "Equalize", "Invert"):
         return None
     if name not in table:
-        raise ValueError(f"unknown RandAugment op {name!r}; known: {sorted(table) + ['AutoContrast', 'Equalize', 'Invert']}")
+        known = sorted([*table, "AutoContrast", "Equalize", "Invert"])
+        raise ValueError(f"unknown RandAugment op {name!r}; known: {known}")
     return table[name]()
 
 
+@_graph_only
 def apply_op(name: str, image: tf.Tensor, magnitude: tf.Tensor, negate: tf.Tensor, *,
              interpolation: str = "bicubic", fill: Sequence[int] = FILL, translate_pct: float = 0.45,
              translate_const: float = 250.0) -> tf.Tensor:
     """timm's AugmentOp(name) at a given magnitude and sign, always applied: uint8 [H, W, 3]."""
     arg = level_to_arg(name, magnitude, negate, translate_pct=translate_pct, translate_const=translate_const)
-    geometric = {"Rotate": rotate, "ShearX": shear_x, "ShearY": shear_y, "TranslateX": translate_x,
-                 "TranslateY": translate_y, "TranslateXRel": translate_x_rel, "TranslateYRel": translate_y_rel}
     pixel_ops = {"Posterize": posterize, "Solarize": solarize, "SolarizeAdd": solarize_add, "Color": color,
                  "Contrast": contrast, "Brightness": brightness, "Sharpness": sharpness}
     if name in ("AutoContrast", "Equalize", "Invert"):
         return {"AutoContrast": auto_contrast, "Equalize": equalize, "Invert": invert}[name](image)
-    if name in geometric:
-        return geometric[name](image, arg, interpolation, fill)
+    if name in _GEOMETRIC_OPS:
+        return _geometric(name, image, arg, interpolation, fill)
     base = name.replace("Increasing", "").replace("Original", "")
     return pixel_ops[base](image, arg)
 
 
+@_graph_only
+def rand_augment_draws(key: tf.Tensor, num_ops: int = 2, num_choices: int = len(INCREASING_OPS),
+                       magnitude: float = 9.0, magnitude_std: float = 0.5,
+                       prob: float = 0.5) -> dict[str, tf.Tensor]:
+    """rand_augment's random choices for a stateless key [2], each [num_ops]: op_index (int32, uniform over
+    num_choices), applied (bool, probability `prob`), magnitude (float64, N(magnitude, magnitude_std) clipped
+    to [0, 10]), negate (bool, 50%) and bicubic (bool, 50%; used by interpolation="random" only).
+
+    timm draws the magnitude, sign and interpolation only when an op is applied; drawing them always and
+    ignoring them otherwise gives the same distribution.
+    """
+    u = tf.random.stateless_uniform([num_ops, 4], seed=key, dtype=tf.float64, alg="philox")
+    noise_key = tf.random.experimental.stateless_fold_in(key, 1, alg="philox")
+    noise = tf.random.stateless_normal([num_ops], seed=noise_key, dtype=tf.float64, alg="philox")
+    level = magnitude + magnitude_std * noise if magnitude_std > 0 else tf.fill([num_ops], _float64(magnitude))
+    return {
+        "op_index": tf.minimum(tf.cast(u[:, 0] * num_choices, tf.int32), num_choices - 1),
+        "applied": u[:, 1] < prob,  # timm skips the op when random() > prob
+        "magnitude": tf.clip_by_value(level, 0.0, MAX_LEVEL),
+        "negate": u[:, 2] > 0.5,  # timm's _randomly_negate
+        "bicubic": u[:, 3] < 0.5,  # timm's random.choice((BILINEAR, BICUBIC))
+    }
+
+
+@_graph_only
 def rand_augment(image: tf.Tensor, key: tf.Tensor, num_ops: int = 2, magnitude: float = 9.0,
                  magnitude_std: float = 0.5, prob: float = 0.5, ops: Sequence[str] = INCREASING_OPS,
                  interpolation: str = "bicubic", fill: Sequence[int] = FILL, translate_pct: float = 0.45,
                  translate_const: float | None = None) -> tf.Tensor:
     """timm's RandAugment (default: rand-m9-mstd0.5-inc1, bicubic, fill img_mean) of a [H, W, 3] image: uint8.
 
-    Layer i draws an op uniformly (with replacement) from `ops`, applies it with probability `prob`, then
-    draws magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10] (no noise when magnitude_std <= 0), the
-    sign of signed levels (50%) and, for interpolation="random", bilinear or bicubic (50%).
-    `translate_const` (absolute TranslateX/Y only, not in the increasing set) defaults to timm's
-    int(0.45 * min(H, W)). `key` is a stateless key [2]; the same key gives the same image.
+    Layer i draws an op uniformly (with replacement) from `ops`, applies it with probability `prob`, with
+    magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10] (no noise when magnitude_std <= 0), the sign
+    of signed levels (50%) and, for interpolation="random", bilinear or bicubic (50%): see
+    `rand_augment_draws`. `translate_const` (absolute TranslateX/Y only, not in the increasing set) defaults
+    to timm's int(0.45 * min(H, W)). `key` is a stateless key [2]; the same key gives the same image.
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation={interpolation!r}; allowed: {INTERPOLATIONS}")
@@ -387,33 +477,41 @@ def rand_augment(image: tf.Tensor, key: tf.Tensor, num_ops: int = 2, magnitude: 
         if image.shape[0] is None or image.shape[1] is None:
             raise ValueError("translate_const must be given when the image size is not static")
         translate_const = int(min(image.shape[0], image.shape[1]) * 0.45)
-    keys = tf.random.experimental.stateless_split(key, num_ops, alg="philox")
+    draws = rand_augment_draws(key, num_ops, len(ops), magnitude, magnitude_std, prob)
+    levels = dict(translate_pct=translate_pct, translate_const=translate_const)
+    is_geometric = tf.constant([name in _GEOMETRIC_OPS for name in ops])
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    identity = tuple(tf.constant(v, tf.float64) for v in (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
     for i in range(num_ops):
-        u = tf.random.stateless_uniform([4], seed=keys[i], dtype=tf.float64, alg="philox")
-        noise = tf.random.stateless_normal([], seed=tf.random.experimental.stateless_fold_in(keys[i], 1,
-                                                                                             alg="philox"),
-                                           dtype=tf.float64, alg="philox")
-        op_index = tf.minimum(tf.cast(u[0] * len(ops), tf.int32), len(ops) - 1)
-        applied = u[1] < prob  # timm skips when random() > prob
-        level = magnitude + magnitude_std * noise if magnitude_std > 0 else tf.constant(magnitude, tf.float64)
-        level = tf.clip_by_value(level, 0.0, MAX_LEVEL)
-        negate = u[2] > 0.5  # timm's _randomly_negate
+        op_index, level, negate = draws["op_index"][i], draws["magnitude"][i], draws["negate"][i]
 
-        def branch(name, use_bicubic):
-            kwargs = dict(fill=fill, translate_pct=translate_pct, translate_const=translate_const)
-            return lambda: apply_op(name, image, level, negate,
-                                    interpolation="bicubic" if use_bicubic else "bilinear", **kwargs)
+        # All geometric ops are affine: one sampler per layer, fed the chosen op's matrix, keeps the graph
+        # (and its tracing time) small.
+        def matrix_branch(name, level=level, negate=negate):
+            if name not in _GEOMETRIC_OPS:
+                return lambda: identity
+            return lambda: tuple(geometric_matrix(name, level_to_arg(name, level, negate, **levels), height, width))
 
-        def run_op(image=image, level=level, negate=negate, op_index=op_index, u_interp=u[3]):
+        def pixel_branch(name, image=image, level=level, negate=negate):
+            if name in _GEOMETRIC_OPS:
+                return lambda: image
+            return lambda: apply_op(name, image, level, negate, **levels)
+
+        def run_geometric(image=image, op_index=op_index, bicubic=draws["bicubic"][i], branches=matrix_branch):
+            matrix = tf.switch_case(op_index, [branches(name) for name in ops])
             if interpolation == "random":
-                # the choice is drawn for every op (timm draws it in each call, geometric or not)
-                return tf.cond(u_interp < 0.5,
-                               lambda: tf.switch_case(op_index, [branch(n, False) for n in ops]),
-                               lambda: tf.switch_case(op_index, [branch(n, True) for n in ops]))
-            return tf.switch_case(op_index, [branch(n, interpolation == "bicubic") for n in ops])
+                return tf.cond(bicubic, lambda: affine_transform(image, matrix, "bicubic", fill),
+                               lambda: affine_transform(image, matrix, "bilinear", fill))
+            return affine_transform(image, matrix, interpolation, fill)
+
+        def run_pixel(op_index=op_index, branches=pixel_branch):
+            return tf.switch_case(op_index, [branches(name) for name in ops])
+
+        def run(op_index=op_index, run_geometric=run_geometric, run_pixel=run_pixel):
+            return tf.cond(tf.gather(is_geometric, op_index), run_geometric, run_pixel)
 
         shape = image.shape
-        image = tf.cond(applied, run_op, lambda: image)
+        image = tf.cond(draws["applied"][i], run, lambda image=image: image)
         image.set_shape(shape)
     return image
 
@@ -425,6 +523,7 @@ def rand_augment(image: tf.Tensor, key: tf.Tensor, num_ops: int = 2, magnitude: 
 ERASE_ATTEMPTS = 10  # timm's RandomErasing tries 10 boxes per erasure, then gives up
 
 
+@_graph_only
 def random_erasing(image: tf.Tensor, key: tf.Tensor, probability: float = 0.25, min_area: float = 0.02,
                    max_area: float = 1 / 3, min_aspect: float = 0.3, max_aspect: float | None = None,
                    mode: str = "pixel", min_count: int = 1, max_count: int | None = None) -> tf.Tensor:
@@ -479,13 +578,29 @@ def random_erasing(image: tf.Tensor, key: tf.Tensor, probability: float = 0.25, 
     return image
 
 
+@_graph_only
+def resize_bicubic_like_pil(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """PIL's Image.resize(BICUBIC) of a [h, w, C] image to `size` [H, W]: float32 holding uint8 levels.
+
+    PIL resamples the width, stores uint8, then resamples the height; tf.image.resize's antialiased bicubic
+    is the same filter (Keys a = -0.5, widened when shrinking). Rounding between the passes as PIL does
+    gives PIL's pixels up to 1 level on ~0.02% of values (one pass: up to 2 levels on ~19%).
+    """
+    def store(x):  # PIL's uint8 storage
+        return tf.clip_by_value(tf.round(x), 0.0, 255.0)
+
+    image = tf.cast(image, tf.float32)
+    wide = store(tf.image.resize(image, tf.stack([tf.shape(image)[0], size[1]]), method="bicubic", antialias=True))
+    return store(tf.image.resize(wide, size, method="bicubic", antialias=True))
+
+
+@_graph_only
 def preprocess_for_eval(image: tf.Tensor, image_size: int = 224, crop_pct: float = 224 / 256) -> tf.Tensor:
     """MAE's eval transform of a uint8 [h, w, C] image: Resize(int(image_size / crop_pct), bicubic) of the
     shorter side, CenterCrop(image_size), ToTensor, Normalize: [image_size, image_size, C] float32.
 
     Sizes and offsets follow torchvision: the longer side becomes int(size * long / short); the crop starts at
-    int(round((side - image_size) / 2)). Resizing is PIL's antialiased bicubic (tf.image.resize with
-    antialias=True), rounded to uint8 as PIL stores it.
+    int(round((side - image_size) / 2)). Resizing is PIL's bicubic (`resize_bicubic_like_pil`).
     """
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct={crop_pct}: must be in (0, 1]")
@@ -500,9 +615,7 @@ def preprocess_for_eval(image: tf.Tensor, image_size: int = 224, crop_pct: float
     unchanged = tf.equal(short, size)  # torchvision returns the image itself then
 
     def resize():
-        resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([new_height, new_width]), method="bicubic",
-                                  antialias=True)
-        return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+        return resize_bicubic_like_pil(image, tf.stack([new_height, new_width]))
 
     resized = tf.cond(unchanged, lambda: tf.cast(image, tf.float32), resize)
     top = tf.cast(tf.round(tf.cast(new_height - image_size, tf.float64) / 2.0), tf.int32)  # half to even
