@@ -189,6 +189,20 @@ def random_tree(shapes, seed):
     return flax_tree(shapes, lambda _, s: rng.normal(size=s).astype(np.float32))
 
 
+def run_steps(tx, params, grads):
+    """`len(grads)` steps of `tx` from `params`, one jitted step. Returns (params, opt_state)."""
+
+    @jax.jit
+    def step(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    p, state = params, tx.init(params)
+    for g in grads:
+        p, state = step(p, state, g)
+    return p, state
+
+
 def warmup(peak, steps):
     """A warmup lr as the official lr_sched gives it on iterations 1, 2, ... of the first epoch."""
     return lambda count: peak * (count + 1) / steps
@@ -214,20 +228,32 @@ def test_finetune_adamw_matches_torch_adamw_with_param_groups():
         opt.step()
 
     tx = optimizers.finetune_optimizer(schedule, depth=depth, layer_decay=decay, weight_decay=wd)
-
-    @jax.jit
-    def step(params, opt_state, grads):
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    p, state = params, tx.init(params)
-    for t in range(steps):
-        p, state = step(p, state, grads[t])
+    p, _ = run_steps(tx, params, grads)
     for n, tensor in tensors.items():
         ours = np.asarray(get_path(p, flax_path(n)))
         np.testing.assert_allclose(ours, tensor.detach().numpy(), atol=1e-6, rtol=0, err_msg=n)
     # Sanity: the steps moved the params well beyond the tolerance.
     assert np.abs(np.asarray(p["head"]["kernel"]) - params["head"]["kernel"]).max() > 1e-3
+
+
+def scan_blocks(params, depth):
+    """blocks_{i} subtrees -> one `blocks` subtree with a leading [depth] axis (the nn.scan layout)."""
+    blocks = [params[f"blocks_{i}"] for i in range(depth)]
+    rest = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+    return dict(rest, blocks=jax.tree_util.tree_map(lambda *xs: np.stack(xs), *blocks))
+
+
+def test_finetune_adamw_on_scanned_blocks_equals_unscanned():
+    depth, steps = 3, 2
+    shapes = official_shapes(depth, 8)
+    params = random_tree(shapes, 0)
+    grads = [random_tree(shapes, 1 + t) for t in range(steps)]
+    tx = optimizers.finetune_optimizer(warmup(1e-2, 5), depth=depth, layer_decay=0.65, weight_decay=0.05)
+    unscanned, _ = run_steps(tx, params, grads)
+    scanned, _ = run_steps(tx, scan_blocks(params, depth), [scan_blocks(g, depth) for g in grads])
+    expected = scan_blocks(jax.tree_util.tree_map(np.asarray, unscanned), depth)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-7),
+                           scanned, expected)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -300,15 +326,7 @@ def test_lars_matches_official(weight_decay):
     expected = jax.tree_util.tree_unflatten(treedef, [t.detach().numpy() for t in tensors])
 
     tx = optimizers.lars(schedule, weight_decay=weight_decay)
-
-    @jax.jit
-    def step(params, opt_state, grads):
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    p, state = params, tx.init(params)
-    for t in range(steps):
-        p, state = step(p, state, grads[t])
+    p, _ = run_steps(tx, params, grads)
     for (path, ours), theirs in zip(jax.tree_util.tree_flatten_with_path(p)[0], jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-6, rtol=0, err_msg=jax.tree_util.keystr(path))
     # The 1-D params took plain momentum-SGD steps (no trust ratio): they moved by O(lr), the matrices by
@@ -320,18 +338,6 @@ def test_lars_matches_official(weight_decay):
 # -------------------------------------------------------------------------------------------------------
 # Partial fine-tuning.
 # -------------------------------------------------------------------------------------------------------
-
-
-def run_steps(tx, params, grads):
-    @jax.jit
-    def step(params, opt_state, grads):
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    p, state = params, tx.init(params)
-    for g in grads:
-        p, state = step(p, state, g)
-    return p, state
 
 
 @pytest.mark.parametrize("trainable_blocks,trained", [
