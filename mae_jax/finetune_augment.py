@@ -13,6 +13,11 @@ Semantics are those of timm 0.3.2 as the official MAE fine-tuning uses it (`util
   - RandomErasing (`random_erasing`): probability 0.25, mode 'pixel', on the normalised [H, W, C] image.
   - Evaluation (`preprocess_for_eval`): Resize(int(size / crop_pct), bicubic) of the shorter side, then
     CenterCrop(size), normalised; crop_pct = 224 / 256 (MAE uses 1.0 for input sizes above 224).
+  - The whole training transform (`preprocess_for_finetune_train`): RandomResizedCrop(scale (0.08, 1)) and
+    flip from `mae_jax.augment`, RandAugment, normalisation, RandomErasing.
+Pixel ops are functions of (image, argument) (`posterize(image, bits)`, `color(image, factor)`, ...); the
+geometric ones are `geometric_op(name, image, argument)`; `apply_op(name, image, magnitude, negate)` maps a
+magnitude to the argument as timm does.
 Randomness comes from stateless keys [2], so the same key always gives the same image.
 """
 
@@ -24,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from mae_jax.augment import IMAGENET_MEAN, _normalise
+from mae_jax.augment import IMAGENET_MEAN, IMAGENET_STD, _normalise, preprocess_for_train
 
 # Everything here is plain TensorFlow with no tensor-dependent Python control flow: AutoGraph's conversion
 # (in tf.function and tf.data map) would only add work, ~10 s of tracing for rand_augment.
@@ -310,59 +315,21 @@ def geometric_matrix(name: str, arg: tf.Tensor, height, width) -> tuple:
             "TranslateX": (one, zero, arg, zero, one, zero), "TranslateY": (one, zero, zero, zero, one, arg)}[name]
 
 
-def _geometric(name: str, image: tf.Tensor, arg: tf.Tensor, interpolation: str, fill: Sequence[int]) -> tf.Tensor:
+@_graph_only
+def geometric_op(name: str, image: tf.Tensor, arg: tf.Tensor, interpolation: str = "bicubic",
+                 fill: Sequence[int] = FILL) -> tf.Tensor:
+    """timm's geometric op `name` with level argument `arg` on a uint8 [H, W, 3] image, as Pillow computes it.
+
+    Rotate: Image.rotate(arg degrees, counter-clockwise about the centre); ShearX / ShearY: affine
+    (1, arg, 0, 0, 1, 0) / (1, 0, 0, arg, 1, 0); TranslateX / TranslateY: (1, 0, arg, 0, 1, 0) /
+    (1, 0, 0, 0, 1, arg) (the content moves left / up by arg pixels); TranslateXRel / TranslateYRel: the same
+    by arg * width / arg * height pixels, not rounded. Resampled with `interpolation`, filled with `fill`.
+    """
+    if name not in _GEOMETRIC_OPS:
+        raise ValueError(f"geometric op {name!r}; known: {_GEOMETRIC_OPS}")
     image = to_uint8(image)
     matrix = geometric_matrix(name, arg, tf.shape(image)[0], tf.shape(image)[1])
     return affine_transform(image, matrix, interpolation, fill)
-
-
-@_graph_only
-def rotate(image: tf.Tensor, degrees: tf.Tensor, interpolation: str = "bicubic",
-           fill: Sequence[int] = FILL) -> tf.Tensor:
-    """Image.rotate(degrees) counter-clockwise about the image centre, same size, as an affine transform."""
-    return _geometric("Rotate", image, degrees, interpolation, fill)
-
-
-@_graph_only
-def shear_x(image: tf.Tensor, factor: tf.Tensor, interpolation: str = "bicubic",
-            fill: Sequence[int] = FILL) -> tf.Tensor:
-    """timm's shear_x: affine (1, factor, 0, 0, 1, 0)."""
-    return _geometric("ShearX", image, factor, interpolation, fill)
-
-
-@_graph_only
-def shear_y(image: tf.Tensor, factor: tf.Tensor, interpolation: str = "bicubic",
-            fill: Sequence[int] = FILL) -> tf.Tensor:
-    """timm's shear_y: affine (1, 0, 0, factor, 1, 0)."""
-    return _geometric("ShearY", image, factor, interpolation, fill)
-
-
-@_graph_only
-def translate_x(image: tf.Tensor, pixels: tf.Tensor, interpolation: str = "bicubic",
-                fill: Sequence[int] = FILL) -> tf.Tensor:
-    """timm's translate_x_abs: affine (1, 0, pixels, 0, 1, 0), i.e. the content moves left by `pixels`."""
-    return _geometric("TranslateX", image, pixels, interpolation, fill)
-
-
-@_graph_only
-def translate_y(image: tf.Tensor, pixels: tf.Tensor, interpolation: str = "bicubic",
-                fill: Sequence[int] = FILL) -> tf.Tensor:
-    """timm's translate_y_abs: affine (1, 0, 0, 0, 1, pixels)."""
-    return _geometric("TranslateY", image, pixels, interpolation, fill)
-
-
-@_graph_only
-def translate_x_rel(image: tf.Tensor, fraction: tf.Tensor, interpolation: str = "bicubic",
-                    fill: Sequence[int] = FILL) -> tf.Tensor:
-    """timm's translate_x_rel: translate_x by fraction * width pixels (not rounded)."""
-    return _geometric("TranslateXRel", image, fraction, interpolation, fill)
-
-
-@_graph_only
-def translate_y_rel(image: tf.Tensor, fraction: tf.Tensor, interpolation: str = "bicubic",
-                    fill: Sequence[int] = FILL) -> tf.Tensor:
-    """timm's translate_y_rel: translate_y by fraction * height pixels (not rounded)."""
-    return _geometric("TranslateYRel", image, fraction, interpolation, fill)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -424,7 +391,7 @@ def apply_op(name: str, image: tf.Tensor, magnitude: tf.Tensor, negate: tf.Tenso
     if name in ("AutoContrast", "Equalize", "Invert"):
         return {"AutoContrast": auto_contrast, "Equalize": equalize, "Invert": invert}[name](image)
     if name in _GEOMETRIC_OPS:
-        return _geometric(name, image, arg, interpolation, fill)
+        return geometric_op(name, image, arg, interpolation, fill)
     base = name.replace("Increasing", "").replace("Original", "")
     return pixel_ops[base](image, arg)
 
@@ -624,3 +591,26 @@ def preprocess_for_eval(image: tf.Tensor, image_size: int = 224, crop_pct: float
     num_channels = image.shape[-1] or 3
     crop = tf.ensure_shape(crop, [image_size, image_size, num_channels])
     return _normalise(crop, num_channels)
+
+
+@_graph_only
+def preprocess_for_finetune_train(encoded: tf.Tensor, key: tf.Tensor, *, image_size: tuple[int, int],
+                                  scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                                  rand_augment_kwargs: dict | None = None,
+                                  erase_probability: float = 0.25) -> tf.Tensor:
+    """MAE's fine-tuning transform of an encoded RGB image: [H, W, 3] normalised float32.
+
+    timm's transforms_imagenet_train as build_transform configures it: RandomResizedCrop(scale (0.08, 1),
+    bicubic) and horizontal flip (`augment.preprocess_for_train`), held as uint8 as PIL holds it, RandAugment
+    (`rand_augment`, default rand-m9-mstd0.5-inc1), ToTensor + Normalize, RandomErasing('pixel',
+    `erase_probability`). The same key gives the same image.
+    """
+    crop_key, augment_key, erase_key = tf.unstack(tf.random.experimental.stateless_split(key, 3, alg="philox"))
+    cropped = preprocess_for_train(encoded, crop_key, image_size=image_size, num_channels=3, scale=scale,
+                                   ratio=ratio)
+    levels = to_uint8((cropped * IMAGENET_STD + IMAGENET_MEAN) * 255.0)  # undo the normalisation, PIL's uint8
+    augmented = rand_augment(levels, augment_key, **(rand_augment_kwargs or {}))
+    image = _normalise(tf.cast(augmented, tf.float32), 3)
+    if erase_probability > 0:
+        image = random_erasing(image, erase_key, probability=erase_probability)
+    return image
