@@ -512,7 +512,7 @@ def random_erasing(image: tf.Tensor, key: tf.Tensor, probability: float = 0.25, 
     image = tf.convert_to_tensor(image, tf.float32)
     shape = tf.shape(image)
     height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
-    keys = tf.random.experimental.stateless_split(key, 2 + 2 * max_count, alg="philox")
+    keys = tf.random.experimental.stateless_split(key, 1 + 2 * max_count, alg="philox")  # [0]; boxes; noise
     u = tf.random.stateless_uniform([2], seed=keys[0], dtype=tf.float64, alg="philox")
     erase = u[0] < probability  # timm skips when random() > probability
     count = min_count + tf.minimum(tf.cast(u[1] * (max_count - min_count + 1), tf.int32), max_count - min_count)
@@ -520,7 +520,7 @@ def random_erasing(image: tf.Tensor, key: tf.Tensor, probability: float = 0.25, 
     columns = tf.range(shape[1])[None, :, None]
     log_lo, log_hi = math.log(min_aspect), math.log(max_aspect)
     for i in range(max_count):
-        draws = tf.random.stateless_uniform([2 * ERASE_ATTEMPTS + 2], seed=keys[2 + i], dtype=tf.float64,
+        draws = tf.random.stateless_uniform([2 * ERASE_ATTEMPTS + 2], seed=keys[1 + i], dtype=tf.float64,
                                             alg="philox")
         target_area = (min_area + (max_area - min_area) * draws[:ERASE_ATTEMPTS]) * height * width / tf.cast(
             count, tf.float64)
