@@ -1,14 +1,16 @@
-"""Tests of mae_jax.models: helpers, init, masking, errors.
+"""Tests of mae_jax.models and mae_jax.xla_cpu: helpers, parameter tree, init, ops, masking, errors.
 
 No PyTorch here: parity with Hugging Face ViTMAE and the official code is in tests/test_models_parity.py.
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax import models
+from mae_jax import models, xla_cpu
 
 TINY = models.variant("test/8", image_size=32)
 
@@ -103,9 +105,51 @@ def test_scan_blocks_same_count_and_function():
     np.testing.assert_allclose(a.pred, b.pred, atol=1e-5)
 
 
+# The parameter tree of TINY (D 32, 2 blocks; decoder D 16, 1 block; p*p*C = 192), as checkpoints, the
+# converter (torch_layout.official_layout) and the FSDP rules know it. Written out, not derived from the model.
+_TINY_BLOCK = {  # sub-path -> shape for width 32
+    "attn/proj/bias": (32,), "attn/proj/kernel": (32, 32), "attn/qkv/bias": (96,), "attn/qkv/kernel": (32, 96),
+    "mlp/fc1/bias": (128,), "mlp/fc1/kernel": (32, 128), "mlp/fc2/bias": (32,), "mlp/fc2/kernel": (128, 32),
+    "norm1/bias": (32,), "norm1/scale": (32,), "norm2/bias": (32,), "norm2/scale": (32,),
+}
+_TINY_DECODER_BLOCK = {  # width 16
+    "attn/proj/bias": (16,), "attn/proj/kernel": (16, 16), "attn/qkv/bias": (48,), "attn/qkv/kernel": (16, 48),
+    "mlp/fc1/bias": (64,), "mlp/fc1/kernel": (16, 64), "mlp/fc2/bias": (16,), "mlp/fc2/kernel": (64, 16),
+    "norm1/bias": (16,), "norm1/scale": (16,), "norm2/bias": (16,), "norm2/scale": (16,),
+}
+_TINY_OTHERS = {
+    "params/cls_token": (1, 1, 32), "params/patch_embed/kernel": (192, 32), "params/patch_embed/bias": (32,),
+    "params/norm/scale": (32,), "params/norm/bias": (32,),
+    "params/decoder_embed/kernel": (32, 16), "params/decoder_embed/bias": (16,), "params/mask_token": (1, 1, 16),
+    "params/decoder_norm/scale": (16,), "params/decoder_norm/bias": (16,),
+    "params/decoder_pred/kernel": (16, 192), "params/decoder_pred/bias": (192,),
+    "frozen/pos_embed": (1, 17, 32), "frozen/decoder_pos_embed": (1, 17, 16),
+}
+
+
+def _flat_shapes(tree):
+    return {"/".join(k.key for k in path): tuple(x.shape) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize("scan, remat", [(False, "none"), (False, "dots"), (True, "none"), (True, "full")])
+def test_parameter_paths_and_shapes(scan, remat):
+    """Unrolled: `blocks_{i}` / `decoder_blocks_{i}` at the top; scanned: `blocks` / `decoder_blocks` with a
+    leading [depth] axis. The Encoder module and remat add no level of their own."""
+    expected = dict(_TINY_OTHERS)
+    for prefix, depth, block in (("blocks", 2, _TINY_BLOCK), ("decoder_blocks", 1, _TINY_DECODER_BLOCK)):
+        for sub, shape in block.items():
+            if scan:
+                expected[f"params/{prefix}/{sub}"] = (depth, *shape)
+            else:
+                expected.update({f"params/{prefix}_{i}/{sub}": shape for i in range(depth)})
+    model = models.MaskedAutoencoderViT(**dict(TINY, scan_blocks=scan, remat=remat))
+    shapes = _flat_shapes(jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0))))
+    assert shapes == expected
+
+
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
 def test_softmax_attention_matches_autodiff_of_reference(dtype, tol):
-    """The hand-written backward of models.softmax_attention against jax.vjp of softmax(q k^T / sqrt d) v."""
+    """The hand-written backward of xla_cpu.softmax_attention against jax.vjp of softmax(q k^T / sqrt d) v."""
     qkv = jax.random.normal(jax.random.key(0), (3, 19, 3, 4, 8)) * 2.0
     dout = jax.random.normal(jax.random.key(1), (3, 19, 4, 8))
 
@@ -115,7 +159,7 @@ def test_softmax_attention_matches_autodiff_of_reference(dtype, tol):
         return jnp.einsum("nhqk,nkhd->nqhd", weights, v)
 
     out_ref, vjp_ref = jax.vjp(reference, qkv)
-    out, vjp = jax.vjp(models.softmax_attention, qkv.astype(dtype))
+    out, vjp = jax.vjp(xla_cpu.softmax_attention, qkv.astype(dtype))
     assert out.dtype == dtype
     np.testing.assert_allclose(out.astype(jnp.float32), out_ref, atol=tol * float(jnp.abs(out_ref).max()))
     (grad_ref,), (grad,) = vjp_ref(dout), vjp(dout.astype(dtype))
@@ -132,22 +176,67 @@ def test_softmax_attention_matches_autodiff_of_reference(dtype, tol):
 def test_performance_options_same_loss_and_gradients(overrides, tol):
     """Speed options change how, not what: loss and gradients of the default model (itself checked
     against Hugging Face) within float32 round-off, or bfloat16's precision."""
-    default = models.MaskedAutoencoderViT(**TINY)
-    other = models.MaskedAutoencoderViT(**dict(TINY, **overrides))
-    variables = models.init_variables(default, jax.random.key(0))
-    images = _images(4, 32, 32)
-    noise = jax.random.uniform(jax.random.key(1), (4, default.num_patches))
+    _assert_same_loss_and_gradients(models.MaskedAutoencoderViT(**TINY),
+                                    models.MaskedAutoencoderViT(**dict(TINY, **overrides)), tol)
 
-    def loss_and_grads(model):
-        return jax.jit(jax.value_and_grad(
-            lambda p: model.apply({"params": p, "frozen": variables["frozen"]}, images, noise=noise).loss))(
-                variables["params"])
 
-    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(default), loss_and_grads(other)
+def _loss_fn(model, frozen, batch_size=4, seed=0):
+    """params -> the loss of `model` on fixed random images and masking noise."""
+    images = _images(batch_size, *(g * model.patch_size for g in model.grid_size), seed=seed)
+    noise = jax.random.uniform(jax.random.key(seed + 1), (batch_size, model.num_patches))
+    return lambda params: model.apply({"params": params, "frozen": frozen}, images, noise=noise).loss
+
+
+def _assert_same_loss_and_gradients(model_a, model_b, tol):
+    variables = models.init_variables(model_a, jax.random.key(0))
+    (loss_a, grads_a), (loss_b, grads_b) = (
+        jax.jit(jax.value_and_grad(_loss_fn(m, variables["frozen"])))(variables["params"]) for m in (model_a, model_b))
     np.testing.assert_allclose(loss_b, loss_a, rtol=tol)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads_a))
     for a, b in zip(jax.tree_util.tree_leaves(grads_a), jax.tree_util.tree_leaves(grads_b)):
         np.testing.assert_allclose(b, a, atol=tol * scale)
+
+
+def test_xla_cpu_and_generic_ops_same_loss_and_gradients():
+    """ops="xla_cpu" (erf GELU, materialize_grad, custom-VJP attention) and ops="generic" (jax.nn) compute the
+    same function: loss and gradients within float32 round-off."""
+    _assert_same_loss_and_gradients(models.MaskedAutoencoderViT(**dict(TINY, ops="xla_cpu")),
+                                    models.MaskedAutoencoderViT(**dict(TINY, ops="generic")), 1e-5)
+
+
+def _count_exp_of_times_zero(hlo_text: str) -> int:
+    """How many `exponential(multiply(x, 0))` (xla_cpu._keep's `x * exp(0 * x)`) a StableHLO module holds."""
+    count = 0
+    for function in hlo_text.split("func.func")[1:]:  # SSA names are local to a function
+        zeros, times_zero = set(), set()
+        for line in function.splitlines():
+            match = re.match(r"\s*(%[\w#]+) = (\S+) (.*)", line)
+            if not match:
+                continue
+            name, op, rest = match.groups()
+            operands = set(re.findall(r"%[\w#]+", rest.split(":")[0]))
+            if op == "stablehlo.constant" and re.match(r"dense<-?0\.0+e[+-]00>", rest):
+                zeros.add(name)
+            elif op == "stablehlo.broadcast_in_dim" and operands & zeros:
+                zeros.add(name)
+            elif op == "stablehlo.multiply" and operands & zeros:
+                times_zero.add(name)
+            elif op == "stablehlo.exponential" and operands & times_zero:
+                count += 1
+    return count
+
+
+def test_generic_ops_lower_without_cpu_tricks():
+    """The generic gradient program holds none of xla_cpu's exp(0 * x) fusion barriers; the xla_cpu one holds
+    one per residual branch (materialize_grad) plus three per attention backward (dk, dv and a factor)."""
+    counts = {}
+    for ops in ("xla_cpu", "generic"):
+        model = models.MaskedAutoencoderViT(**dict(TINY, ops=ops))
+        variables = models.init_variables(model, jax.random.key(0))
+        lowered = jax.jit(jax.grad(_loss_fn(model, variables["frozen"]))).lower(variables["params"])
+        counts[ops] = _count_exp_of_times_zero(lowered.as_text())
+    blocks = TINY["depth"] + TINY["decoder_depth"]
+    assert counts == {"xla_cpu": blocks * (2 + 3), "generic": 0}
 
 
 def test_init_follows_reference():
@@ -232,6 +321,8 @@ def test_masking_from_rng():
     (dict(decoder_num_heads=5), ["decoder_embed_dim 16", "decoder_num_heads 5"]),
     (dict(dtype="int8"), ["dtype", "int8"]),
     (dict(attention="flash"), ["attention", "flash"]),
+    (dict(ops="gpu"), ["ops", "'gpu'", "'auto', 'xla_cpu', 'generic'"]),
+    (dict(remat="some"), ["remat", "'some'", "'dots'"]),
 ])
 def test_bad_settings_fail_at_construction(overrides, words):
     with pytest.raises(ValueError) as info:

@@ -62,9 +62,10 @@ def _compare_with_hf(fields, n, seed=0, atol=1e-5):
     return ours, ref
 
 
+@pytest.mark.parametrize("ops", ["xla_cpu", "generic"])
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
-def test_forward_parity_tiny(norm_pix_loss):
-    _compare_with_hf(dict(TINY, norm_pix_loss=norm_pix_loss), n=3)
+def test_forward_parity_tiny(norm_pix_loss, ops):
+    _compare_with_hf(dict(TINY, norm_pix_loss=norm_pix_loss, ops=ops), n=3)
 
 
 @pytest.mark.parametrize("mask_ratio", [0.5, 0.9])
