@@ -219,6 +219,16 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "custom_vjp", "einsum", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
+def uniform_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default Conv2d / Linear bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = fan_in**-0.5
+
+    def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
 def resolve_ops(ops: str) -> str:
     """"auto" -> "xla_cpu" when JAX's default backend is the CPU, else "generic"; other values unchanged."""
     if ops == "auto":
@@ -471,9 +481,10 @@ class MaskedAutoencoderViT(nn.Module):
                                    dtype=dtype, attention=self.attention, ops=self.ops, scan=self.scan_blocks,
                                    remat=self.remat)
         # Encoder. The patch embedding is a Dense on (p, q, c) patch vectors: the official conv with
-        # kernel = stride = patch, and its xavier init on the flattened [D, p*p*C] weight.
+        # kernel = stride = patch. Official init: xavier on its flattened [D, p*p*C] weight; the bias keeps
+        # PyTorch's Conv2d default, U(+-1/sqrt(p*p*C)).
         patch_dim = self.patch_size**2 * self.num_channels
-        self.patch_embed = dense(self.embed_dim)
+        self.patch_embed = dense(self.embed_dim, bias_init=uniform_bias_init(patch_dim))
         self.cls_token = self.param("cls_token", token_init, (1, 1, self.embed_dim))
         self.pos_embed = self.variable(
             "frozen", "pos_embed",
@@ -518,8 +529,9 @@ class MaskedAutoencoderViT(nn.Module):
     def features(self, images: Array) -> Array:
         """Encoder features of the whole image, no masking: [N, 1 + L, D] (cls first, patches in order).
 
-        For feature extraction, linear probing (cls token) and fine-tuning (mean of the patch tokens).
-        Call as `model.apply(variables, images, method=model.features)`.
+        These are the output of the final `norm`: the cls token here is what linear probing uses. Fine-tuning's
+        global pool (official `models_vit`) is different: the mean of the patch tokens *before* the final norm,
+        followed by a fresh `fc_norm`. Call as `model.apply(variables, images, method=model.features)`.
         """
         return self._encode_tokens(self._embed(images))
 

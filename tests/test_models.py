@@ -239,32 +239,62 @@ def test_generic_ops_lower_without_cpu_tricks():
     assert counts == {"xla_cpu": blocks * (2 + 3), "generic": 0}
 
 
+def _assert_std(value, expected, name, kurtosis):
+    """std within 4 standard errors of its estimate (at least 3%): sqrt((kurtosis - 1) / 4n) relative."""
+    tol = max(0.03, 4 * np.sqrt((kurtosis - 1) / (4 * value.size)))
+    np.testing.assert_allclose(value.std(), expected, rtol=tol, err_msg=name)
+
+
 def test_init_follows_reference():
-    fields = models.variant("test/16", image_size=64, embed_dim=256, num_heads=4, decoder_embed_dim=128)
+    """Every initialised tensor against the official `initialize_weights` rules (models_mae.py)."""
+    fields = models.variant("test/16", image_size=64, embed_dim=512, num_heads=4, decoder_embed_dim=512)
     model = models.MaskedAutoencoderViT(**fields)
-    params = models.init_variables(model, jax.random.key(0))["params"]
+    with jax.default_device(jax.devices("cpu")[0]):
+        variables = models.init_variables(model, jax.random.key(0))
     flat = {"/".join(k.key for k in path): np.asarray(v)
-            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    checked = 0
+            for path, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    patch_dim = 16 * 16 * 3
+    assert flat["params/patch_embed/kernel"].shape == (patch_dim, 512)
+    assert flat["params/blocks_0/attn/qkv/kernel"].shape == (512, 3 * 512)
+    rules = {}
     for name, value in flat.items():
-        if name.endswith("kernel"):
+        if name.startswith("frozen/"):  # fixed sin-cos tables with a zero cls row
+            table = models.get_2d_sincos_pos_embed(512, (4, 4), cls_token=True)[None]
+            np.testing.assert_array_equal(value, table, err_msg=name)
+            rules[name] = "sincos"
+        elif name.endswith("kernel"):
+            # xavier-uniform of the torch weight [out, in] (symmetric in fan_in, fan_out): every Linear, the
+            # fused qkv as one [3D, D] matrix, and the patch-embedding conv flattened to [D, p*p*C].
             fan_in, fan_out = value.shape
-            bound = np.sqrt(6.0 / (fan_in + fan_out))  # xavier-uniform; qkv fused as the official (3D, D)
-            assert np.abs(value).max() <= bound, name
-            assert np.abs(value).max() > 0.95 * bound, name
-            np.testing.assert_allclose(value.std(), bound / np.sqrt(3), rtol=0.05, err_msg=name)
-            checked += 1
-        elif name.endswith("bias"):
+            bound = np.sqrt(6.0 / (fan_in + fan_out))
+            assert 0.99 * bound < np.abs(value).max() <= bound, name
+            assert abs(value.mean()) < 0.01 * bound, name
+            _assert_std(value, bound / np.sqrt(3), name, kurtosis=1.8)
+            rules[name] = "xavier"
+        elif name == "params/patch_embed/bias":  # not re-initialised: PyTorch's Conv2d default
+            bound = 1 / np.sqrt(patch_dim)  # fan_in C*p*p
+            assert 0.95 * bound < np.abs(value).max() <= bound, name
+            _assert_std(value, bound / np.sqrt(3), name, kurtosis=1.8)
+            rules[name] = "conv bias"
+        elif name.endswith("bias"):  # Linear biases and LayerNorm offsets
             np.testing.assert_array_equal(value, 0.0, err_msg=name)
-        elif name.endswith("scale"):
+            rules[name] = "zero"
+        elif name.endswith("scale"):  # LayerNorm weights
             np.testing.assert_array_equal(value, 1.0, err_msg=name)
-    assert flat["patch_embed/kernel"].shape == (16 * 16 * 3, 256)
-    assert flat["blocks_0/attn/qkv/kernel"].shape == (256, 768)
-    assert checked == 4 * 2 + 2 * 2 + 3  # blocks (qkv, proj, fc1, fc2) + patch_embed, decoder_embed, pred
-    for token in ("cls_token", "mask_token"):
-        value = flat[token]
-        assert abs(value.mean()) < 0.01 and 0.014 < value.std() < 0.026, (token, value.std())
-        assert np.abs(value).max() > 0.04  # normal, not truncated at 2 sigma
+            rules[name] = "one"
+        elif name in ("params/cls_token", "params/mask_token"):  # torch.nn.init.normal_(std=.02)
+            assert value.shape == (1, 1, 512), name
+            assert abs(value.mean()) < 4 * 0.02 / np.sqrt(value.size), name
+            _assert_std(value, 0.02, name, kurtosis=3.0)
+            assert np.abs(value).max() > 2.5 * 0.02, name  # a normal, not one truncated at 2 sigma
+            rules[name] = "token"
+    assert set(rules) == set(flat), "tensors no rule covered: " + str(sorted(set(flat) - set(rules)))
+    counts = {rule: list(rules.values()).count(rule) for rule in set(rules.values())}
+    blocks = model.depth + model.decoder_depth
+    # Per block: qkv, proj, fc1, fc2 kernels and biases, two LayerNorms. Besides: patch_embed, decoder_embed,
+    # decoder_pred (kernels; the last two biases) and the norm, decoder_norm LayerNorms.
+    assert counts == {"sincos": 2, "xavier": 4 * blocks + 3, "conv bias": 1, "token": 2,
+                      "zero": 6 * blocks + 4, "one": 2 * blocks + 2}
 
 
 def test_random_masking_semantics():
