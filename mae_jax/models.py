@@ -16,6 +16,11 @@ Usage:
   out = model.apply(variables, images, noise=noise)              # or rngs={"masking": key}
   out.loss, out.pred, out.mask, out.ids_restore, out.latent
   features = model.apply(variables, images, method=model.features)  # [N, 1 + L, D], no masking
+
+The transformer blocks of the encoder and the decoder are each one `Encoder` module (unrolled or `nn.scan`,
+with optional remat), reusable by a ViT classifier together with `patchify`, `get_2d_sincos_pos_embed` and
+`random_masking`. Speed work for XLA's CPU backend lives in `mae_jax/xla_cpu.py`; the `ops` field chooses it
+("auto": on the CPU only) or plain `jax.nn` ("generic"); both compute the same function.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mae_jax import xla_cpu
 
 Array = jax.Array
 PyTree = Any
@@ -207,8 +214,26 @@ def mae_loss(pred: Array, target: Array, mask: Array) -> Array:
 
 xavier_uniform = nn.initializers.xavier_uniform()
 token_init = nn.initializers.normal(stddev=0.02)
+OPS = ("auto", "xla_cpu", "generic")
 ATTENTION_IMPLEMENTATIONS = ("auto", "custom_vjp", "einsum", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+def uniform_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default Conv2d / Linear bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = fan_in**-0.5
+
+    def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def resolve_ops(ops: str) -> str:
+    """"auto" -> "xla_cpu" when JAX's default backend is the CPU, else "generic"; other values unchanged."""
+    if ops == "auto":
+        return "xla_cpu" if jax.default_backend() == "cpu" else "generic"
+    return ops
 
 
 class Attention(nn.Module):
@@ -217,6 +242,7 @@ class Attention(nn.Module):
     num_heads: int
     dtype: Any = jnp.float32
     implementation: str = "auto"  # see MaskedAutoencoderViT.attention
+    ops: str = "auto"  # see MaskedAutoencoderViT.ops
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -226,8 +252,8 @@ class Attention(nn.Module):
         qkv = dense(3 * d, name="qkv")(x).reshape(n, t, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, T, H, Dh]
         if self.implementation == "custom_vjp" or (self.implementation == "auto"
-                                                  and jax.default_backend() == "cpu"):
-            out = softmax_attention(qkv)
+                                                  and resolve_ops(self.ops) == "xla_cpu"):
+            out = xla_cpu.softmax_attention(qkv)
         elif self.implementation == "einsum":
             logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) * head_dim**-0.5
             weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
@@ -238,108 +264,22 @@ class Attention(nn.Module):
         return dense(d, name="proj")(out.reshape(n, t, d))
 
 
-def gelu(x: Array) -> Array:
-    """Exact GELU written as PyTorch's nn.GELU computes it, x * 0.5 * (1 + erf(x / sqrt(2))).
-
-    jax.nn.gelu(approximate=False) goes through erfc, which XLA expands into two approximations, an exp and
-    a select; erf is one rational approximation (about 0.1 s less per ViT-B step at batch 8 on a 2-core CPU).
-    """
-    return x * 0.5 * (1.0 + jax.lax.erf(x * 0.5**0.5))
-
-
-def _keep(x: Array) -> Array:
-    """x (exactly, if finite), as an op that XLA computes once and keeps as it is: it neither duplicates the
-    producer into consumers nor moves transposes through it (exp counts as expensive)."""
-    return x * jnp.exp(x * 0.0)
-
-
-@jax.custom_vjp
-def softmax_attention(qkv: Array) -> Array:
-    """softmax(q k^T / sqrt(d)) v for qkv [N, T, 3, H, D] (rows q, k, v); returns [N, T, H, D].
-
-    The same function as the einsum path, arranged for the CPU with a hand-written backward: q, k and v
-    move to [N, H, T, D] in one copy, the forward keeps the unnormalised exp-scores and divides the
-    [N, H, T, D] output rather than the [N, H, T, T] weights, and the backward uses them with the row sums
-    of dout * out (the flash-attention backward without tiling) and returns dqkv in one copy. Scores, row
-    maxima and sums are float32 whatever the input dtype; the kept exponentials are in the input dtype.
-    """
-    return _softmax_attention_fwd(qkv)[0]
-
-
-def _softmax_attention_fwd(qkv):
-    q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # [N, H, T, D] each
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("nhqd,nhkd->nhqk", q, k, preferred_element_type=jnp.float32) * scale
-    exp = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
-    inv_sum = 1.0 / exp.sum(axis=-1, keepdims=True)  # [N, H, T, 1]
-    exp = exp.astype(qkv.dtype)
-    out = jnp.einsum("nhqk,nhkd->nhqd", exp, v, preferred_element_type=jnp.float32) * inv_sum
-    out = out.astype(qkv.dtype)
-    return out.transpose(0, 2, 1, 3), (q, k, v, exp, inv_sum, out)
-
-
-def _softmax_attention_bwd(residuals, dout):
-    q, k, v, exp, inv_sum, out = residuals
-    row_scale = inv_sum * q.shape[-1] ** -0.5  # [N, H, T, 1]: 1 / (row sum * sqrt(d))
-    dout_t = dout.transpose(0, 2, 3, 1)  # [N, H, D, T]
-    dout = dout.transpose(0, 2, 1, 3)  # [N, H, T, D]
-    dweights = jnp.einsum("nhqd,nhkd->nhqk", dout, v, preferred_element_type=jnp.float32)
-    delta = (dout.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1, keepdims=True)  # [N, H, T, 1]
-    # d loss / d logits = dscores * row_scale (per query row), applied to the small factors below.
-    dscores = (exp * (dweights - delta)).astype(q.dtype)
-    dq = jnp.einsum("nhqk,nhkd->nhqd", dscores, k, preferred_element_type=jnp.float32) * row_scale
-    # dk and dv contract over the query rows of dscores / exp. XLA:CPU runs that transposed-left product as
-    # a plain loop 2-3x slower than its matmul kernels, so they are computed transposed, [D, T] x [T, T],
-    # from the small factor scaled per row into [N, H, D, T]; _keep stops XLA from folding these transposes
-    # back into the products.
-    q_t = _keep(q.swapaxes(-1, -2) * row_scale.swapaxes(-1, -2)).astype(q.dtype)
-    dk_t = jnp.einsum("nhdq,nhqk->nhdk", q_t, dscores, preferred_element_type=jnp.float32)
-    dv_t = jnp.einsum("nhdq,nhqk->nhdk", (dout_t * inv_sum.swapaxes(-1, -2)).astype(q.dtype), exp,
-                      preferred_element_type=jnp.float32)
-    dk_t, dv_t = (_keep(x) for x in (dk_t, dv_t))
-    dqkv = jnp.stack([dq, dk_t.swapaxes(-1, -2), dv_t.swapaxes(-1, -2)])
-    return (dqkv.astype(q.dtype).transpose(1, 3, 0, 2, 4),)
-
-
-softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
-
-
 class Mlp(nn.Module):
     """fc1 -> exact (erf) GELU -> fc2."""
 
     hidden_dim: int
     dtype: Any = jnp.float32
+    ops: str = "auto"  # see MaskedAutoencoderViT.ops
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=xavier_uniform)
+        if resolve_ops(self.ops) == "xla_cpu":
+            gelu = xla_cpu.gelu
+        else:
+            gelu = functools.partial(jax.nn.gelu, approximate=False)
         y = gelu(dense(self.hidden_dim, name="fc1")(x))
         return dense(x.shape[-1], name="fc2")(y)
-
-
-@jax.custom_vjp
-def materialize_grad(x: Array) -> Array:
-    """Identity whose gradient XLA computes once and keeps (a performance fix; values are unchanged).
-
-    Placed on the input of each residual branch (attention and MLP). Without it, XLA's CPU backend fuses
-    the chain of LayerNorm-backward additions of every later branch into each weight-gradient transpose
-    and recomputes it there: a third of the ViT-B train step. The backward is _keep(g), g * exp(0 * g):
-    exactly g for finite g (NaN for non-finite g, which the train step rejects anyway), and an elementwise
-    op XLA considers expensive, so it materialises the result instead of duplicating the chain.
-    `optimization_barrier` does not help: XLA removes it before fusion on the CPU.
-    """
-    return x
-
-
-def _materialize_grad_fwd(x):
-    return x, None
-
-
-def _materialize_grad_bwd(_, g):
-    return (_keep(g),)
-
-
-materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
 
 
 class Block(nn.Module):
@@ -349,45 +289,74 @@ class Block(nn.Module):
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-6
     dtype: Any = jnp.float32
-    attention: str = "auto"
-    scan_carry: bool = False  # under nn.scan: take (x, None) and return (x, None)
+    attention: str = "auto"  # see MaskedAutoencoderViT.attention
+    ops: str = "auto"  # see MaskedAutoencoderViT.ops
 
     @nn.compact
-    def __call__(self, x: Array, _: None = None) -> Array | tuple[Array, None]:
+    def __call__(self, x: Array) -> Array:
         norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, dtype=self.dtype,
                                  use_fast_variance=False)
-        x = materialize_grad(x)
-        x = x + Attention(self.num_heads, self.dtype, self.attention, name="attn")(norm(name="norm1")(x))
-        hidden = int(x.shape[-1] * self.mlp_ratio)
-        x = materialize_grad(x)
-        x = x + Mlp(hidden, self.dtype, name="mlp")(norm(name="norm2")(x))
-        return (x, None) if self.scan_carry else x
+        # Identity in value; on XLA:CPU it stops the backward of later branches being recomputed (xla_cpu).
+        branch_input = xla_cpu.materialize_grad if resolve_ops(self.ops) == "xla_cpu" else lambda y: y
+        x = branch_input(x)
+        x = x + Attention(self.num_heads, self.dtype, self.attention, self.ops, name="attn")(norm(name="norm1")(x))
+        x = branch_input(x)
+        x = x + Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.ops, name="mlp")(norm(name="norm2")(x))
+        return x
 
 
-def make_blocks(depth: int, prefix: str, remat: str, scan: bool, **block_kwargs: Any):
-    """`depth` Blocks named `{prefix}_{i}` (the official names), or with `scan` one `nn.scan` module named
-    `prefix` whose params carry a leading [depth] axis. Call the result with `apply_blocks`."""
-    block_cls = Block
-    if remat != "none":
-        policy = {
-            "full": None,
-            "dots": jax.checkpoint_policies.checkpoint_dots,
-            "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-        }[remat]
-        block_cls = nn.remat(Block, policy=policy, prevent_cse=not scan)
-    if scan:
-        scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                          length=depth, in_axes=nn.broadcast)
-        return scanned(**block_kwargs, scan_carry=True, name=prefix)
-    return [block_cls(**block_kwargs, name=f"{prefix}_{i}") for i in range(depth)]
+def _scan_body(block: Block, x: Array, _: None) -> tuple[Array, None]:
+    return block(x), None
 
 
-def apply_blocks(blocks: Any, x: Array) -> Array:
-    if isinstance(blocks, (list, tuple)):
-        for block in blocks:
+class Encoder(nn.Module):
+    """`depth` transformer blocks, unrolled or under `nn.scan` (big_vision's Encoder, without the final norm).
+
+    The blocks' parameters sit directly in the parent module, as the official `blocks.{i}`: `{block_name}_{i}`
+    unrolled, or one `{block_name}` whose parameters carry a leading [depth] axis when scanned. Checkpoints,
+    weight conversion and sharding rules see the same tree whichever module builds the blocks.
+    """
+
+    depth: int  # number of blocks
+    num_heads: int  # attention heads per block
+    mlp_ratio: float = 4.0  # MLP hidden width / embedding width
+    layer_norm_eps: float = 1e-6  # LayerNorm epsilon (the official 1e-6)
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    attention: str = "auto"  # attention implementation, see MaskedAutoencoderViT.attention
+    ops: str = "auto"  # "auto", "xla_cpu" or "generic", see MaskedAutoencoderViT.ops
+    scan: bool = False  # nn.scan over the blocks: stacked parameters, compile time independent of depth
+    remat: str = "none"  # per-block rematerialisation policy, one of REMAT_POLICIES
+    block_name: str = "blocks"  # parameter name prefix of the blocks ("blocks", "decoder_blocks")
+
+    def setup(self):
+        if isinstance(self.parent, nn.Module):
+            nn.share_scope(self.parent, self)  # no scope level of our own: see the class docstring
+        block_cls = Block
+        if self.remat != "none":
+            policy = {
+                "full": None,
+                "dots": jax.checkpoint_policies.checkpoint_dots,
+                "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+            }[self.remat]
+            # prevent_cse stops XLA from merging the recomputation with the forward pass; a scan's loop body
+            # cannot be merged anyway, so it is dropped there (as jax.checkpoint's docs advise).
+            block_cls = nn.remat(Block, policy=policy, prevent_cse=not self.scan)
+        block = functools.partial(block_cls, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                                  layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                                  attention=self.attention, ops=self.ops)
+        if self.scan:
+            self.blocks = block(name=self.block_name)
+        else:
+            self.blocks = [block(name=f"{self.block_name}_{i}") for i in range(self.depth)]
+
+    def __call__(self, x: Array) -> Array:
+        """[N, T, D] tokens -> [N, T, D] after every block."""
+        if self.scan:
+            scan = nn.scan(_scan_body, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth)
+            return scan(self.blocks, x, None)[0]
+        for block in self.blocks:
             x = block(x)
         return x
-    return blocks(x, None)[0]
 
 
 @flax.struct.dataclass
@@ -418,10 +387,16 @@ class MaskedAutoencoderViT(nn.Module):
     norm_pix_loss: bool = False
     layer_norm_eps: float = 1e-6
     dtype: Any = "float32"  # compute dtype ("float32" or "bfloat16"); params stay float32
-    # "auto": on the CPU "custom_vjp" (softmax_attention: hand-written backward, fewest passes over the
-    # score tensors); elsewhere jax.nn.dot_product_attention (cuDNN flash attention where it applies, XLA's
-    # otherwise); "xla", "cudnn" force one of those; "einsum" is the reference's order of operations.
+    # "auto": with the xla_cpu ops, "custom_vjp" (xla_cpu.softmax_attention: hand-written backward, fewest
+    # passes over the score tensors); otherwise jax.nn.dot_product_attention (cuDNN flash attention where
+    # it applies, XLA's otherwise); "xla", "cudnn" force one of those; "einsum" is the reference's order of
+    # operations.
     attention: str = "auto"
+    # Backend-specific implementations of the same function (mae_jax/xla_cpu.py): "xla_cpu" uses xla_cpu.gelu,
+    # xla_cpu.materialize_grad on each residual branch input and (attention "auto") xla_cpu.softmax_attention;
+    # "generic" uses jax.nn.gelu(approximate=False), no gradient barrier and jax.nn.dot_product_attention;
+    # "auto" is "xla_cpu" when jax.default_backend() is the CPU, else "generic". Set it to override that.
+    ops: str = "auto"
     remat: str = "none"  # per-block rematerialisation: "none", "full", "dots", "dots_no_batch"
     scan_blocks: bool = False  # nn.scan over blocks (stacked params, fast compile for deep models)
 
@@ -455,6 +430,8 @@ class MaskedAutoencoderViT(nn.Module):
                                  "(2-D sin-cos position embedding)")
             if heads <= 0 or dim % heads:
                 raise ValueError(f"{prefix}embed_dim {dim} is not divisible by {prefix}num_heads {heads}")
+        if self.ops not in OPS:
+            raise ValueError(f"ops {self.ops!r} is not one of {OPS}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
         if self.remat not in REMAT_POLICIES:
@@ -505,16 +482,19 @@ class MaskedAutoencoderViT(nn.Module):
         dtype = self.compute_dtype
         dense = functools.partial(nn.Dense, dtype=dtype, kernel_init=xavier_uniform)
         norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, dtype=dtype, use_fast_variance=False)
-        stack = functools.partial(make_blocks, remat=self.remat, scan=self.scan_blocks, mlp_ratio=self.mlp_ratio,
-                                  layer_norm_eps=self.layer_norm_eps, dtype=dtype, attention=self.attention)
+        blocks = functools.partial(Encoder, mlp_ratio=self.mlp_ratio, layer_norm_eps=self.layer_norm_eps,
+                                   dtype=dtype, attention=self.attention, ops=self.ops, scan=self.scan_blocks,
+                                   remat=self.remat)
         # Encoder. The patch embedding is a Dense on (p, q, c) patch vectors: the official conv with
-        # kernel = stride = patch, and its xavier init on the flattened [D, p*p*C] weight.
-        self.patch_embed = dense(self.embed_dim)
+        # kernel = stride = patch. Official init: xavier on its flattened [D, p*p*C] weight; the bias keeps
+        # PyTorch's Conv2d default, U(+-1/sqrt(p*p*C)).
+        patch_dim = self.patch_size**2 * self.num_channels
+        self.patch_embed = dense(self.embed_dim, bias_init=uniform_bias_init(patch_dim))
         self.cls_token = self.param("cls_token", token_init, (1, 1, self.embed_dim))
         self.pos_embed = self.variable(
             "frozen", "pos_embed",
             lambda: jnp.asarray(get_2d_sincos_pos_embed(self.embed_dim, self.grid_size, cls_token=True))[None])
-        self.blocks = stack(self.depth, "blocks", num_heads=self.num_heads)
+        self.encoder = blocks(self.depth, self.num_heads, block_name="blocks")
         self.norm = norm()
         # Decoder.
         self.decoder_embed = dense(self.decoder_embed_dim)
@@ -523,9 +503,9 @@ class MaskedAutoencoderViT(nn.Module):
             "frozen", "decoder_pos_embed",
             lambda: jnp.asarray(get_2d_sincos_pos_embed(self.decoder_embed_dim, self.grid_size,
                                                         cls_token=True))[None])
-        self.decoder_blocks = stack(self.decoder_depth, "decoder_blocks", num_heads=self.decoder_num_heads)
+        self.decoder = blocks(self.decoder_depth, self.decoder_num_heads, block_name="decoder_blocks")
         self.decoder_norm = norm()
-        self.decoder_pred = dense(self.patch_size**2 * self.num_channels)
+        self.decoder_pred = dense(patch_dim)
 
     # -- forward -----------------------------------------------------------------------------------------
 
@@ -539,7 +519,7 @@ class MaskedAutoencoderViT(nn.Module):
         """Prepends cls + pos[0] to [N, T, D] tokens, runs the blocks and the final norm."""
         cls = (self.cls_token + self.pos_embed.value[:, :1, :]).astype(x.dtype)
         x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
-        return self.norm(apply_blocks(self.blocks, x))
+        return self.norm(self.encoder(x))
 
     def encode(self, images: Array, noise: Array | None = None) -> tuple[Array, Array, Array]:
         """Masks and encodes: returns latent [N, 1 + len_keep, D], mask [N, L], ids_restore [N, L]."""
@@ -554,8 +534,9 @@ class MaskedAutoencoderViT(nn.Module):
     def features(self, images: Array) -> Array:
         """Encoder features of the whole image, no masking: [N, 1 + L, D] (cls first, patches in order).
 
-        For feature extraction, linear probing (cls token) and fine-tuning (mean of the patch tokens).
-        Call as `model.apply(variables, images, method=model.features)`.
+        These are the output of the final `norm`: the cls token here is what linear probing uses. Fine-tuning's
+        global pool (official `models_vit`) is different: the mean of the patch tokens *before* the final norm,
+        followed by a fresh `fc_norm`. Call as `model.apply(variables, images, method=model.features)`.
         """
         return self._encode_tokens(self._embed(images))
 
@@ -568,7 +549,7 @@ class MaskedAutoencoderViT(nn.Module):
         tokens = jnp.take_along_axis(tokens, ids_restore[:, :, None], axis=1)  # unshuffle
         x = jnp.concatenate([x[:, :1, :], tokens], axis=1)
         x = x + self.decoder_pos_embed.value.astype(x.dtype)
-        x = self.decoder_norm(apply_blocks(self.decoder_blocks, x))
+        x = self.decoder_norm(self.decoder(x))
         return self.decoder_pred(x)[:, 1:, :].astype(jnp.float32)
 
     def __call__(self, images: Array, noise: Array | None = None) -> MAEOutput:
