@@ -184,16 +184,20 @@ def random_masking(x: Array, noise: Array, mask_ratio: float) -> tuple[Array, Ar
     return x_masked, mask, ids_restore
 
 
-def patch_targets(images: Array, patch_size: int, norm_pix_loss: bool) -> Array:
-    """Reconstruction targets [N, L, p*p*C]: the patches, per-patch normalised if `norm_pix_loss`.
+def patch_mean_std(patches: Array) -> tuple[Array, Array]:
+    """Per-patch statistics of the norm-pix loss, [N, L, 1] each: the mean, and sqrt(var + 1e-6) with the
+    unbiased variance (torch `.var()`), as the reference."""
+    mean = patches.mean(axis=-1, keepdims=True)
+    return mean, (patches.var(axis=-1, ddof=1, keepdims=True) + 1.0e-6) ** 0.5
 
-    Normalisation uses the unbiased variance (torch `.var()`) and eps 1e-6, as the reference.
-    """
+
+def patch_targets(images: Array, patch_size: int, norm_pix_loss: bool) -> Array:
+    """Reconstruction targets [N, L, p*p*C]: the patches, per-patch normalised (`patch_mean_std`) if
+    `norm_pix_loss`."""
     target = patchify(images.astype(jnp.float32), patch_size)
     if norm_pix_loss:
-        mean = target.mean(axis=-1, keepdims=True)
-        var = target.var(axis=-1, ddof=1, keepdims=True)
-        target = (target - mean) / (var + 1.0e-6) ** 0.5
+        mean, std = patch_mean_std(target)
+        target = (target - mean) / std
     return target
 
 

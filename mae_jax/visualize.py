@@ -43,10 +43,8 @@ def reconstruct(model: models.MaskedAutoencoderViT, variables, images: jax.Array
     size = images.shape[1:3]
     pred = out.pred
     if model.norm_pix_loss:
-        target = models.patchify(images.astype(jnp.float32), p)
-        mean = target.mean(axis=-1, keepdims=True)
-        var = target.var(axis=-1, ddof=1, keepdims=True)
-        pred = pred * (var + 1.0e-6) ** 0.5 + mean
+        mean, std = models.patch_mean_std(models.patchify(images.astype(jnp.float32), p))
+        pred = pred * std + mean
     c = model.num_channels
     mask = jnp.repeat(out.mask[:, :, None], p * p * c, axis=-1)  # [N, L, p*p*C], 1 = removed
     mask = models.unpatchify(mask, p, size)

@@ -6,6 +6,8 @@ import functools
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import chex
@@ -16,7 +18,7 @@ import pytest
 
 from configs import tiny
 from mae_jax import models, parallel, train, trainer
-from runs import read_metrics, run_main
+from runs import ROOT, read_metrics, run_main
 
 
 def test_tiny_config_trains_end_to_end(tmp_path):
@@ -208,12 +210,16 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     ("--config.batch_size=12", "batch_size 12 is not divisible by the 8 devices of the data=8 x fsdp=1 mesh"),
     ("--config.mesh.data=3", "mesh data=3 x fsdp=1 does not divide the 8 devices"),
     ("--config.model.mask_ratio=1.0", "model: mask_ratio 1.0 must be in [0, 1)"),
+    ("--config.batch_size=800", "batch_size 800 exceeds the 160 training examples"),
+    ("--config.input.dataset=folder", 'dataset="folder" needs config.input.image_folder'),
+    ("--config.init_from=/nonexistent/weights.pth", "/nonexistent/weights.pth does not exist"),
 ])
 def test_bad_settings_fail_at_once_with_one_line(tmp_path, override, message):
     result = run_main(tmp_path, override, devices=8)
     assert result.returncode != 0
     errors = [l for l in result.stderr.splitlines() if "error:" in l]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Error:" not in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert "Compiled the train step" not in result.stdout
     assert not (tmp_path / "checkpoints").exists()
@@ -228,3 +234,15 @@ def test_validate_config_accepts_paper_recipes():
         assert config.model.norm_pix_loss and config.model.mask_ratio == 0.75
         assert train.validate_config(config, 8, 1) == (8, 1)
     assert train.validate_config(vit_base.get_config(), 256, 32) == (256, 1)
+
+
+def test_missing_or_broken_config_file_is_one_line(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n")
+    missing = tmp_path / "missing.py"
+    for config, message in [(missing, f"--config {missing}: no such file (e.g. configs/vit_base.py)"),
+                            (broken, f"--config: {broken}:1: invalid syntax")]:
+        result = subprocess.run([sys.executable, "main.py", "--config", str(config), "--workdir", str(tmp_path / "w")],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines() == [f"main.py: error: {message}"], result.stderr[-2000:]
