@@ -17,15 +17,17 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mae_jax import train  # noqa: E402
+from mae_jax import config_lib, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Training configuration file, e.g. configs/vit_base.py; override any field with "
-    "--config.<field>=<value>. The fields, defaults and meanings are documented in configs/vit_base.py.",
+    "--config.<field>=<value>. The fields, defaults and meanings are documented in configs/vit_base.py; "
+    "--show_config lists them with their values.",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("show_config", False, "Print every config field with its value and meaning, then exit.")
+flags.mark_flags_as_required(["config"])
 
 
 def parse_flags(argv):
@@ -53,6 +55,13 @@ def parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.show_config:
+        config_file = FLAGS["config"].config_filename.split(":", 1)[0]
+        base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "vit_base.py")
+        print(config_lib.describe(FLAGS.config, [base, config_file]))
+        return
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required: the directory for checkpoints, metrics and TensorBoard events")
     logging.get_absl_handler().python_handler.stream = sys.stdout  # progress goes to stdout
     verbose = runtime.quiet_logs()  # Orbax's narration of every save, jax's search for accelerators
     logging.info("Process settings: %s.", SETTINGS)

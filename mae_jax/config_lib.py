@@ -8,8 +8,12 @@ warning naming the new field.
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 from absl import logging
+
+from mae_jax import models
 
 # old top-level field -> new dotted field (0.1.0 -> 0.2.0: the data settings moved into config.input)
 RENAMED = {
@@ -73,3 +77,37 @@ def resolve(config: ml_collections.ConfigDict) -> None:
     size = config.model.get("image_size")
     if isinstance(size, (tuple, list)) and len(size) == 1:
         config.model.image_size = (size[0], size[0])
+
+
+def _field_comments(source_files: list[str]) -> dict[str, str]:
+    """field -> its end-of-line comment in the config files (`config.x = ...  # meaning`), the input group's
+    fields (`c.x` in this module) under "input.", the model's dataclass fields (models.py) under "model."."""
+    comments = {}
+    pattern = re.compile(r"^\s*(config|c)\.([\w.]+)\s*=[^#]*#\s*(.+)$")
+    field = re.compile(r"^    (\w+): [^=]+=[^#]*#\s*(.+)$")  # a model field in models.py
+    for path in source_files:
+        for line in open(path):
+            match = pattern.match(line)
+            if match:
+                prefix = "input." if match.group(1) == "c" else ""
+                comments.setdefault(prefix + match.group(2), match.group(3).strip())
+            elif path == models.__file__ and (match := field.match(line)):
+                comments.setdefault("model." + match.group(1), match.group(2).strip())
+    return comments
+
+
+def describe(config: ml_collections.ConfigDict, source_files: list[str]) -> str:
+    """Every field of `config` with its value and, where the config files say it, its meaning."""
+    comments = _field_comments([*source_files, __file__, models.__file__])
+    flat = {}
+
+    def walk(prefix, node):
+        for key, value in node.items():
+            if isinstance(value, ml_collections.ConfigDict):
+                walk(f"{prefix}{key}.", value)
+            elif f"{prefix}{key}" not in RENAMED:
+                flat[f"{prefix}{key}"] = value
+
+    walk("", config)
+    width = max(map(len, flat))
+    return "\n".join(f"{key:<{width}}  {value!r:<24}  {comments.get(key, '')}".rstrip() for key, value in flat.items())

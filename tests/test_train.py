@@ -246,3 +246,13 @@ def test_missing_or_broken_config_file_is_one_line(tmp_path):
                                 cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode != 0
         assert result.stderr.strip().splitlines() == [f"main.py: error: {message}"], result.stderr[-2000:]
+
+
+def test_show_config_lists_fields_with_values_and_meanings():
+    result = subprocess.run([sys.executable, "main.py", "--config", "configs/tiny.py", "--show_config",
+                             "--config.batch_size=32"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert "32" in lines["batch_size"] and "global batch per optimizer step" in lines["batch_size"]
+    assert "'synthetic'" in lines["input.dataset"] and "a tfds name" in lines["input.dataset"]
+    assert "model.mask_ratio" in lines and "dataset" not in lines  # renamed old names are not listed
