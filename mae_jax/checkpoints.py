@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_lib
+import gc
 import logging as std_logging
 import os
 import re
@@ -59,6 +60,13 @@ class CheckpointManager(ocp.CheckpointManager):
     """Orbax's CheckpointManager whose write failures, also those of a background save that surface while
     waiting or closing, are one `CheckpointError` (see `write_error`)."""
 
+    in_flight: int | None = None  # the step whose (background) save was started last
+
+    def save(self, step: int, *args, **kwargs) -> bool:
+        saved = super().save(step, *args, **kwargs)  # first waits for the previous one: still `in_flight`
+        self.in_flight = step
+        return saved
+
     def wait_until_finished(self):
         try:
             with _quiet_orbax():
@@ -66,7 +74,7 @@ class CheckpointManager(ocp.CheckpointManager):
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise bare Exceptions
-            raise write_error(epath.Path(self.directory), None, e) from None
+            raise write_error(epath.Path(self.directory), self.in_flight, e) from None
 
     def close(self):
         try:
@@ -136,13 +144,14 @@ def write_error(directory: epath.Path, step: int | None, error: BaseException, *
         found = re.search(r'"(/[^"]+)"', str(error))
         where = found.group(1) if found else None
     at = f" at {where}" if where and os.fspath(where) != os.fspath(directory) else ""
-    what = ("cannot write checkpoints to" if probing else
-            f"writing checkpoint step {step} to" if step is not None else "writing a checkpoint to")
+    what = (f"cannot write checkpoints to {directory}" if probing else
+            f"writing checkpoint step {step} to {directory} failed" if step is not None else
+            f"writing a checkpoint to {directory} failed")
     latest = latest_step(directory)
     kept = f"the earlier checkpoints are intact (latest: step {latest})" if latest is not None else \
         "no checkpoint was written"
-    return CheckpointError(f"{what} {directory} failed: {cause}{at}; {kept}. Make {directory} writable or free "
-                           "space on its disk, then re-run the same command to resume")
+    return CheckpointError(f"{what}: {cause}{at}; {kept}. Make {directory} writable or free space on its disk, "
+                           "then re-run the same command to resume")
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: PyTree, model_fields: Mapping[str, Any],
@@ -281,8 +290,8 @@ def _quiet_orbax() -> Iterator[None]:
         return
     logger, log_filter, hook = std_logging.getLogger("absl"), _DropOrbaxErrors(), sys.unraisablehook
 
-    def unraisable(info):
-        if not (info.object is not None and "coroutine" in repr(info.object)):
+    def unraisable(info):  # TensorStore's callbacks into the event loops of the failed read
+        if "coroutine" not in repr(info.object) and "Event loop is closed" not in str(info.exc_value):
             hook(info)
 
     logger.addFilter(log_filter)
@@ -405,6 +414,7 @@ def restore_latest(manager: ocp.CheckpointManager,
                 state, input_state = _restore_step(manager, step, abstract_state)
             except _Corrupt as e:
                 failure = e
+                gc.collect()  # the failed read's never-awaited coroutines, while their warnings are dropped
         if _all_agree(failure is None):
             if moved:
                 with _quiet_orbax():
