@@ -62,6 +62,13 @@ class CheckpointManager(ocp.CheckpointManager):
 
     in_flight: int | None = None  # the step whose (background) save was started last
 
+    def __init__(self, *args, **kwargs):
+        # A background save that fails logs from Orbax's threads while training goes on: one line each,
+        # not their tracebacks (the failure is raised, once, at the next save or at close).
+        self._tracebacks_dropped = _OrbaxTracebacks()
+        std_logging.getLogger("absl").addFilter(self._tracebacks_dropped)
+        super().__init__(*args, **kwargs)
+
     def save(self, step: int, *args, **kwargs) -> bool:
         saved = super().save(step, *args, **kwargs)  # first waits for the previous one: still `in_flight`
         self.in_flight = step
@@ -83,6 +90,8 @@ class CheckpointManager(ocp.CheckpointManager):
             with contextlib.suppress(Exception):  # the same failure again; release the rest anyway
                 super().close()
             raise e from None
+        finally:
+            std_logging.getLogger("absl").removeFilter(self._tracebacks_dropped)
         super().close()
 
 
@@ -274,6 +283,13 @@ def _is_transient(error: BaseException) -> bool:
     text = str(error)
     return isinstance(error, (MemoryError, PermissionError, KeyboardInterrupt)) or \
         "RESOURCE_EXHAUSTED" in text or "PERMISSION_DENIED" in text
+
+
+class _OrbaxTracebacks(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if "/orbax/" in record.pathname and record.levelno >= std_logging.ERROR and logging.get_verbosity() < 1:
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 class _DropOrbaxErrors(std_logging.Filter):

@@ -221,7 +221,7 @@ def test_fingerprint_does_not_depend_on_the_sharding():
 # its own: root ignores file modes) ends within seconds with one line; earlier checkpoints stay.
 
 WRITER = """
-import os, subprocess, sys
+import os, subprocess, sys, time
 import jax.numpy as jnp
 import numpy as np
 from mae_jax import checkpoints
@@ -234,6 +234,7 @@ if how == "read-only":
 size = 1000 if how == "read-only" else 2_000_000  # 8 MB of noise (no compression) into a 1 MB disk
 try:
     checkpoints.save(manager, 2, {"w": jnp.asarray(np.random.default_rng(0).standard_normal(size, np.float32))}, {})
+    time.sleep(2)  # "training": the background write fails meanwhile, and Orbax's threads log it
     manager.close()
 except checkpoints.CheckpointError as e:
     sys.exit(f"error: {e}")
