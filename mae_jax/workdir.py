@@ -270,12 +270,14 @@ def record_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict)
 
 
 def check_and_record_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict, *,
-                            resuming: bool) -> list[str]:
-    """`check_resume` against config.json when resuming, then `record_config`. Returns the allowed changes."""
+                            resuming: bool, record: bool = True) -> list[str]:
+    """`check_resume` against config.json when resuming, then `record_config` (if `record`: on process 0 of
+    a multi-process run, while every process checks). Returns the allowed changes."""
     notes = []
     if resuming:
         saved = load_saved_config(workdir)
         if saved is not None:
             notes = check_resume(saved, config)
-    record_config(workdir, config)
+    if record:
+        record_config(workdir, config)
     return notes
