@@ -2,54 +2,196 @@
 
 Layout (one format for both, so that anything that reads weights reads either):
 
-    <root>/<step>/state   PyTree: training state {"step", "params", "frozen", "opt_state", "rng"},
-                          or only {"params", "frozen"} in a weights export
-    <root>/<step>/model   JSON: the model's constructor fields (enough to rebuild the architecture)
-    <root>/<step>/input   JSON: the input pipeline's position (training checkpoints only)
+    <root>/<step>/state        PyTree: training state {"step", "params", "frozen", "opt_state", "rng"},
+                               or only {"params", "frozen"} in a weights export
+    <root>/<step>/model        JSON: the model's constructor fields (enough to rebuild the architecture)
+    <root>/<step>/input        JSON: the input pipeline's position (training checkpoints only)
+    <root>/<step>/fingerprint  JSON: a uint32 checksum of every leaf of `state`, verified after restoring
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save never
-leaves a half-written checkpoint that the next run would pick up.
+leaves a half-written checkpoint that the next run would pick up. What that cannot catch (a copy interrupted
+half-way, a truncated or damaged file, flipped bits) `restore_latest` does: a step that does not restore or
+whose checksums differ is renamed `<step>.corrupt-<reason>` (Orbax no longer sees it; nothing is deleted)
+with one warning, and the next newest step is tried.
+
+Write failures (read-only or full disk, permissions) raise one `CheckpointError` naming the directory and
+the errno, and never leave the process waiting on Orbax's threads: the step directory is created in the
+calling thread (`create_directories_asynchronously=False`). With Orbax's default, the directory is made by a
+background thread while the other writer threads wait for its signal with a 20-minute timeout
+(`AsyncOptions.timeout_secs`); when the mkdir fails no signal ever comes, and the interpreter's exit blocks
+joining those non-daemon threads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno as errno_lib
+import gc
+import logging as std_logging
 import os
-from typing import Any, Mapping
+import re
+import socket
+import sys
+from typing import Any, Iterator, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
 PyTree = Any
-STATE, MODEL, INPUT = "state", "model", "input"
+STATE, MODEL, INPUT, FINGERPRINT = "state", "model", "input", "fingerprint"
+CORRUPT_MARK = ".corrupt-"  # <step>.corrupt-<reason>: a step moved aside by restore_latest
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, written or used: a one-line message naming the directory, what was
+    found and what to do."""
+
+
+# -------------------------------------------------------------------------------------------------------
+# The manager, and saving.
+# -------------------------------------------------------------------------------------------------------
+
+
+class CheckpointManager(ocp.CheckpointManager):
+    """Orbax's CheckpointManager whose write failures, also those of a background save that surface while
+    waiting or closing, are one `CheckpointError` (see `write_error`)."""
+
+    in_flight: int | None = None  # the step whose (background) save was started last
+
+    def __init__(self, *args, **kwargs):
+        # A background save that fails logs from Orbax's threads while training goes on: one line each,
+        # not their tracebacks (the failure is raised, once, at the next save or at close).
+        self._tracebacks_dropped = _OrbaxTracebacks()
+        std_logging.getLogger("absl").addFilter(self._tracebacks_dropped)
+        super().__init__(*args, **kwargs)
+
+    def save(self, step: int, *args, **kwargs) -> bool:
+        saved = super().save(step, *args, **kwargs)  # first waits for the previous one: still `in_flight`
+        self.in_flight = step
+        return saved
+
+    def wait_until_finished(self):
+        try:
+            with _quiet_orbax():
+                super().wait_until_finished()
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise bare Exceptions
+            raise write_error(epath.Path(self.directory), self.in_flight, e) from None
+
+    def close(self):
+        try:
+            self.wait_until_finished()
+        except CheckpointError as e:
+            with contextlib.suppress(Exception):  # the same failure again; release the rest anyway
+                super().close()
+            raise e from None
+        finally:
+            std_logging.getLogger("absl").removeFilter(self._tracebacks_dropped)
+        super().close()
 
 
 def make_manager(directory: str | os.PathLike, *, max_to_keep: int | None = 3,
-                 enable_async: bool = True) -> ocp.CheckpointManager:
-    """A CheckpointManager over `directory` (created if needed); saving is decided by the caller."""
+                 enable_async: bool = True) -> CheckpointManager:
+    """A CheckpointManager over `directory` (created if needed, and checked writable); saving is decided by
+    the caller."""
+    directory = epath.Path(directory).absolute()
+    check_writable(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=enable_async,
         create=True,
         cleanup_tmp_directories=True,
+        # In the calling thread: a failed mkdir then raises here instead of leaving Orbax's writer threads
+        # waiting 20 minutes for its signal (module docstring).
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
     )
-    return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options,
-                                 item_names=(STATE, MODEL, INPUT))
+    with _quiet_orbax():  # it lists the steps, reading their metadata
+        return CheckpointManager(directory, options=options, item_names=(STATE, MODEL, INPUT, FINGERPRINT))
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Creates `directory` if needed and writes and removes a small probe file in it: a read-only, full or
+    forbidden directory fails here, in one `CheckpointError`, before anything is compiled."""
+    directory = epath.Path(directory)
+    probe = directory / f".write-test-{socket.gethostname()}-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise write_error(directory, None, e, probing=True) from None
+
+
+def _errno_of(error: BaseException) -> int | None:
+    if isinstance(error, OSError) and error.errno:
+        return error.errno
+    found = re.search(r"os_error_code='?(\d+)|\[Errno (\d+)\]", str(error))  # TensorStore's and Python's
+    if found:
+        return int(found.group(1) or found.group(2))
+    if "RESOURCE_EXHAUSTED" in str(error):
+        return errno_lib.ENOSPC
+    if "PERMISSION_DENIED" in str(error):
+        return errno_lib.EACCES
+    return None
+
+
+def write_error(directory: epath.Path, step: int | None, error: BaseException, *,
+                probing: bool = False) -> CheckpointError:
+    """One line for a failed checkpoint write: the directory, the errno, what is intact and what to do."""
+    code = _errno_of(error)
+    if code is not None:
+        cause = f"{os.strerror(code)} ({errno_lib.errorcode.get(code, '?')}, errno {code})"
+    else:
+        cause = " ".join(str(error).split())[:300] or type(error).__name__
+    where = getattr(error, "filename", None)
+    if where is None:
+        found = re.search(r'"(/[^"]+)"', str(error))
+        where = found.group(1) if found else None
+    at = f" at {where}" if where and os.fspath(where) != os.fspath(directory) else ""
+    what = (f"cannot write checkpoints to {directory}" if probing else
+            f"writing checkpoint step {step} to {directory} failed" if step is not None else
+            f"writing a checkpoint to {directory} failed")
+    latest = latest_step(directory)
+    kept = f"the earlier checkpoints are intact (latest: step {latest})" if latest is not None else \
+        "no checkpoint was written"
+    return CheckpointError(f"{what}: {cause}{at}; {kept}. Make {directory} writable or free space on its disk, "
+                           "then re-run the same command to resume")
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: PyTree, model_fields: Mapping[str, Any],
          input_state: Mapping[str, Any] | None = None) -> None:
-    """Saves (asynchronously if the manager is async) `state`, the model fields and the input position."""
-    items = {STATE: ocp.args.StandardSave(state), MODEL: ocp.args.JsonSave(_jsonable(model_fields))}
+    """Saves (asynchronously if the manager is async) `state`, the model fields, the input position and the
+    state's fingerprint. Refuses (FloatingPointError) to save a state holding non-finite values, so the last
+    checkpoint stays the last good one; a write failure is one `CheckpointError`."""
+    checksums, finite = _summary(state)
+    bad = [name for name, ok in finite.items() if not ok]
+    if bad:
+        latest = latest_step(epath.Path(manager.directory))
+        kept = f"the last checkpoint (step {latest}) is intact" if latest is not None else "no checkpoint was written"
+        raise FloatingPointError(
+            f"non-finite values at step {step} in {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}: "
+            f"not saving them; {kept}. Lower base_lr, raise warmup_epochs or use float32 (model.dtype)")
+    items = {STATE: ocp.args.StandardSave(state), MODEL: ocp.args.JsonSave(_jsonable(model_fields)),
+             FINGERPRINT: ocp.args.JsonSave({"version": 1, "uint32_checksums": checksums})}
     if input_state is not None:
         items[INPUT] = ocp.args.JsonSave(dict(input_state))
-    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+        with _quiet_orbax():
+            manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise write_error(epath.Path(manager.directory), step, e) from None
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree) -> PyTree:
-    """Restores the state of `step` into the shapes, dtypes and shardings of `abstract_state`."""
+    """Restores the state of `step` into the shapes, dtypes and shardings of `abstract_state` (unchecked:
+    `restore_latest` verifies and falls back)."""
     restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)}))
     return restored[STATE]
 
@@ -59,6 +201,259 @@ def restore_input_state(manager: ocp.CheckpointManager, step: int) -> dict | Non
     if not (epath.Path(manager.directory) / str(step) / INPUT).exists():
         return None
     return manager.restore(step, args=ocp.args.Composite(**{INPUT: ocp.args.JsonRestore()}))[INPUT]
+
+
+# -------------------------------------------------------------------------------------------------------
+# Fingerprints and finiteness, computed on the device.
+# -------------------------------------------------------------------------------------------------------
+
+
+def _leaf_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """uint32 [] of the bits of `x`, position-dependent. Integer sums wrap exactly, so the value does not
+    depend on the reduction order: the same on any mesh, device count or host."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)  # 8 bytes: [..., 2] halves
+    index = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape)
+    mixed = (bits ^ (index * jnp.uint32(0x9E3779B9))) * jnp.uint32(0x85EBCA6B)  # odd: a bijection mod 2^32
+    return jnp.sum(mixed, dtype=jnp.uint32)
+
+
+def _finite(x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x)
+    return jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+
+
+@jax.jit
+def _summarize(leaves: list) -> tuple[list, list]:
+    return [_checksum(x) for x in leaves], [_finite(x) for x in leaves]
+
+
+def _summary(tree: PyTree) -> tuple[dict[str, int], dict[str, bool]]:
+    """({leaf name: uint32 checksum}, {leaf name: all finite}) of `tree`, in one pass on the device."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    names = [_leaf_name(path) for path, _ in flat]
+    checksums, finite = jax.device_get(_summarize([leaf for _, leaf in flat]))
+    return ({n: int(c) for n, c in zip(names, checksums)}, {n: bool(f) for n, f in zip(names, finite)})
+
+
+def nonfinite_leaves(tree: PyTree) -> list[str]:
+    """Names ("params/blocks_0/attn/qkv/kernel") of the leaves of `tree` holding a NaN or an infinity."""
+    return [name for name, ok in _summary(tree)[1].items() if not ok]
+
+
+# -------------------------------------------------------------------------------------------------------
+# Restoring the newest intact step.
+# -------------------------------------------------------------------------------------------------------
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The newest step folder under `directory` (a checkpoints root), without reading it; None if none.
+    Folders moved aside (`<step>.corrupt-<reason>`) and Orbax's temporary folders are not steps."""
+    directory = epath.Path(directory)
+    try:
+        steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return max(steps, default=None)
+
+
+class _Corrupt(Exception):
+    """A step that cannot be restored: `slug` names the reason in the folder's new name."""
+
+    def __init__(self, slug: str, reason: str):
+        super().__init__(reason)
+        self.slug, self.reason = slug, reason
+
+
+def _first_line(error: BaseException) -> str:
+    text = " ".join(str(error).split(" See full TensorStore details")[0].split()) or type(error).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _is_transient(error: BaseException) -> bool:
+    """Failures that say nothing about the files: memory, permissions, interruptions."""
+    text = str(error)
+    return isinstance(error, (MemoryError, PermissionError, KeyboardInterrupt)) or \
+        "RESOURCE_EXHAUSTED" in text or "PERMISSION_DENIED" in text
+
+
+class _OrbaxTracebacks(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if "/orbax/" in record.pathname and record.levelno >= std_logging.ERROR and logging.get_verbosity() < 1:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+class _DropOrbaxErrors(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "/orbax/" not in record.pathname or record.levelno < std_logging.WARNING
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Orbax's own error logs (a 70-line traceback each) and TensorStore's never-awaited coroutines are
+    dropped while we read or write: the failure is reported once, by us. Kept with absl's -v 1."""
+    if logging.get_verbosity() >= 1:
+        yield
+        return
+    logger, log_filter, hook = std_logging.getLogger("absl"), _DropOrbaxErrors(), sys.unraisablehook
+
+    def unraisable(info):  # TensorStore's callbacks into the event loops of the failed read
+        if "coroutine" not in repr(info.object) and "Event loop is closed" not in str(info.exc_value):
+            hook(info)
+
+    logger.addFilter(log_filter)
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)
+        sys.unraisablehook = hook
+
+
+def _tree_shapes(tree: PyTree) -> dict[str, tuple]:
+    return {_leaf_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_fits(step_dir: epath.Path, abstract_state: PyTree) -> None:
+    """Corrupt if the state's metadata is unreadable; a CheckpointError (nothing moved) if it is readable
+    but describes another model."""
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(step_dir / STATE)
+        metadata = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
+        tree = getattr(metadata, "tree", metadata)
+        if not isinstance(tree, dict):
+            raise ValueError(f"metadata describes a {type(tree).__name__}")
+        saved = _tree_shapes(tree)
+    except Exception as e:  # noqa: BLE001
+        if _is_transient(e):
+            raise
+        raise _Corrupt("unreadable-metadata", f"its state metadata is unreadable ({_first_line(e)})") from None
+    wanted = _tree_shapes(abstract_state)
+    if saved != wanted:
+        missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+        differ = [f"{k} {list(saved[k])} (this run: {list(wanted[k])})" for k in sorted(set(saved) & set(wanted))
+                  if saved[k] != wanted[k]]
+        found = "; ".join(filter(None, [
+            f"shapes differ: {', '.join(differ[:2])}" if differ else "",
+            f"it lacks {', '.join(missing[:2])}" if missing else "",
+            f"it has extra {', '.join(extra[:2])}" if extra else ""]))
+        raise CheckpointError(
+            f"checkpoint {step_dir} holds a state of another model ({found}): resume with the settings that wrote "
+            f"it (workdir config.json), or use a new --workdir (config.init_from can start from its weights)")
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree) -> tuple[PyTree, dict | None]:
+    """The state and input position of `step`, verified against its fingerprint; raises _Corrupt."""
+    step_dir = epath.Path(manager.directory) / str(step)
+    if not (step_dir / STATE).exists():
+        if not any(step_dir.iterdir()):
+            raise _Corrupt("empty", "the folder is empty (an interrupted copy?)")
+        raise _Corrupt("no-state", f"it has no '{STATE}' item (it has {sorted(p.name for p in step_dir.iterdir())})")
+    _check_fits(step_dir, abstract_state)
+    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    for name in (INPUT, FINGERPRINT):
+        if (step_dir / name).exists():
+            items[name] = ocp.args.JsonRestore()
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+        state = restored[STATE]
+        jax.block_until_ready(state)
+    except Exception as e:  # noqa: BLE001
+        if _is_transient(e):
+            raise
+        raise _Corrupt("unreadable-data", f"it does not restore ({_first_line(e)})") from None
+    saved = restored.get(FINGERPRINT) if FINGERPRINT in items else None
+    if FINGERPRINT in items:
+        if not isinstance(saved, dict) or not isinstance(saved.get("uint32_checksums"), dict):
+            raise _Corrupt("unreadable-fingerprint", f"its '{FINGERPRINT}' item is not the expected JSON")
+        checksums, _ = _summary(state)
+        differ = [name for name, value in saved["uint32_checksums"].items() if checksums.get(name) != value]
+        if differ:
+            raise _Corrupt("checksum-mismatch", f"the restored values differ from those saved (checksums of "
+                           f"{', '.join(differ[:3])}{' and more' if len(differ) > 3 else ''}): damaged data files")
+    else:
+        logging.info("Checkpoint %s has no fingerprint (written before mae_jax recorded them): not verified.",
+                     step_dir)
+    return state, restored.get(INPUT) if INPUT in items else None
+
+
+def move_aside(step_dir: epath.Path, slug: str) -> epath.Path:
+    """Renames `step_dir` to `<step>.corrupt-<slug>` (`-2`, `-3`... if taken), out of Orbax's sight."""
+    target = step_dir.parent / f"{step_dir.name}{CORRUPT_MARK}{slug}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = step_dir.parent / f"{step_dir.name}{CORRUPT_MARK}{slug}-{n}"
+    step_dir.rename(target)
+    return target
+
+
+def _all_agree(ok: bool) -> bool:
+    """Whether every process found `ok` (shards differ per process, so one may fail where others read)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def restore_latest(manager: ocp.CheckpointManager,
+                   abstract_state: PyTree) -> tuple[int, PyTree, dict | None] | None:
+    """(step, state, input position) of the newest step that restores and matches its fingerprint; None if
+    there is no step at all.
+
+    A step that does not restore (an empty or partial folder, unreadable metadata, a truncated, missing or
+    damaged data file) is renamed `<step>.corrupt-<reason>` with one warning naming it and the reason, and
+    the next newest is tried. A step that reads but describes another model is not moved: that is a
+    `CheckpointError` (the settings changed). When every step is unreadable: one `CheckpointError`.
+    Memory and permission errors propagate unchanged (they say nothing about the files).
+    """
+    directory = epath.Path(manager.directory)
+    with _quiet_orbax():  # a damaged step-level metadata file makes Orbax log an ERROR per listing
+        manager.reload()
+        steps = sorted(manager.all_steps(), reverse=True)
+    moved = []
+    for step in steps:
+        failure = None
+        with _quiet_orbax():
+            try:
+                state, input_state = _restore_step(manager, step, abstract_state)
+            except _Corrupt as e:
+                failure = e
+                gc.collect()  # the failed read's never-awaited coroutines, while their warnings are dropped
+        if _all_agree(failure is None):
+            if moved:
+                with _quiet_orbax():
+                    manager.reload()
+            return step, state, input_state
+        failure = failure or _Corrupt("unreadable-elsewhere", "another process could not restore it")
+        if jax.process_index() == 0:
+            target = move_aside(directory / str(step), failure.slug)
+            logging.warning("Checkpoint %s is unusable: %s. Moved it aside to %s; trying the previous one.",
+                            directory / str(step), failure.reason, target.name)
+        moved.append(step)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"mae_jax_move_aside_{step}")
+    with _quiet_orbax():
+        manager.reload()
+    if not moved:
+        return None
+    raise CheckpointError(
+        f"no checkpoint in {directory} can be restored: all {len(moved)} (steps {', '.join(map(str, moved))}) were "
+        f"unusable and were moved aside to <step>{CORRUPT_MARK}<reason> (see the warnings above). Re-run to start "
+        f"from scratch, or rename an intact copy back to <step>")
 
 
 def _jsonable(fields: Mapping[str, Any]) -> dict:

@@ -1,13 +1,22 @@
-"""Checkpoints and interruptions: resume after SIGKILL continues exactly, SIGTERM saves and exits 0."""
+"""Checkpoints and interruptions: resume after SIGKILL continues exactly, SIGTERM saves and exits 0; damaged
+checkpoints are moved aside and the previous step restored; write failures end the run with one line."""
 
+import glob
+import logging
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from mae_jax import trainer
-from runs import losses, run_main
+from mae_jax import checkpoints, trainer
+from runs import FIVE_STEPS, ROOT, losses, run_main
 
 
 LONG = ("--config.total_steps=400", "--config.log_every_steps=1", "--config.checkpoint_every_steps=50")
@@ -62,3 +71,219 @@ def test_second_ctrl_c_stops_at_once():
     finally:
         preemption.restore()
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+# --------------------------------------------------------------------------------------------------------
+# Damaged checkpoints: moved aside (never deleted), the previous step restored; write failures.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _state(value):
+    return {"step": jnp.int32(value), "params": {"w": jnp.arange(1000, dtype=jnp.float32).reshape(10, 100) + value,
+                                                 "b": jnp.full((7,), value, jnp.float32)}}
+
+
+ABSTRACT = jax.eval_shape(lambda: _state(0))
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("three") / "checkpoints"
+    with checkpoints.make_manager(directory) as manager:
+        for step in (1, 2, 3):
+            checkpoints.save(manager, step, _state(step), {"embed_dim": 4}, {"position": step})
+    return directory
+
+
+def _files(path):
+    return sorted(os.path.relpath(p, path) for p in glob.glob(f"{path}/**", recursive=True) if os.path.isfile(p))
+
+
+def _data_file(step_dir):  # the largest: the chunk of params/w
+    return max(glob.glob(f"{step_dir}/state/ocdbt.process_0/d/*"), key=os.path.getsize)
+
+
+def _garbage(name):
+    return lambda step_dir: open(f"{step_dir}/{name}", "wb").write(b"\x00not json{")
+
+
+def _truncate(step_dir):
+    path = _data_file(step_dir)
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _flip_a_byte(step_dir):
+    path = _data_file(step_dir)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def _empty(step_dir):
+    shutil.rmtree(step_dir)
+    os.mkdir(step_dir)
+
+
+DAMAGE = {
+    "garbage state/_METADATA": (_garbage("state/_METADATA"), "unreadable-metadata"),
+    "garbage state/manifest.ocdbt": (_garbage("state/manifest.ocdbt"), "unreadable-metadata"),
+    "garbage array metadata": (_garbage("state/array_metadatas/process_0"), "unreadable-data"),
+    "garbage input item": (_garbage("input/metadata"), "unreadable-data"),
+    "truncated data file": (_truncate, "unreadable-data"),
+    "missing data file": (lambda d: os.remove(_data_file(d)), "unreadable-data"),
+    "flipped byte in a data file": (_flip_a_byte, "checksum-mismatch"),
+    "no state item": (lambda d: shutil.rmtree(f"{d}/state"), "no-state"),
+    "empty step folder": (_empty, "empty"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_latest_step_is_moved_aside_and_the_previous_one_restored(three_steps, tmp_path, damage, caplog,
+                                                                          capfd):
+    directory = tmp_path / "checkpoints"
+    shutil.copytree(three_steps, directory)
+    damage_fn, slug = DAMAGE[damage]
+    damage_fn(directory / "3")
+    files_before = _files(directory / "3")
+    with checkpoints.make_manager(directory) as manager, caplog.at_level(logging.WARNING):
+        step, state, input_state = checkpoints.restore_latest(manager, ABSTRACT)
+        assert manager.latest_step() == 2
+    assert step == 2 and input_state == {"position": 2}
+    np.testing.assert_array_equal(state["params"]["w"], _state(2)["params"]["w"])
+    moved = directory / f"3.corrupt-{slug}"
+    assert sorted(os.listdir(directory)) == ["1", "2", moved.name]
+    assert _files(moved) == files_before  # moved, nothing deleted
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert f"Checkpoint {directory / '3'} is unusable: " in warnings[0].getMessage()
+    assert f"Moved it aside to {moved.name}" in warnings[0].getMessage()
+    assert "\n" not in warnings[0].getMessage()
+    assert "Traceback" not in capfd.readouterr().err
+    assert checkpoints.latest_step(directory) == 2
+
+
+def test_every_step_unusable_is_one_error(three_steps, tmp_path):
+    directory = tmp_path / "checkpoints"
+    shutil.copytree(three_steps, directory)
+    for step in (1, 2, 3):
+        _flip_a_byte(directory / str(step))
+    with checkpoints.make_manager(directory) as manager, pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.restore_latest(manager, ABSTRACT)
+    assert str(error.value) == (
+        f"no checkpoint in {directory} can be restored: all 3 (steps 3, 2, 1) were unusable and were moved aside to "
+        "<step>.corrupt-<reason> (see the warnings above). Re-run to start from scratch, or rename an intact copy "
+        "back to <step>")
+    assert sorted(os.listdir(directory)) == [f"{s}.corrupt-checksum-mismatch" for s in (1, 2, 3)]
+    assert checkpoints.latest_step(directory) is None
+
+
+def test_state_of_another_model_is_an_error_and_moves_nothing(three_steps, tmp_path):
+    directory = tmp_path / "checkpoints"
+    shutil.copytree(three_steps, directory)
+    other = jax.eval_shape(lambda: {**_state(0), "params": {"w": jnp.zeros((10, 50)), "b": jnp.zeros(7)}})
+    with checkpoints.make_manager(directory) as manager, pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.restore_latest(manager, other)
+    assert str(error.value).startswith(f"checkpoint {directory / '3'} holds a state of another model (shapes "
+                                       "differ: params/w [10, 100] (this run: [10, 50])): resume with the settings")
+    assert sorted(os.listdir(directory)) == ["1", "2", "3"]
+
+
+def test_no_checkpoint_is_none(tmp_path):
+    with checkpoints.make_manager(tmp_path) as manager:
+        assert checkpoints.restore_latest(manager, ABSTRACT) is None
+    assert checkpoints.latest_step(tmp_path) is None and checkpoints.latest_step(tmp_path / "absent") is None
+
+
+def test_non_finite_state_is_not_saved(tmp_path):
+    state = _state(1)
+    state["params"]["b"] = state["params"]["b"].at[3].set(jnp.nan)
+    assert checkpoints.nonfinite_leaves(state) == ["params/b"]
+    assert checkpoints.nonfinite_leaves(_state(1)) == []
+    with checkpoints.make_manager(tmp_path) as manager:
+        checkpoints.save(manager, 1, _state(1), {})
+        manager.wait_until_finished()
+        with pytest.raises(FloatingPointError, match="non-finite values at step 2 in params/b: not saving them; the "
+                                                     r"last checkpoint \(step 1\) is intact"):
+            checkpoints.save(manager, 2, state, {})
+    assert sorted(os.listdir(tmp_path)) == ["1"]
+
+
+def test_fingerprint_does_not_depend_on_the_sharding():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+    w = _state(1)["params"]["w"]
+    sharded = jax.device_put(w, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("b", "a")))
+    assert checkpoints._summary(sharded) == checkpoints._summary(np.asarray(w))
+    one_ulp = w.at[3, 4].set(np.nextafter(np.float32(w[3, 4]), np.float32(np.inf)))  # the lowest bit
+    assert checkpoints._summary(one_ulp) != checkpoints._summary(w)
+
+
+# Write failures: a process that writes into a directory that turns read-only or full (a mount namespace of
+# its own: root ignores file modes) ends within seconds with one line; earlier checkpoints stay.
+
+WRITER = """
+import os, subprocess, sys, time
+import jax.numpy as jnp
+import numpy as np
+from mae_jax import checkpoints
+directory, how = sys.argv[1], sys.argv[2]
+manager = checkpoints.make_manager(directory)
+checkpoints.save(manager, 1, {"w": jnp.ones(1000)}, {})
+manager.wait_until_finished()
+if how == "read-only":
+    subprocess.run(["mount", "-o", "remount,bind,ro", directory], check=True)
+size = 1000 if how == "read-only" else 2_000_000  # 8 MB of noise (no compression) into a 1 MB disk
+try:
+    checkpoints.save(manager, 2, {"w": jnp.asarray(np.random.default_rng(0).standard_normal(size, np.float32))}, {})
+    time.sleep(2)  # "training": the background write fails meanwhile, and Orbax's threads log it
+    manager.close()
+except checkpoints.CheckpointError as e:
+    sys.exit(f"error: {e}")
+"""
+
+
+def _in_mount_namespace(setup: str, command: list[str]) -> subprocess.CompletedProcess:
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) for a private mount namespace")
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount in a private namespace here: {probe.stderr.decode().strip()}")
+    script = f"{setup} && exec {' '.join(command)}"
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=30,
+                          cwd=ROOT, env=env)
+
+
+@pytest.mark.parametrize("how, cause", [("read-only", "Read-only file system (EROFS, errno 30)"),
+                                        ("full", "No space left on device (ENOSPC, errno 28)")])
+def test_write_failure_ends_the_process_with_one_line(tmp_path, how, cause):
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    setup = f"mount --bind {directory} {directory}" if how == "read-only" else \
+        f"mount -t tmpfs -o size=1m tmpfs {directory}"
+    (tmp_path / "writer.py").write_text(WRITER)
+    result = _in_mount_namespace(setup, [sys.executable, str(tmp_path / "writer.py"), str(directory), how])
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: writing checkpoint step 2 to {directory} failed: {cause}"), lines[-5:]
+    assert lines[-1].endswith("the earlier checkpoints are intact (latest: step 1). Make "
+                              f"{directory} writable or free space on its disk, then re-run the same command to resume")
+    assert "Traceback" not in result.stderr
+
+
+def test_read_only_checkpoints_stop_main_at_once_and_keep_the_checkpoint(tmp_path):
+    first = run_main(tmp_path, *FIVE_STEPS, "--config.visualize_every_steps=0")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _files(tmp_path / "checkpoints")
+    checkpoints_dir = tmp_path / "checkpoints"
+    result = _in_mount_namespace(
+        f"mount --bind -o ro {checkpoints_dir} {checkpoints_dir}",
+        [sys.executable, "main.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
+         "--config.total_steps=10", "--config.visualize_every_steps=0"])
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"main.py: error: cannot write checkpoints to {checkpoints_dir}: Read-only file system "
+                           f"(EROFS, errno 30) at {checkpoints_dir}/.write-test-"), last
+    assert last.endswith(f"; the earlier checkpoints are intact (latest: step 5). Make {checkpoints_dir} writable or "
+                         "free space on its disk, then re-run the same command to resume"), last
+    assert "Traceback" not in result.stderr
+    assert _files(tmp_path / "checkpoints") == before
