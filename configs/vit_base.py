@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay = 0.05  # AdamW's, on weight matrices and the cls/mask tokens only
     config.b1 = 0.9  # AdamW betas
     config.b2 = 0.95  # AdamW betas
+    config.allow_schedule_change = False  # True: resume although batch_size or lr schedule fields changed (logged)
     config.seed = 0  # same config and seed: the same losses on any devices, hosts, or after resumes
 
     # Devices: axis sizes of the ("data", "fsdp") mesh; -1 takes all remaining devices.

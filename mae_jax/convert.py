@@ -59,9 +59,7 @@ FROZEN_KEYS = torch_layout.FROZEN_KEYS
 SHOW = torch_layout.SHOW
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit: a one-line message naming the path, what was
-    expected and what was found."""
+CheckpointError = checkpoints.CheckpointError  # what every reader raises: a one-line message naming the path
 
 
 def default_frozen(model: models.MaskedAutoencoderViT) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ from absl import logging
 from etils import epath
 
 from mae_jax import checkpoints, config_lib, input_pipeline, models, parallel, trainer
+from mae_jax import workdir as workdir_lib
 from mae_jax.trainer import TrainState
 
 PyTree = Any
@@ -300,22 +301,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     data, fsdp = validate_config(config, jax.device_count(), jax.process_count())
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     model = models.MaskedAutoencoderViT(**config.model)
     mesh = parallel.create_mesh(data, fsdp)
     parallel.process_batch_rows(parallel.batch_sharding(mesh), config.batch_size)
 
     with contextlib.ExitStack() as cleanup:
+        if jax.process_index() == 0:  # one run per workdir (mae_jax/workdir.py says what is guaranteed where)
+            cleanup.enter_context(workdir_lib.acquire_lock(workdir))
+        # Refuses a changed model or schedule before config.json is overwritten; keeps every start's config.
+        workdir_lib.check_and_record_config(workdir, config, resuming=checkpoints.latest_step(
+            workdir / "checkpoints") is not None, record=jax.process_index() == 0)
         manager = cleanup.enter_context(trainer.checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints))
         resume_step = manager.latest_step()
 
-        # Input first: its length fixes the schedule.
+        def open_input(step):  # its length fixes the schedule; its position comes with the checkpoint
+            return input_pipeline.create_train_iterator(
+                config.input, image_shape=model.image_shape, seed=config.seed, global_batch_size=config.batch_size,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                state=None if step is None else checkpoints.restore_input_state(manager, step))
+
         stage("Opening the input (%s)...", config.input.dataset)
-        data_iter = input_pipeline.create_train_iterator(
-            config.input, image_shape=model.image_shape, seed=config.seed, global_batch_size=config.batch_size,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            state=None if resume_step is None else checkpoints.restore_input_state(manager, resume_step))
+        data_iter = open_input(resume_step)
         steps_per_epoch = data_iter.num_examples // config.batch_size
         if steps_per_epoch == 0:
             raise ConfigError(f"batch_size {config.batch_size} exceeds the {data_iter.num_examples} training "
@@ -337,12 +343,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
         tx = make_optimizer(config, schedule)
 
+        restored = None
         if resume_step is not None:  # straight into the shardings: no initialisation to compile
             stage("Restoring step %d from %s...", resume_step, manager.directory)
             abstract = abstract_train_state(model, tx)
             shardings = state_shardings(abstract, tx, mesh)
-            state = checkpoints.restore(manager, resume_step, trainer.with_shardings(abstract, shardings))
-        else:
+            # A damaged step is moved aside (with a warning) and the one before it restored.
+            restored = checkpoints.restore_latest(manager, trainer.with_shardings(abstract, shardings))
+            if restored is None:  # nothing left to restore: a fresh start
+                resume_step = None
+                data_iter = open_input(None)
+            else:
+                if restored[0] != resume_step:
+                    data_iter = open_input(restored[0])
+                resume_step, state, _ = restored
+        if restored is None:
             stage("Initialising %s params...", f"{models.count_params(abstract_train_state(model, tx).params):,}")
             state, shardings = create_train_state(model, tx, config.seed, mesh)
             if config.init_from:

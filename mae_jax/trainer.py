@@ -163,7 +163,7 @@ class MetricsLog:
         if len(kept) != len(records) or (self.path.exists() and not records):
             tmp = self.path.parent / (self.path.name + ".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            tmp.rename(self.path)
+            tmp.replace(self.path)
         from clu import metric_writers  # imports tensorflow for the event files
 
         self.writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.fspath(workdir / "tensorboard")))
