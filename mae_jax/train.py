@@ -248,14 +248,18 @@ def _batches(data_iter, mesh: jax.sharding.Mesh):
         yield parallel.global_batch(local, sharding), data_iter.get_state()
 
 
-def _reconstruction_hook(config, model, mesh, workdir: epath.Path, log: trainer.MetricsLog, total_steps: int):
-    """Reconstructions of held-out images every visualize_every_steps and at the end (PNG + TensorBoard)."""
+def _reconstruction_hook(config, model, mesh, workdir: epath.Path, log: trainer.MetricsLog, total_steps: int,
+                         state: TrainState):
+    """Reconstructions of held-out images every visualize_every_steps and at the end (PNG + TensorBoard),
+    compiled now, so that the last one does not delay the end of the run."""
     from mae_jax import visualize  # PIL, only when asked for
 
     images = input_pipeline.load_eval_images(config.input, image_shape=model.image_shape, seed=config.seed,
                                              num_images=config.visualize_num_images)
+    variables = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                       {"params": state.params, "frozen": state.frozen})
     reconstructions = visualize.TrainingReconstructions(model, images, mesh, workdir / "reconstructions",
-                                                        seed=config.seed)
+                                                        seed=config.seed, variables=variables)
 
     def hook(step: int, state: TrainState) -> None:
         if step % config.visualize_every_steps == 0 or step == total_steps:
@@ -371,7 +375,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         cleanup.callback(log.close)
         hooks = []
         if config.visualize_every_steps:
-            hooks.append(_reconstruction_hook(config, model, mesh, workdir, log, total_steps))
+            stage("Compiling the reconstructions of %d held-out images...", config.visualize_num_images)
+            hooks.append(_reconstruction_hook(config, model, mesh, workdir, log, total_steps, state))
         loop = trainer.Loop(
             step_fn=step_fn, batches=_batches(data_iter, mesh), manager=manager, log=log, total_steps=total_steps,
             batch_size=config.batch_size, log_every_steps=config.log_every_steps,

@@ -125,7 +125,9 @@ class TrainingReconstructions:
     """
 
     def __init__(self, model: models.MaskedAutoencoderViT, images: np.ndarray, mesh: jax.sharding.Mesh,
-                 directory, seed: int = 0):
+                 directory, seed: int = 0, variables=None):
+        """`variables`: the shapes and shardings of {"params", "frozen"} (ShapeDtypeStructs), if known: the
+        reconstruction is then compiled here, ahead of time, rather than at its first use."""
         self.model = model
         self.directory = directory
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -134,6 +136,8 @@ class TrainingReconstructions:
         self.inputs = tuple(jax.make_array_from_callback(x.shape, replicated, lambda index, x=x: x[index])
                             for x in (images, noise))
         self.reconstruct = jax.jit(functools.partial(reconstruct, model), out_shardings=replicated)
+        if variables is not None:
+            self.reconstruct = self.reconstruct.lower(variables, *self.inputs).compile()
 
     def __call__(self, step: int, variables) -> np.ndarray:
         panels = np.asarray(self.reconstruct(variables, *self.inputs))

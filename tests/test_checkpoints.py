@@ -41,7 +41,7 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     assert max(before) < 400, "the run finished before it was killed"
     resumed = run_main(tmp_path / "killed", *LONG)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resumed from step" in resumed.stdout
+    assert "Restoring step 50 from" in resumed.stdout
     expected, got = losses(tmp_path / "straight"), losses(tmp_path / "killed")
     assert sorted(got) == list(range(1, 401))
     assert got == expected  # bit for bit, every step
@@ -278,7 +278,7 @@ def test_read_only_checkpoints_stop_main_at_once_and_keep_the_checkpoint(tmp_pat
     result = _in_mount_namespace(
         f"mount --bind -o ro {checkpoints_dir} {checkpoints_dir}",
         [sys.executable, "main.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
-         "--config.total_steps=10", "--config.visualize_every_steps=0"])
+         "--config.total_steps=10", "--config.allow_schedule_change=True", "--config.visualize_every_steps=0"])
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"main.py: error: cannot write checkpoints to {checkpoints_dir}: Read-only file system "
