@@ -21,7 +21,6 @@ from absl import logging
 from etils import epath
 
 from mae_jax import checkpoints, config_lib, input_pipeline, models, parallel, trainer
-from mae_jax import workdir as workdir_lib
 from mae_jax.trainer import TrainState
 
 PyTree = Any
@@ -310,12 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     parallel.process_batch_rows(parallel.batch_sharding(mesh), config.batch_size)
 
     with contextlib.ExitStack() as cleanup:
-        if jax.process_index() == 0:  # one run per workdir (mae_jax/workdir.py says what is guaranteed where)
-            cleanup.enter_context(workdir_lib.acquire_lock(workdir))
-        # Refuses a changed model or schedule before config.json is overwritten; keeps every start's config.
-        workdir_lib.check_and_record_config(workdir, config, resuming=checkpoints.latest_step(
-            workdir / "checkpoints") is not None, record=jax.process_index() == 0)
-        manager = cleanup.enter_context(trainer.checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints))
+        manager = cleanup.enter_context(trainer.open_workdir(workdir, config, config.keep_checkpoints))
         resume_step = manager.latest_step()
 
         def open_input(step):  # its length fixes the schedule; its position comes with the checkpoint
@@ -347,25 +341,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
         tx = make_optimizer(config, schedule)
 
-        restored = None
-        if resume_step is not None:  # straight into the shardings: no initialisation to compile
+        if resume_step is not None:
             stage("Restoring step %d from %s...", resume_step, manager.directory)
-            abstract = abstract_train_state(model, tx)
-            shardings = state_shardings(abstract, tx, mesh)
-            # A damaged step is moved aside (with a warning) and the one before it restored.
-            restored = checkpoints.restore_latest(manager, trainer.with_shardings(abstract, shardings))
-            if restored is None:  # nothing left to restore: a fresh start
-                resume_step = None
-                data_iter = open_input(None)
-            else:
-                if restored[0] != resume_step:
-                    data_iter = open_input(restored[0])
-                resume_step, state, _ = restored
-        if restored is None:
+        else:
             stage("Initialising %s params...", f"{models.count_params(abstract_train_state(model, tx).params):,}")
-            state, shardings = create_train_state(model, tx, config.seed, mesh)
-            if config.init_from:
-                state = _init_from(config.init_from, model, state, shardings)
+        restored_step, state, shardings = trainer.restore_or_init(manager, _init_fn(model), tx, config.seed, mesh)
+        if restored_step != resume_step:  # the latest step was damaged: the input continues from the one restored
+            resume_step, data_iter = restored_step, open_input(restored_step)
+        if resume_step is None and config.init_from:
+            state = _init_from(config.init_from, model, state, shardings)
 
         stage("Compiling the train step (compilation cache: %s)...", jax.config.jax_compilation_cache_dir or "off")
         step_fn = compile_train_step(model, tx, schedule, mesh, shardings, batch_size=config.batch_size,

@@ -337,10 +337,33 @@ class Loop:
 
 
 @contextlib.contextmanager
-def checkpoint_manager(directory: epath.Path, keep: int) -> Iterator[Any]:
-    """An Orbax CheckpointManager that is closed (waiting for a save in flight) on exit."""
-    manager = checkpoints.make_manager(directory, max_to_keep=keep)
-    try:
+def open_workdir(workdir: epath.Path, config, keep_checkpoints: int) -> Iterator[Any]:
+    """Takes the workdir for this run and yields its Orbax CheckpointManager (closed, waiting for a save in
+    flight, on exit).
+
+    One run per workdir (a lock held by process 0, see mae_jax/workdir.py); a resume with another model or lr
+    schedule is refused before config.json is overwritten, and every start's config is kept.
+    """
+    from mae_jax import workdir as workdir_lib
+
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:
+            stack.enter_context(workdir_lib.acquire_lock(workdir))
+        workdir_lib.check_and_record_config(workdir, config, resuming=checkpoints.latest_step(
+            workdir / "checkpoints") is not None, record=jax.process_index() == 0)
+        manager = checkpoints.make_manager(workdir / "checkpoints", max_to_keep=keep_checkpoints)
+        stack.callback(manager.close)
         yield manager
-    finally:
-        manager.close()
+
+
+def restore_or_init(manager, init_variables: InitFn, tx: optax.GradientTransformation, seed: int,
+                    mesh: jax.sharding.Mesh) -> tuple[int | None, TrainState, TrainState]:
+    """(step restored or None, state, its shardings): the newest checkpoint that restores, straight into the
+    shardings (a damaged one is moved aside with a warning, and the one before it tried), else a fresh state."""
+    if manager.latest_step() is not None:
+        abstract = abstract_state(init_variables, tx)
+        shardings = state_shardings(abstract, tx, mesh)
+        restored = checkpoints.restore_latest(manager, with_shardings(abstract, shardings))
+        if restored is not None:
+            return restored[0], restored[1], shardings
+    return None, *create_state(init_variables, tx, seed, mesh)
