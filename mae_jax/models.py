@@ -404,13 +404,31 @@ class MAEOutput:
 
 
 class _ViT(nn.Module):
-    """What MaskedAutoencoderViT and ViTClassifier share: checks of the encoder fields, the patch grid, and the
-    embedding in front of the blocks (patch embed Dense, cls token, position table `pos_embed`).
-
-    No fields of its own: each model declares its fields (image_size, patch_size, num_channels, embed_dim,
-    depth, num_heads, mlp_ratio, layer_norm_eps, dtype, attention, ops, remat, scan_blocks), which keeps
-    MaskedAutoencoderViT's field order and lets each document them.
+    """What MaskedAutoencoderViT and ViTClassifier share: the encoder's fields and their checks, the patch
+    grid, and the embedding in front of the blocks (patch embed Dense, cls token, position table `pos_embed`).
     """
+
+    image_size: int | Sequence[int] = 224  # int or (H, W)
+    patch_size: int = 16
+    num_channels: int = 3
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+    dtype: Any = "float32"  # compute dtype ("float32", "bfloat16" or "float16"); params stay float32
+    # "auto": with the xla_cpu ops, "custom_vjp" (xla_cpu.softmax_attention: hand-written backward, fewest
+    # passes over the score tensors); otherwise jax.nn.dot_product_attention (cuDNN flash attention where
+    # it applies, XLA's otherwise); "xla", "cudnn" force one of those; "einsum" is the reference's order of
+    # operations.
+    attention: str = "auto"
+    # Backend-specific implementations of the same function (mae_jax/xla_cpu.py): "xla_cpu" uses xla_cpu.gelu,
+    # xla_cpu.materialize_grad on each residual branch input and (attention "auto") xla_cpu.softmax_attention;
+    # "generic" uses jax.nn.gelu(approximate=False), no gradient barrier and jax.nn.dot_product_attention;
+    # "auto" is "xla_cpu" when jax.default_backend() is the CPU, else "generic". Set it to override that.
+    ops: str = "auto"
+    remat: str = "none"  # per-block rematerialisation: "none", "full", "dots", "dots_no_batch"
+    scan_blocks: bool = False  # nn.scan over blocks (stacked params, fast compile for deep models)
 
     def _validate_encoder(self, prefixes: Sequence[str] = ("",)) -> None:
         """One-line ValueErrors for the encoder fields (and the `{prefix}embed_dim` / `num_heads` pairs)."""
@@ -507,34 +525,17 @@ class _ViT(nn.Module):
 
 
 class MaskedAutoencoderViT(_ViT):
-    """MAE with a ViT encoder over visible patches only and a light decoder with mask tokens."""
+    """MAE with a ViT encoder over visible patches only and a light decoder with mask tokens.
 
-    image_size: int | Sequence[int] = 224  # int or (H, W)
-    patch_size: int = 16
-    num_channels: int = 3
-    embed_dim: int = 1024
-    depth: int = 24
-    num_heads: int = 16
+    The encoder's fields (image_size, patch_size, num_channels, embed_dim, depth, num_heads, mlp_ratio,
+    layer_norm_eps, dtype, attention, ops, remat, scan_blocks) are declared and documented in `_ViT`.
+    """
+
     decoder_embed_dim: int = 512
     decoder_depth: int = 8
     decoder_num_heads: int = 16
-    mlp_ratio: float = 4.0
     mask_ratio: float = 0.75
     norm_pix_loss: bool = False
-    layer_norm_eps: float = 1e-6
-    dtype: Any = "float32"  # compute dtype ("float32" or "bfloat16"); params stay float32
-    # "auto": with the xla_cpu ops, "custom_vjp" (xla_cpu.softmax_attention: hand-written backward, fewest
-    # passes over the score tensors); otherwise jax.nn.dot_product_attention (cuDNN flash attention where
-    # it applies, XLA's otherwise); "xla", "cudnn" force one of those; "einsum" is the reference's order of
-    # operations.
-    attention: str = "auto"
-    # Backend-specific implementations of the same function (mae_jax/xla_cpu.py): "xla_cpu" uses xla_cpu.gelu,
-    # xla_cpu.materialize_grad on each residual branch input and (attention "auto") xla_cpu.softmax_attention;
-    # "generic" uses jax.nn.gelu(approximate=False), no gradient barrier and jax.nn.dot_product_attention;
-    # "auto" is "xla_cpu" when jax.default_backend() is the CPU, else "generic". Set it to override that.
-    ops: str = "auto"
-    remat: str = "none"  # per-block rematerialisation: "none", "full", "dots", "dots_no_batch"
-    scan_blocks: bool = False  # nn.scan over blocks (stacked params, fast compile for deep models)
 
     def __post_init__(self):
         self.validate()
@@ -643,26 +644,13 @@ class ViTClassifier(_ViT):
     """ViT image classifier for fine-tuning an MAE encoder: the official `models_vit.VisionTransformer` (timm
     0.3.2's ViT with MAE's global pool), in eval mode equal to it within float32 round-off.
 
-    The encoder is MaskedAutoencoderViT's (same fields, parameter names and initialisers) over all patches;
-    `pos_embed` [1, 1 + L, D] is a trainable parameter here (timm's is), initialised to the sin-cos table.
-    Global pool: mean of the patch tokens of the last block (before any norm) -> `fc_norm` -> `head`; there is
+    The encoder is MaskedAutoencoderViT's (fields declared in `_ViT`, parameter names, initialisers), over all
+    patches; `pos_embed` [1, 1 + L, D] is a trainable parameter here (timm's is), initialised to the sin-cos
+    table. Global pool: mean of the patch tokens of the last block (before any norm) -> `fc_norm` -> `head`; there is
     no `norm`. Otherwise the cls token of `norm(x)` -> `head`. Stochastic depth (train=True) needs the
     "drop_path" rng: `model.apply(variables, images, train=True, rngs={"drop_path": key})`.
     """
 
-    image_size: int | Sequence[int] = 224  # int or (H, W)
-    patch_size: int = 16
-    num_channels: int = 3
-    embed_dim: int = 1024
-    depth: int = 24
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    layer_norm_eps: float = 1e-6
-    dtype: Any = "float32"  # compute dtype ("float32", "bfloat16", "float16"); params stay float32
-    attention: str = "auto"  # see MaskedAutoencoderViT.attention
-    ops: str = "auto"  # see MaskedAutoencoderViT.ops
-    remat: str = "none"  # per-block rematerialisation: "none", "full", "dots", "dots_no_batch"
-    scan_blocks: bool = False  # nn.scan over blocks (stacked params)
     num_classes: int = 1000  # outputs of `head`
     global_pool: bool = True  # mean of the patch tokens + fc_norm (fine-tuning); False: cls token of `norm`
     drop_path_rate: float = 0.0  # stochastic depth of the last block; block i: linspace(0, rate, depth)[i]
