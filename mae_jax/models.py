@@ -17,10 +17,16 @@ Usage:
   out.loss, out.pred, out.mask, out.ids_restore, out.latent
   features = model.apply(variables, images, method=model.features)  # [N, 1 + L, D], no masking
 
+Fine-tuning uses `ViTClassifier` (the official `models_vit.VisionTransformer`: the same encoder over all
+patches, a trainable `pos_embed`, global pool + `fc_norm` or cls token + `norm`, `head`, stochastic depth):
+  classifier = ViTClassifier(**classifier_fields(variant("B/16"), num_classes=1000, drop_path_rate=0.1))
+  variables = convert.load_variables("mae_pretrain_vit_base.pth", classifier)  # {"params"}, head fresh
+  logits = classifier.apply(variables, images, train=True, rngs={"drop_path": key})  # [N, num_classes]
+
 The transformer blocks of the encoder and the decoder are each one `Encoder` module (unrolled or `nn.scan`,
-with optional remat), reusable by a ViT classifier together with `patchify`, `get_2d_sincos_pos_embed` and
-`random_masking`. Speed work for XLA's CPU backend lives in `mae_jax/xla_cpu.py`; the `ops` field chooses it
-("auto": on the CPU only) or plain `jax.nn` ("generic"); both compute the same function.
+with optional remat and stochastic depth), which both models build through their shared base `_ViT`. Speed
+work for XLA's CPU backend lives in `mae_jax/xla_cpu.py`; the `ops` field chooses it ("auto": on the CPU only)
+or plain `jax.nn` ("generic"); both compute the same function.
 """
 
 from __future__ import annotations
