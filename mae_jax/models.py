@@ -297,10 +297,11 @@ def drop_path_rates(drop_path_rate: float, depth: int) -> np.ndarray:
 def drop_path(x: Array, rate: float | Array, rng: Array) -> Array:
     """Stochastic depth per example, as timm's `drop_path`: each example of x [N, ...] is zeroed with
     probability `rate`, else scaled by 1 / (1 - rate), so the expected value is x."""
-    keep_prob = jnp.asarray(1.0 - rate, x.dtype)
+    # In float32 whatever x's dtype: a bfloat16 keep probability (0.9 -> 0.8984) would bias the expectation.
+    keep_prob = 1.0 - jnp.asarray(rate, jnp.float32)
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jnp.floor(keep_prob + jax.random.uniform(rng, shape, x.dtype))  # 1 with probability keep_prob
-    return x / keep_prob * mask
+    mask = jnp.floor(keep_prob + jax.random.uniform(rng, shape, jnp.float32))  # 1 with probability keep_prob
+    return (x.astype(jnp.float32) / keep_prob * mask).astype(x.dtype)
 
 
 class Block(nn.Module):

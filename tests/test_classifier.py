@@ -43,6 +43,12 @@ def test_drop_path_keeps_the_expected_value_per_example():
     frac = 1 - kept.mean()  # 64000 Bernoulli draws: standard error 0.0018
     assert abs(frac - rate) < 0.01, frac
     np.testing.assert_allclose(out.mean(axis=0), x, atol=0.05 * float(np.abs(x).max()))
+    # bfloat16 activations keep their dtype; the scale 1 / (1 - rate) is applied in float32.
+    low = models.drop_path(x.astype(jnp.bfloat16), 0.1, jax.random.key(3))
+    kept = np.asarray(low.astype(jnp.float32)).any(axis=(1, 2))
+    assert low.dtype == jnp.bfloat16 and kept.any()
+    np.testing.assert_array_equal(low[kept], (x.astype(jnp.bfloat16).astype(jnp.float32) / np.float32(0.9))
+                                  .astype(jnp.bfloat16)[kept])
 
 
 def test_block_draws_a_mask_per_example_and_per_branch():
