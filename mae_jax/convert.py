@@ -14,18 +14,26 @@ Position tables. `from_torch` returns `params` only, what an optimizer trains. T
     `{"params": params, "frozen": convert.default_frozen(model)}`;
   - `to_torch` and `save_hf` accept params (tables from the formula) or full variables (tables as given).
 
+Fine-tuning (`models.ViTClassifier`, official `models_vit` keys; its `pos_embed` is a parameter, no "frozen"):
+an official fine-tuned classifier (`mae_finetuned_vit_*.pth`) loads strictly; any pretraining source loads its
+encoder strictly, drops its decoder (and, with global pool, its `norm`) and takes `head` / `fc_norm` from the
+base variables or a fresh init (logged), as main_finetune.py does; `to_torch(..., format="official")` and
+`--to official` write what `models_vit.VisionTransformer` loads with strict=True.
+
 Usage:
   params = convert.from_torch(torch.load(path)["model"], model)        # official, HF 4 or HF 5 key names
   variables = convert.load_variables(path, model, base_variables)       # .pth, HF directory or our checkpoint
   state_dict = convert.to_torch(variables, model, format="official")    # or "hf" (Hub names), "hf_t5"
   convert.save_hf(variables, model, directory)                           # for ViTMAEForPreTraining.from_pretrained
   model, params = convert.load_hf(directory)
+  variables = convert.load_variables("mae_pretrain_vit_base.pth", classifier)  # encoder + fresh head
 
 Command line (writes our Orbax format, an official .pth or a Hugging Face directory):
   python -m mae_jax.convert mae_pretrain_vit_base.pth /tmp/mae_b16            # -> our format (`--to flax`)
   python -m mae_jax.convert /tmp/mae_b16 /tmp/mae_b16.pth --to official
   python -m mae_jax.convert /tmp/mae_b16 /tmp/mae_b16_hf --to hf
   python -m mae_jax.convert hf_dir out --variant B/16 --image_size 448       # force an architecture / size
+  python -m mae_jax.convert finetune_workdir /tmp/vit_b16.pth --to official   # a classifier: models_vit keys
 
 Our exports carry their architecture: an official .pth holds {"model": state dict, "mae_jax_model":
 constructor fields} (the official code reads "model" only), a Hugging Face directory its config.json, our
@@ -56,6 +64,7 @@ PyTree = Any
 FORMATS = ("official", "hf", "hf_t5")
 MODEL_FIELDS_KEY = "mae_jax_model"  # our official-format exports: the constructor fields, beside "model"
 FROZEN_KEYS = torch_layout.FROZEN_KEYS
+Model = torch_layout.Model
 SHOW = torch_layout.SHOW
 
 
@@ -81,7 +90,7 @@ def _split_variables(tree: Mapping) -> tuple[Mapping, Mapping | None]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _source_grid(length: int, model: models.MaskedAutoencoderViT, name: str) -> tuple[int, int]:
+def _source_grid(length: int, model: Model, name: str) -> tuple[int, int]:
     if length == model.num_patches:
         return model.grid_size
     side = int(round(length**0.5))
@@ -91,10 +100,21 @@ def _source_grid(length: int, model: models.MaskedAutoencoderViT, name: str) -> 
     return side, side
 
 
-def _check(sd: Mapping, origin: Mapping, model: models.MaskedAutoencoderViT, strict: bool,
-           description: str) -> tuple[list[str], bool]:
-    """Raises one error naming every kind of misfit; returns (keys to fill from the base, encoder_only)."""
+def _check(sd: Mapping, origin: Mapping, model: Model, strict: bool,
+           description: str, new_keys: tuple[str, ...] = ()) -> tuple[list[str], bool]:
+    """Raises one error naming every kind of misfit; returns (keys to fill from the base, encoder_only).
+
+    `new_keys`: keys of the model the source is not meant to have (a classifier's head over a pretraining
+    checkpoint); they are filled from the base, not reported missing.
+    """
     expected = torch_layout.expected_shapes(model)
+    head = [k for k in sd if torch_layout.is_classifier_key(k)]
+    if head and isinstance(model, models.MaskedAutoencoderViT):
+        raise ValueError(
+            f"this is a fine-tuned classifier checkpoint (it has {torch_layout.first_keys(head)}), not a "
+            "pretraining one: MaskedAutoencoderViT cannot load it. Load it into a models.ViTClassifier, or use a "
+            "pretraining checkpoint (mae_pretrain_vit_*.pth, mae_visualize_vit_*.pth or a ViTMAEForPreTraining "
+            "directory)")
     unexpected = [k for k in sd if k not in expected]
     mismatched = []
     for key in expected:  # in the model's order, so that the first ones named are the first layers
@@ -107,7 +127,7 @@ def _check(sd: Mapping, origin: Mapping, model: models.MaskedAutoencoderViT, str
             ok = shape == want
         if not ok:
             mismatched.append(key)
-    missing = [k for k in expected if k not in sd and k not in FROZEN_KEYS]
+    missing = [k for k in expected if k not in sd and k not in FROZEN_KEYS and k not in new_keys]
     encoder_only = bool(missing) and all(torch_layout.is_decoder(k) for k in missing) and \
         not any(torch_layout.is_decoder(k) for k in sd if k not in FROZEN_KEYS)
     def listed(keys, describe):
@@ -130,16 +150,47 @@ def _check(sd: Mapping, origin: Mapping, model: models.MaskedAutoencoderViT, str
             fields = _infer_fields(sd)
             hint = ". The checkpoint looks like " + ", ".join(
                 f"{k}={fields[k]}" for k in ("embed_dim", "depth", "patch_size", "decoder_embed_dim",
-                                             "decoder_depth") if k in fields)
+                                             "decoder_depth", "num_classes", "global_pool") if k in fields)
         except (ValueError, KeyError, IndexError):  # a hint only
             pass
         arch = ", ".join(f"{k}={getattr(model, k)}" for k in ("embed_dim", "depth", "patch_size",
-                                                                "decoder_embed_dim", "decoder_depth"))
+                                                                "decoder_embed_dim", "decoder_depth",
+                                                                "num_classes", "global_pool") if hasattr(model, k))
         raise ValueError(f"{description} does not fit the model ({arch}): " + "; ".join(problems) + hint)
     if missing and not encoder_only:
         logging.warning("strict=False: %d keys missing from %s are taken from the base variables: %s",
                         len(missing), description, torch_layout.first_keys(missing))
-    return missing, encoder_only
+    return missing + [k for k in new_keys if k in expected], encoder_only
+
+
+def _for_classifier(sd: Mapping, model: models.ViTClassifier, strict: bool,
+                    description: str) -> tuple[dict, tuple[str, ...]]:
+    """The part of a state dict a ViTClassifier loads, and its keys to initialise fresh (as main_finetune.py).
+
+    A fine-tuned classifier (it has `head`) loads as it is. A pretraining checkpoint loses its decoder, and in
+    global-pool mode its `norm` (replaced by a fresh `fc_norm`); `head` (and `fc_norm`) are new.
+    """
+    layout = torch_layout.official_layout(model)
+    expected = torch_layout.expected_shapes(model)
+    if any(torch_layout.is_classifier_key(k) for k in sd):
+        head = [k for k in ("head.weight", "head.bias") if k in sd and tuple(sd[k].shape) != expected[k]]
+        if not head:
+            return dict(sd), ()
+        shapes = f"{head[0]} {list(sd[head[0]].shape)} vs the model's {list(expected[head[0]])}"
+        if strict:
+            raise ValueError(f"{description} is a classifier for another number of classes ({shapes}, "
+                             f"num_classes {model.num_classes}): strict=False re-initialises the head, as "
+                             "main_finetune.py does")
+        logging.warning("%s: %s; the head is initialised fresh (strict=False)", description, shapes)
+        return {k: v for k, v in sd.items() if k not in head}, tuple(head)
+    # The pretraining norm first: with global pool its absence matters more than the decoder's.
+    dropped = [k for k in sd if k.split(".")[0] == "norm"] if model.global_pool else []
+    dropped += [k for k in sd if torch_layout.is_decoder(k)]
+    if dropped:
+        logging.info("%s is a pretraining checkpoint: not loading %d tensors the classifier does not have "
+                     "(%s)", description, len(dropped), torch_layout.first_keys(dropped))
+    new = tuple(k for k in layout if torch_layout.is_classifier_key(k) or (k == "pos_embed" and k not in sd))
+    return {k: v for k, v in sd.items() if k not in dropped}, new
 
 
 def interpolate_pos_embed(pos_embed: np.ndarray, src_grid: tuple[int, int], dst_grid: tuple[int, int],
@@ -180,12 +231,13 @@ def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
     return matrix
 
 
-def _position_table(table: np.ndarray, name: str, model: models.MaskedAutoencoderViT) -> np.ndarray:
+def _position_table(table: np.ndarray, name: str, model: Model) -> np.ndarray:
     """Checks a checkpoint's table against the formula, and interpolates it to the model's grid."""
     grid = _source_grid(table.shape[1] - 1, model, name)
     formula = models.get_2d_sincos_pos_embed(table.shape[2], grid, cls_token=True)
     error = float(np.abs(table[0] - formula).max())
-    if error > 1e-5:
+    # A classifier trains its table: a fine-tuned one differs from the formula by design.
+    if error > 1e-5 and isinstance(model, models.MaskedAutoencoderViT):
         logging.warning("%s of the checkpoint differs from the 2-D sin-cos formula by up to %.3g; "
                         "using the checkpoint's table", name, error)
     if grid != model.grid_size:
@@ -195,15 +247,22 @@ def _position_table(table: np.ndarray, name: str, model: models.MaskedAutoencode
     return table
 
 
-def _variables_from_official(sd: Mapping, origin: Mapping, model: models.MaskedAutoencoderViT,
+def _variables_from_official(sd: Mapping, origin: Mapping, model: Model,
                              base_variables: PyTree | None, strict: bool, description: str) -> dict:
-    fill, encoder_only = _check(sd, origin, model, strict, description)
+    classifier = isinstance(model, models.ViTClassifier)
+    new_keys = ()
+    if classifier:
+        sd, new_keys = _for_classifier(sd, model, strict, description)
+    fill, encoder_only = _check(sd, origin, model, strict, description, new_keys)
+    layout = torch_layout.official_layout(model)
+    tables = {name: _position_table(sd[name], name, model) for name in FROZEN_KEYS if name in sd}
     params = {}
-    for key, (path, kind) in torch_layout.official_layout(model).items():
+    for key, (path, kind) in layout.items():
         if key in sd:
-            torch_layout.set_path(params, path, torch_layout.from_torch_layout(sd[key], kind))
-    frozen = {name: _position_table(sd[name], name, model) for name in FROZEN_KEYS if name in sd}
-    absent_tables = [name for name in FROZEN_KEYS if name not in sd]
+            value = tables[key] if key in tables else torch_layout.from_torch_layout(sd[key], kind)
+            torch_layout.set_path(params, path, value)
+    frozen = {name: table for name, table in tables.items() if name not in layout}
+    absent_tables = [] if classifier else [name for name in FROZEN_KEYS if name not in sd]
     if fill or absent_tables:
         if base_variables is None:
             base_variables = jax.jit(models.init_variables, static_argnums=0)(model, jax.random.key(0))
@@ -212,19 +271,23 @@ def _variables_from_official(sd: Mapping, origin: Mapping, model: models.MaskedA
             base_name = "the base variables"
         base = jax.tree_util.tree_map(np.asarray, dict(base_variables))
         base_params = torch_layout.unscan(base.get("params", base))
-        layout = torch_layout.official_layout(model)
         for key in fill:
             torch_layout.set_path(params, layout[key][0], torch_layout.get(base_params, layout[key][0]))
-        base_frozen = base.get("frozen") or default_frozen(model)
-        for name in absent_tables:
-            frozen[name] = base_frozen[name]
+        if absent_tables:
+            base_frozen = base.get("frozen") or default_frozen(model)
+            for name in absent_tables:
+                frozen[name] = base_frozen[name]
+            logging.info("%s has no %s: taken from %s", description, absent_tables, base_name)
         if encoder_only:
             logging.info("%s holds the encoder only: the decoder (%d tensors) is kept from %s", description,
                          len(fill), base_name)
-        if absent_tables:
-            logging.info("%s has no %s: taken from %s", description, absent_tables, base_name)
-    frozen = {k: np.array(v, np.float32) for k, v in frozen.items()}
-    return {"params": torch_layout.scan(params, model), "frozen": frozen}
+        if new_keys:
+            logging.info("New keys of the classifier, not in %s: %s; taken from %s", description,
+                         ", ".join(new_keys), base_name)
+    params = torch_layout.scan(params, model)
+    if classifier:
+        return {"params": params}
+    return {"params": params, "frozen": {k: np.array(v, np.float32) for k, v in frozen.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,21 +295,23 @@ def _variables_from_official(sd: Mapping, origin: Mapping, model: models.MaskedA
 # ---------------------------------------------------------------------------------------------------------
 
 
-def from_torch_variables(state_dict: Mapping[str, Any], model: models.MaskedAutoencoderViT,
+def from_torch_variables(state_dict: Mapping[str, Any], model: Model,
                          base_variables: PyTree | None = None, strict: bool = True) -> dict:
-    """A PyTorch state dict -> {"params", "frozen"} of numpy arrays shaped for `model`.
+    """A PyTorch state dict -> {"params", "frozen"} (a ViTClassifier: {"params"}) of numpy arrays for `model`.
 
     `state_dict` maps names to numpy arrays or torch tensors: official MAE (encoder-only, full, or a
-    training checkpoint holding 'model'), or Hugging Face ViTMAE with transformers 4 or 5 names; the
-    format is detected from the keys. What the checkpoint lacks (the decoder of an encoder-only one; any
-    missing key with `strict=False`) comes from `base_variables`, else from a fresh initialisation (seed 0),
-    and is logged. Position tables come from the checkpoint, interpolated to the model's grid if needed.
+    training checkpoint holding 'model'), official fine-tuned classifier (`models_vit`), or Hugging Face
+    ViTMAE with transformers 4 or 5 names; the format is detected from the keys. What the checkpoint lacks
+    (the decoder of an encoder-only one; a classifier's `head` and `fc_norm` over a pretraining checkpoint,
+    whose decoder and, with global pool, `norm` are dropped; any missing key with `strict=False`) comes from
+    `base_variables`, else from a fresh initialisation (seed 0), and is logged. Position tables come from the
+    checkpoint, interpolated to the model's grid if needed.
     """
     sd, origin, fmt = torch_layout.canonical(state_dict)
     return _variables_from_official(sd, origin, model, base_variables, strict, f"the {fmt} state dict")
 
 
-def from_torch(state_dict: Mapping[str, Any], model: models.MaskedAutoencoderViT,
+def from_torch(state_dict: Mapping[str, Any], model: Model,
                base_params: PyTree | None = None, strict: bool = True) -> PyTree:
     """A PyTorch state dict (official or Hugging Face, detected) -> `params` for `model`.
 
@@ -256,26 +321,31 @@ def from_torch(state_dict: Mapping[str, Any], model: models.MaskedAutoencoderViT
     return from_torch_variables(state_dict, model, base, strict)["params"]
 
 
-def to_torch(params: PyTree, model: models.MaskedAutoencoderViT,
+def to_torch(params: PyTree, model: Model,
              format: str = "official") -> dict[str, np.ndarray]:
     """`params` (or {"params", "frozen"}) -> a state dict of float32 numpy arrays in torch layouts.
 
-    format "official": exactly the keys and shapes of the official full `MaskedAutoencoderViT`;
+    format "official": exactly the keys and shapes of the official full `MaskedAutoencoderViT` (of
+    `models_vit.VisionTransformer` for a ViTClassifier, the only format it has);
     "hf": Hugging Face ViTMAEForPreTraining with the Hub's (transformers 4) names, which transformers 4 and
     5 both load with `from_pretrained`; "hf_t5": transformers 5's in-memory names, for `load_state_dict`.
-    Without "frozen", the position tables are the formula's for the model's grid.
+    Without "frozen", the MAE's position tables are the formula's for the model's grid.
     """
     if format not in FORMATS:
         raise ValueError(f"format {format!r} is not one of {FORMATS}")
+    classifier = isinstance(model, models.ViTClassifier)
+    if classifier and format != "official":
+        raise ValueError(f"format {format!r}: a ViTClassifier exports to 'official' (models_vit) only")
     params, frozen = _split_variables(params)
     params = torch_layout.unscan(params)
     sd = {}
     for key, (path, kind) in torch_layout.official_layout(model).items():
         value = np.asarray(torch_layout.get(params, path), np.float32)
         sd[key] = torch_layout.to_torch_layout(value, kind, model)
-    frozen = frozen if frozen is not None else default_frozen(model)
-    for key in FROZEN_KEYS:
-        sd[key] = np.array(frozen[key], np.float32)
+    if not classifier:  # the classifier's pos_embed is a parameter, in the layout
+        frozen = frozen if frozen is not None else default_frozen(model)
+        for key in FROZEN_KEYS:
+            sd[key] = np.array(frozen[key], np.float32)
     expected = torch_layout.expected_shapes(model)
     wrong = [k for k in sd if tuple(sd[k].shape) != expected[k]]
     if wrong:
@@ -342,6 +412,9 @@ def save_hf(params: PyTree, model: models.MaskedAutoencoderViT, directory: str |
     """
     from safetensors.numpy import save_file
 
+    if isinstance(model, models.ViTClassifier):
+        raise ValueError("--to hf writes a ViTMAEForPreTraining; a ViTClassifier exports with --to official "
+                         "(models_vit) or --to flax")
     config = hf_config(model)
     os.makedirs(directory, exist_ok=True)
     sd = to_torch(params, model, format="hf")
@@ -352,7 +425,7 @@ def save_hf(params: PyTree, model: models.MaskedAutoencoderViT, directory: str |
     logging.info("Wrote a Hugging Face ViTMAEForPreTraining (%d tensors) to %s", len(sd), directory)
 
 
-def save_official(variables: PyTree, model: models.MaskedAutoencoderViT, path: str | os.PathLike) -> None:
+def save_official(variables: PyTree, model: Model, path: str | os.PathLike) -> None:
     """Writes `torch.save({"model": state_dict, "mae_jax_model": fields})`: the official loaders read "model"
     (strict=True fits), and `load_model` rebuilds the architecture from the constructor fields."""
     import torch
@@ -366,7 +439,8 @@ def save_official(variables: PyTree, model: models.MaskedAutoencoderViT, path: s
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with _written(path) as tmp:
         torch.save(record, tmp)
-    logging.info("Wrote an official MAE state dict (%d tensors, under 'model') to %s", len(sd), path)
+    logging.info("Wrote an official %s state dict (%d tensors, under 'model') to %s",
+                 "models_vit" if isinstance(model, models.ViTClassifier) else "MAE", len(sd), path)
 
 
 @contextlib.contextmanager
@@ -479,8 +553,8 @@ def _read_file(path: str) -> Any:
 
 
 def _fields_from_record(record: Mapping[str, Any], path: str) -> dict[str, Any]:
-    """Constructor fields as our exports record them (JSON types) -> fields for MaskedAutoencoderViT."""
-    known = {f.name for f in dataclasses.fields(models.MaskedAutoencoderViT)}
+    """Constructor fields as our exports record them (JSON types) -> fields for their model class."""
+    known = {f.name for f in dataclasses.fields(models.model_class(record))}
     fields = {k: v for k, v in record.items() if k in known}
     if isinstance(fields.get("image_size"), list):
         fields["image_size"] = tuple(fields["image_size"])
@@ -497,7 +571,7 @@ def _describe_directory(path: str) -> str:
     return f"it holds {', '.join(names[:SHOW])}" + (f" and {len(names) - SHOW} more" if len(names) > SHOW else "")
 
 
-def _read_source(path: str | os.PathLike, model: models.MaskedAutoencoderViT | None = None) -> dict:
+def _read_source(path: str | os.PathLike, model: Model | None = None) -> dict:
     """Reads a checkpoint -> {"sd", "origin", "description", "fields" (or None), "hints"}."""
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -512,7 +586,7 @@ def _read_source(path: str | os.PathLike, model: models.MaskedAutoencoderViT | N
                 raise CheckpointError(f"{path} records no model fields: pass --variant")
             saved = model
         else:
-            saved = models.MaskedAutoencoderViT(**fields)
+            saved = models.model_class(fields)(**fields)
         sd = to_torch(variables, saved, format="official")
         return dict(sd=sd, origin={}, description=f"{path} (mae_jax checkpoint)", fields=fields, hints={})
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
@@ -533,7 +607,8 @@ def _read_source(path: str | os.PathLike, model: models.MaskedAutoencoderViT | N
     args = raw.get("args") if isinstance(raw.get("model"), Mapping) else None
     if args is not None:  # the official training script's argparse.Namespace
         args = vars(args) if hasattr(args, "__dict__") else dict(args)
-        match = re.fullmatch(r"mae_vit_(base|large|huge)_patch(\d+)", str(args.get("model", "")))
+        # main_pretrain.py's "mae_vit_base_patch16", main_finetune.py's "vit_base_patch16"
+        match = re.fullmatch(r"(?:mae_)?vit_(base|large|huge)_patch(\d+)", str(args.get("model", "")))
         if match:
             hints["variant"] = f"{dict(base='B', large='L', huge='H')[match.group(1)]}/{match.group(2)}"
         hints.update({k: args[k] for k in ("mask_ratio", "norm_pix_loss") if k in args})
@@ -557,7 +632,7 @@ def _reading(path: str | os.PathLike) -> Iterator[None]:
         raise CheckpointError(message) from e
 
 
-def load_variables(path: str | os.PathLike, model: models.MaskedAutoencoderViT,
+def load_variables(path: str | os.PathLike, model: Model,
                    base_variables: PyTree | None = None, strict: bool = True) -> dict:
     """Reads any supported checkpoint into {"params", "frozen"} (numpy) shaped for `model`.
 
@@ -616,13 +691,19 @@ def _model_fields(source: dict, variant: str | None, image_size: int | None) -> 
     """The architecture for the CLI: the variant, else recorded fields, else inferred from shapes."""
     hints = source["hints"]
     variant = variant or hints.get("variant")
-    if variant or source["fields"] is None:
-        fields = _infer_fields(source["sd"], variant)
+    sd = source["sd"]
+    if (variant or source["fields"] is None) and "head.weight" in sd:  # an official fine-tuned classifier
+        fields = models.classifier_fields(_infer_fields(sd, variant), num_classes=sd["head.weight"].shape[0],
+                                          global_pool="fc_norm.weight" in sd)
+        if "pos_embed" not in sd and "image_size" in hints:
+            fields["image_size"] = hints["image_size"]
+    elif variant or source["fields"] is None:
+        fields = _infer_fields(sd, variant)
         if "decoder_embed_dim" not in fields:
             fields.update({k: v for k, v in models.variant("B/16").items() if k.startswith("decoder_")})
             logging.info("No decoder in the checkpoint: using the paper's decoder %s",
                          {k: v for k, v in fields.items() if k.startswith("decoder_")})
-        if "pos_embed" not in source["sd"] and "image_size" in hints:
+        if "pos_embed" not in sd and "image_size" in hints:
             fields["image_size"] = hints["image_size"]
         fields.update({k: hints[k] for k in ("mask_ratio", "norm_pix_loss") if k in hints})
         if source["fields"] is not None:  # a variant over a source that records its training settings
@@ -636,7 +717,7 @@ def _model_fields(source: dict, variant: str | None, image_size: int | None) -> 
 
 
 def load_model(path: str | os.PathLike, variant: str | None = None,
-               **overrides: Any) -> tuple[models.MaskedAutoencoderViT, dict]:
+               **overrides: Any) -> tuple[Model, dict]:
     """(model, {"params", "frozen"}) from any supported checkpoint, the architecture read from its config,
     its recorded fields or its shapes (`variant`, e.g. "B/16", where they cannot tell).
 
@@ -650,7 +731,7 @@ def load_model(path: str | os.PathLike, variant: str | None = None,
         fields = _model_fields(source, variant, None)
         fields.update(overrides)
         _warn_on_eps(fields)
-        model = models.MaskedAutoencoderViT(**fields)
+        model = models.model_class(fields)(**fields)
         logging.info("Read %s: %d tensors, %.2fM values; model %s", source["description"], len(source["sd"]),
                      sum(v.size for v in source["sd"].values()) / 1e6, models.constructor_fields(model))
         variables = _variables_from_official(source["sd"], source["origin"], model, None, True,

@@ -17,17 +17,23 @@ Usage:
   out.loss, out.pred, out.mask, out.ids_restore, out.latent
   features = model.apply(variables, images, method=model.features)  # [N, 1 + L, D], no masking
 
+Fine-tuning uses `ViTClassifier` (the official `models_vit.VisionTransformer`: the same encoder over all
+patches, a trainable `pos_embed`, global pool + `fc_norm` or cls token + `norm`, `head`, stochastic depth):
+  classifier = ViTClassifier(**classifier_fields(variant("B/16"), num_classes=1000, drop_path_rate=0.1))
+  variables = convert.load_variables("mae_pretrain_vit_base.pth", classifier)  # {"params"}, head fresh
+  logits = classifier.apply(variables, images, train=True, rngs={"drop_path": key})  # [N, num_classes]
+
 The transformer blocks of the encoder and the decoder are each one `Encoder` module (unrolled or `nn.scan`,
-with optional remat), reusable by a ViT classifier together with `patchify`, `get_2d_sincos_pos_embed` and
-`random_masking`. Speed work for XLA's CPU backend lives in `mae_jax/xla_cpu.py`; the `ops` field chooses it
-("auto": on the CPU only) or plain `jax.nn` ("generic"); both compute the same function.
+with optional remat and stochastic depth), which both models build through their shared base `_ViT`. Speed
+work for XLA's CPU backend lives in `mae_jax/xla_cpu.py`; the `ops` field chooses it ("auto": on the CPU only)
+or plain `jax.nn` ("generic"); both compute the same function.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax
 import flax.linen as nn
@@ -286,8 +292,29 @@ class Mlp(nn.Module):
         return dense(x.shape[-1], name="fc2")(y)
 
 
+def drop_path_rates(drop_path_rate: float, depth: int) -> np.ndarray:
+    """Stochastic depth rate of each of `depth` blocks, [depth] float32: timm's decay rule
+    `torch.linspace(0, drop_path_rate, depth)`, so the first block is never dropped."""
+    return np.linspace(0.0, drop_path_rate, depth, dtype=np.float32)
+
+
+def drop_path(x: Array, rate: float | Array, rng: Array) -> Array:
+    """Stochastic depth per example, as timm's `drop_path`: each example of x [N, ...] is zeroed with
+    probability `rate`, else scaled by 1 / (1 - rate), so the expected value is x."""
+    # In float32 whatever x's dtype: a bfloat16 keep probability (0.9 -> 0.8984) would bias the expectation.
+    keep_prob = 1.0 - jnp.asarray(rate, jnp.float32)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jnp.floor(keep_prob + jax.random.uniform(rng, shape, jnp.float32))  # 1 with probability keep_prob
+    return (x.astype(jnp.float32) / keep_prob * mask).astype(x.dtype)
+
+
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)).
+
+    Called with `train=True`, each residual branch goes through `drop_path` at `drop_path_rate` with its own
+    per-example mask (timm's Block), drawn from the "drop_path" rng stream. The rate is a call argument, not a
+    field, because blocks under `nn.scan` are one module whose per-block rates are scanned over.
+    """
 
     num_heads: int
     mlp_ratio: float = 4.0
@@ -297,20 +324,26 @@ class Block(nn.Module):
     ops: str = "auto"  # see MaskedAutoencoderViT.ops
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, drop_path_rate: float | Array = 0.0, train: bool = False) -> Array:
         norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, dtype=self.dtype,
                                  use_fast_variance=False)
         # Identity in value; on XLA:CPU it stops the backward of later branches being recomputed (xla_cpu).
         branch_input = xla_cpu.materialize_grad if resolve_ops(self.ops) == "xla_cpu" else lambda y: y
+
+        def residual(branch: Array) -> Array:
+            return drop_path(branch, drop_path_rate, self.make_rng("drop_path")) if train else branch
+
         x = branch_input(x)
-        x = x + Attention(self.num_heads, self.dtype, self.attention, self.ops, name="attn")(norm(name="norm1")(x))
+        x = x + residual(Attention(self.num_heads, self.dtype, self.attention, self.ops, name="attn")(
+            norm(name="norm1")(x)))
         x = branch_input(x)
-        x = x + Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.ops, name="mlp")(norm(name="norm2")(x))
+        x = x + residual(Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.ops, name="mlp")(
+            norm(name="norm2")(x)))
         return x
 
 
-def _scan_body(block: Block, x: Array, _: None) -> tuple[Array, None]:
-    return block(x), None
+def _scan_body(block: Block, x: Array, drop_path_rate: Array, train: bool) -> tuple[Array, None]:
+    return block(x, drop_path_rate, train), None
 
 
 class Encoder(nn.Module):
@@ -331,6 +364,9 @@ class Encoder(nn.Module):
     scan: bool = False  # nn.scan over the blocks: stacked parameters, compile time independent of depth
     remat: str = "none"  # per-block rematerialisation policy, one of REMAT_POLICIES
     block_name: str = "blocks"  # parameter name prefix of the blocks ("blocks", "decoder_blocks")
+    # Stochastic depth when called with train=True: block i drops each branch per example with probability
+    # drop_path_rates(drop_path_rate, depth)[i] (fine-tuning; 0 in pretraining).
+    drop_path_rate: float = 0.0
 
     def setup(self):
         if isinstance(self.parent, nn.Module):
@@ -344,7 +380,8 @@ class Encoder(nn.Module):
             }[self.remat]
             # prevent_cse stops XLA from merging the recomputation with the forward pass; a scan's loop body
             # cannot be merged anyway, so it is dropped there (as jax.checkpoint's docs advise).
-            block_cls = nn.remat(Block, policy=policy, prevent_cse=not self.scan)
+            # `train` (argument 3, counting the module) is a Python bool that selects code: static.
+            block_cls = nn.remat(Block, policy=policy, prevent_cse=not self.scan, static_argnums=(3,))
         block = functools.partial(block_cls, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                                   layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
                                   attention=self.attention, ops=self.ops)
@@ -353,13 +390,16 @@ class Encoder(nn.Module):
         else:
             self.blocks = [block(name=f"{self.block_name}_{i}") for i in range(self.depth)]
 
-    def __call__(self, x: Array) -> Array:
-        """[N, T, D] tokens -> [N, T, D] after every block."""
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        """[N, T, D] tokens -> [N, T, D] after every block; `train` enables stochastic depth (if its rate > 0)."""
+        train = train and self.drop_path_rate > 0  # no "drop_path" rng needed otherwise
+        rates = drop_path_rates(self.drop_path_rate, self.depth)
         if self.scan:
-            scan = nn.scan(_scan_body, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth)
-            return scan(self.blocks, x, None)[0]
-        for block in self.blocks:
-            x = block(x)
+            scan = nn.scan(functools.partial(_scan_body, train=train), variable_axes={"params": 0},
+                           split_rngs={"params": True, "drop_path": True}, length=self.depth)
+            return scan(self.blocks, x, jnp.asarray(rates))[0]
+        for block, rate in zip(self.blocks, rates):
+            x = block(x, float(rate), train)
         return x
 
 
@@ -374,8 +414,10 @@ class MAEOutput:
     latent: Array  # [N, 1 + len_keep, D] encoder output, cls first
 
 
-class MaskedAutoencoderViT(nn.Module):
-    """MAE with a ViT encoder over visible patches only and a light decoder with mask tokens."""
+class _ViT(nn.Module):
+    """What MaskedAutoencoderViT and ViTClassifier share: the encoder's fields and their checks, the patch
+    grid, and the embedding in front of the blocks (patch embed Dense, cls token, position table `pos_embed`).
+    """
 
     image_size: int | Sequence[int] = 224  # int or (H, W)
     patch_size: int = 16
@@ -383,14 +425,9 @@ class MaskedAutoencoderViT(nn.Module):
     embed_dim: int = 1024
     depth: int = 24
     num_heads: int = 16
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
     mlp_ratio: float = 4.0
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = False
     layer_norm_eps: float = 1e-6
-    dtype: Any = "float32"  # compute dtype ("float32" or "bfloat16"); params stay float32
+    dtype: Any = "float32"  # compute dtype ("float32", "bfloat16" or "float16"); params stay float32
     # "auto": with the xla_cpu ops, "custom_vjp" (xla_cpu.softmax_attention: hand-written backward, fewest
     # passes over the score tensors); otherwise jax.nn.dot_product_attention (cuDNN flash attention where
     # it applies, XLA's otherwise); "xla", "cudnn" force one of those; "einsum" is the reference's order of
@@ -404,14 +441,8 @@ class MaskedAutoencoderViT(nn.Module):
     remat: str = "none"  # per-block rematerialisation: "none", "full", "dots", "dots_no_batch"
     scan_blocks: bool = False  # nn.scan over blocks (stacked params, fast compile for deep models)
 
-    def __post_init__(self):
-        self.validate()
-        super().__post_init__()
-
-    # -- configuration -----------------------------------------------------------------------------------
-
-    def validate(self) -> None:
-        """Raises a one-line ValueError for impossible settings, before anything is traced or compiled."""
+    def _validate_encoder(self, prefixes: Sequence[str] = ("",)) -> None:
+        """One-line ValueErrors for the encoder fields (and the `{prefix}embed_dim` / `num_heads` pairs)."""
         try:
             height, width = _pair(self.image_size)
         except (TypeError, ValueError):
@@ -421,13 +452,7 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(
                 f"image_size {(height, width)} is not divisible by patch_size {p}: "
                 "both sides must be positive multiples of the patch size")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio {self.mask_ratio} must be in [0, 1)")
-        if int(self.num_patches * (1 - self.mask_ratio)) < 1:
-            raise ValueError(
-                f"mask_ratio {self.mask_ratio} leaves no visible patch out of {self.num_patches}: "
-                f"at most {1 - 1 / self.num_patches:.4f} is allowed for this image and patch size")
-        for prefix in ("", "decoder_"):
+        for prefix in prefixes:
             dim, heads = getattr(self, f"{prefix}embed_dim"), getattr(self, f"{prefix}num_heads")
             if dim <= 0 or dim % 4:
                 raise ValueError(f"{prefix}embed_dim {dim} must be a positive multiple of 4 "
@@ -464,11 +489,6 @@ class MaskedAutoencoderViT(nn.Module):
         return h * w
 
     @property
-    def len_keep(self) -> int:
-        """Visible patches per example."""
-        return int(self.num_patches * (1 - self.mask_ratio))
-
-    @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
@@ -480,38 +500,28 @@ class MaskedAutoencoderViT(nn.Module):
                 f"[N, {expected[0]}, {expected[1]}, {expected[2]}] (image_size {self.image_size!r}, "
                 f"num_channels {self.num_channels})")
 
-    # -- submodules --------------------------------------------------------------------------------------
+    def _norm(self, **kwargs: Any) -> nn.LayerNorm:
+        # Two-pass variance, as torch (flax's fast variance E[x^2] - E[x]^2 differs).
+        return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.compute_dtype, use_fast_variance=False,
+                            **kwargs)
 
-    def setup(self):
-        dtype = self.compute_dtype
-        dense = functools.partial(nn.Dense, dtype=dtype, kernel_init=xavier_uniform)
-        norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, dtype=dtype, use_fast_variance=False)
-        blocks = functools.partial(Encoder, mlp_ratio=self.mlp_ratio, layer_norm_eps=self.layer_norm_eps,
-                                   dtype=dtype, attention=self.attention, ops=self.ops, scan=self.scan_blocks,
-                                   remat=self.remat)
-        # Encoder. The patch embedding is a Dense on (p, q, c) patch vectors: the official conv with
-        # kernel = stride = patch. Official init: xavier on its flattened [D, p*p*C] weight; the bias keeps
-        # PyTorch's Conv2d default, U(+-1/sqrt(p*p*C)).
+    def _blocks(self, depth: int, num_heads: int, block_name: str, drop_path_rate: float = 0.0) -> Encoder:
+        return Encoder(depth, num_heads, mlp_ratio=self.mlp_ratio, layer_norm_eps=self.layer_norm_eps,
+                       dtype=self.compute_dtype, attention=self.attention, ops=self.ops, scan=self.scan_blocks,
+                       remat=self.remat, block_name=block_name, drop_path_rate=drop_path_rate)
+
+    def _setup_embedding(self, pos_embed_collection: str) -> None:
+        """Creates `patch_embed`, `cls_token` and `pos_embed` (the sin-cos table, in the given collection)."""
+        # The patch embedding is a Dense on (p, q, c) patch vectors: the official conv with kernel = stride =
+        # patch. Official init: xavier on its flattened [D, p*p*C] weight; the bias keeps PyTorch's Conv2d
+        # default, U(+-1/sqrt(p*p*C)).
         patch_dim = self.patch_size**2 * self.num_channels
-        self.patch_embed = dense(self.embed_dim, bias_init=uniform_bias_init(patch_dim))
+        self.patch_embed = nn.Dense(self.embed_dim, dtype=self.compute_dtype, kernel_init=xavier_uniform,
+                                    bias_init=uniform_bias_init(patch_dim))
         self.cls_token = self.param("cls_token", token_init, (1, 1, self.embed_dim))
         self.pos_embed = self.variable(
-            "frozen", "pos_embed",
+            pos_embed_collection, "pos_embed",
             lambda: jnp.asarray(get_2d_sincos_pos_embed(self.embed_dim, self.grid_size, cls_token=True))[None])
-        self.encoder = blocks(self.depth, self.num_heads, block_name="blocks")
-        self.norm = norm()
-        # Decoder.
-        self.decoder_embed = dense(self.decoder_embed_dim)
-        self.mask_token = self.param("mask_token", token_init, (1, 1, self.decoder_embed_dim))
-        self.decoder_pos_embed = self.variable(
-            "frozen", "decoder_pos_embed",
-            lambda: jnp.asarray(get_2d_sincos_pos_embed(self.decoder_embed_dim, self.grid_size,
-                                                        cls_token=True))[None])
-        self.decoder = blocks(self.decoder_depth, self.decoder_num_heads, block_name="decoder_blocks")
-        self.decoder_norm = norm()
-        self.decoder_pred = dense(patch_dim)
-
-    # -- forward -----------------------------------------------------------------------------------------
 
     def _embed(self, images: Array) -> Array:
         """[N, H, W, C] -> patch tokens [N, L, D] with position embeddings (no cls)."""
@@ -519,11 +529,70 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.patch_embed(patchify(images.astype(self.compute_dtype), self.patch_size))
         return x + self.pos_embed.value[:, 1:, :].astype(x.dtype)
 
+    def _prepend_cls(self, x: Array) -> Array:
+        """[N, T, D] -> [N, 1 + T, D] with cls + pos[0] first."""
+        cls = (self.cls_token + self.pos_embed.value[:, :1, :]).astype(x.dtype)
+        return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
+
+
+class MaskedAutoencoderViT(_ViT):
+    """MAE with a ViT encoder over visible patches only and a light decoder with mask tokens.
+
+    The encoder's fields (image_size, patch_size, num_channels, embed_dim, depth, num_heads, mlp_ratio,
+    layer_norm_eps, dtype, attention, ops, remat, scan_blocks) are declared and documented in `_ViT`.
+    """
+
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+
+    def __post_init__(self):
+        self.validate()
+        super().__post_init__()
+
+    # -- configuration -----------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raises a one-line ValueError for impossible settings, before anything is traced or compiled."""
+        self._validate_encoder(("", "decoder_"))
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio {self.mask_ratio} must be in [0, 1)")
+        if int(self.num_patches * (1 - self.mask_ratio)) < 1:
+            raise ValueError(
+                f"mask_ratio {self.mask_ratio} leaves no visible patch out of {self.num_patches}: "
+                f"at most {1 - 1 / self.num_patches:.4f} is allowed for this image and patch size")
+
+    @property
+    def len_keep(self) -> int:
+        """Visible patches per example."""
+        return int(self.num_patches * (1 - self.mask_ratio))
+
+    # -- submodules --------------------------------------------------------------------------------------
+
+    def setup(self):
+        # Encoder.
+        self._setup_embedding("frozen")
+        self.encoder = self._blocks(self.depth, self.num_heads, "blocks")
+        self.norm = self._norm()
+        # Decoder.
+        self.decoder_embed = nn.Dense(self.decoder_embed_dim, dtype=self.compute_dtype, kernel_init=xavier_uniform)
+        self.mask_token = self.param("mask_token", token_init, (1, 1, self.decoder_embed_dim))
+        self.decoder_pos_embed = self.variable(
+            "frozen", "decoder_pos_embed",
+            lambda: jnp.asarray(get_2d_sincos_pos_embed(self.decoder_embed_dim, self.grid_size,
+                                                        cls_token=True))[None])
+        self.decoder = self._blocks(self.decoder_depth, self.decoder_num_heads, "decoder_blocks")
+        self.decoder_norm = self._norm()
+        self.decoder_pred = nn.Dense(self.patch_size**2 * self.num_channels, dtype=self.compute_dtype,
+                                     kernel_init=xavier_uniform)
+
+    # -- forward -----------------------------------------------------------------------------------------
+
     def _encode_tokens(self, x: Array) -> Array:
         """Prepends cls + pos[0] to [N, T, D] tokens, runs the blocks and the final norm."""
-        cls = (self.cls_token + self.pos_embed.value[:, :1, :]).astype(x.dtype)
-        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
-        return self.norm(self.encoder(x))
+        return self.norm(self.encoder(self._prepend_cls(x)))
 
     def encode(self, images: Array, noise: Array | None = None) -> tuple[Array, Array, Array]:
         """Masks and encodes: returns latent [N, 1 + len_keep, D], mask [N, L], ids_restore [N, L]."""
@@ -569,23 +638,108 @@ class MaskedAutoencoderViT(nn.Module):
         return MAEOutput(loss=loss, pred=pred, mask=mask, ids_restore=ids_restore, latent=latent)
 
 
+def torch_trunc_normal(stddev: float, lower: float = -2.0, upper: float = 2.0) -> nn.initializers.Initializer:
+    """timm's `trunc_normal_(std=stddev, a=lower, b=upper)`: N(0, stddev) truncated at ABSOLUTE bounds.
+
+    flax's truncated_normal truncates at +-2 standard deviations instead; with the official head's std 2e-5
+    the absolute bounds +-2 are 1e5 standard deviations away, so this is in effect a plain normal.
+    """
+
+    def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+        return jax.random.truncated_normal(key, lower / stddev, upper / stddev, shape, dtype) * stddev
+
+    return init
+
+
+class ViTClassifier(_ViT):
+    """ViT image classifier for fine-tuning an MAE encoder: the official `models_vit.VisionTransformer` (timm
+    0.3.2's ViT with MAE's global pool), in eval mode equal to it within float32 round-off.
+
+    The encoder is MaskedAutoencoderViT's (fields declared in `_ViT`, parameter names, initialisers), over all
+    patches; `pos_embed` [1, 1 + L, D] is a trainable parameter here (timm's is), initialised to the sin-cos
+    table. Global pool: mean of the patch tokens of the last block (before any norm) -> `fc_norm` -> `head`; there is
+    no `norm`. Otherwise the cls token of `norm(x)` -> `head`. Stochastic depth (train=True) needs the
+    "drop_path" rng: `model.apply(variables, images, train=True, rngs={"drop_path": key})`.
+    """
+
+    num_classes: int = 1000  # outputs of `head`
+    global_pool: bool = True  # mean of the patch tokens + fc_norm (fine-tuning); False: cls token of `norm`
+    drop_path_rate: float = 0.0  # stochastic depth of the last block; block i: linspace(0, rate, depth)[i]
+
+    def __post_init__(self):
+        self.validate()
+        super().__post_init__()
+
+    def validate(self) -> None:
+        """Raises a one-line ValueError for impossible settings, before anything is traced or compiled."""
+        self._validate_encoder()
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, (int, np.integer)) \
+                or self.num_classes < 1:
+            raise ValueError(f"num_classes {self.num_classes!r} must be a positive integer")
+        if not isinstance(self.global_pool, (bool, np.bool_)):
+            raise ValueError(f"global_pool {self.global_pool!r} must be True (mean pool + fc_norm) or False "
+                             "(cls token + norm)")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate {self.drop_path_rate} must be in [0, 1)")
+
+    def setup(self):
+        self._setup_embedding("params")
+        self.encoder = self._blocks(self.depth, self.num_heads, "blocks", self.drop_path_rate)
+        if self.global_pool:
+            self.fc_norm = self._norm()
+        else:
+            self.norm = self._norm()
+        # main_finetune.py: trunc_normal_(head.weight, std=2e-5) over timm's zero bias.
+        self.head = nn.Dense(self.num_classes, dtype=self.compute_dtype, kernel_init=torch_trunc_normal(2e-5),
+                             bias_init=nn.initializers.zeros)
+
+    def features(self, images: Array, train: bool = False) -> Array:
+        """[N, H, W, C] -> [N, D], what the head sees (official `forward_features`); train as `__call__`."""
+        x = self.encoder(self._prepend_cls(self._embed(images)), train)
+        if self.global_pool:
+            return self.fc_norm(x[:, 1:, :].mean(axis=1))
+        return self.norm(x)[:, 0]
+
+    def __call__(self, images: Array, train: bool = False) -> Array:
+        """Logits [N, num_classes] (float32) of `images` [N, H, W, C]; `train` enables stochastic depth."""
+        return self.head(self.features(images, train)).astype(jnp.float32)
+
+
+def classifier_fields(mae_fields: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
+    """ViTClassifier fields from MaskedAutoencoderViT fields (e.g. `variant("B/16")` or a checkpoint's
+    record): the encoder's fields, then `overrides` (num_classes, global_pool, drop_path_rate, ...)."""
+    names = {f.name for f in dataclasses.fields(ViTClassifier) if f.init and f.name not in ("parent", "name")}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ValueError(f"{sorted(unknown)} are not fields of ViTClassifier (allowed: {sorted(names)})")
+    fields = {k: v for k, v in mae_fields.items() if k in names}
+    fields.update(overrides)
+    return constructor_fields(ViTClassifier(**fields))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Parameter utilities.
 # ---------------------------------------------------------------------------------------------------------
 
 
-def init_variables(model: MaskedAutoencoderViT, rng: Array, batch_size: int = 1) -> PyTree:
-    """Initialises {"params", "frozen"} from `rng` with a dummy batch (no data needed)."""
+def init_variables(model: MaskedAutoencoderViT | ViTClassifier, rng: Array, batch_size: int = 1) -> PyTree:
+    """Initialises the variables from `rng` with a dummy batch (no data needed): {"params", "frozen"} for
+    MaskedAutoencoderViT, {"params"} for ViTClassifier."""
     images = jnp.zeros((batch_size, *model.image_shape), jnp.float32)
     params_rng, masking_rng = jax.random.split(rng)
     # Jitted: op-by-op initialisation is several times slower, even for a tiny model.
     return jax.jit(model.init)({"params": params_rng, "masking": masking_rng}, images)
 
 
-def constructor_fields(model: MaskedAutoencoderViT) -> dict[str, Any]:
-    """Every constructor field of `model`: `MaskedAutoencoderViT(**constructor_fields(model))` rebuilds it."""
+def constructor_fields(model: nn.Module) -> dict[str, Any]:
+    """Every constructor field of `model`: `type(model)(**constructor_fields(model))` rebuilds it."""
     return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
             if f.init and f.name not in ("parent", "name")}
+
+
+def model_class(fields: Mapping[str, Any]) -> type[MaskedAutoencoderViT] | type[ViTClassifier]:
+    """The model class that constructor `fields` describe: ViTClassifier if they hold num_classes."""
+    return ViTClassifier if "num_classes" in fields else MaskedAutoencoderViT
 
 
 def count_params(tree: PyTree) -> int:

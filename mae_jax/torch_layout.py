@@ -1,10 +1,11 @@
-"""PyTorch key names and tensor layouts of MaskedAutoencoderViT: official facebookresearch/mae and Hugging Face.
+"""PyTorch key names and tensor layouts of MaskedAutoencoderViT and ViTClassifier: official facebookresearch/mae
+and Hugging Face.
 
 The canonical form is the official state dict (`models_mae.py` names: `blocks.{i}.attn.qkv.weight`, torch
-layouts, float32 numpy). `official_layout` maps it to our parameter paths; `hf_to_official` and
-`official_to_hf` rename Hugging Face ViTMAE keys (transformers 4 and 5) to and from it, fusing and splitting
-q, k, v by rows; `canonical` detects the format of any supported state dict. No checks of fit, no files:
-`mae_jax.convert` owns those.
+layouts, float32 numpy; a ViTClassifier's are `models_vit.py`'s, with `pos_embed`, `fc_norm` or `norm`, `head`).
+`official_layout` maps it to our parameter paths; `hf_to_official` and `official_to_hf` rename Hugging Face
+ViTMAE keys (transformers 4 and 5) to and from it, fusing and splitting q, k, v by rows; `canonical` detects
+the format of any supported state dict. No checks of fit, no files: `mae_jax.convert` owns those.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from absl import logging
 
 from mae_jax import models
 
-FROZEN_KEYS = ("pos_embed", "decoder_pos_embed")
+Model = models.MaskedAutoencoderViT | models.ViTClassifier
+FROZEN_KEYS = ("pos_embed", "decoder_pos_embed")  # MaskedAutoencoderViT's "frozen" tables (a ViTClassifier trains
+# its pos_embed); in either model these are the tables that may come from another grid (interpolated)
+CLASSIFIER_KEYS = ("head", "fc_norm")  # first name components only a fine-tuned classifier checkpoint has
 SHOW = 8  # how many offending keys an error names per kind
 
 # ---------------------------------------------------------------------------------------------------------
@@ -27,8 +31,12 @@ SHOW = 8  # how many offending keys an error names per kind
 # ---------------------------------------------------------------------------------------------------------
 
 
-def official_layout(model: models.MaskedAutoencoderViT) -> dict[str, tuple[tuple[str, ...], str]]:
-    """Official key -> (path in the unscanned params, kind); kind "conv", "linear" (transpose) or "copy"."""
+def official_layout(model: Model) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Official key -> (path in the unscanned params, kind); kind "conv", "linear" (transpose) or "copy".
+
+    MaskedAutoencoderViT: `models_mae` keys without the frozen position tables. ViTClassifier: `models_vit`
+    keys, its trainable `pos_embed` included, `fc_norm` (global pool) or `norm`, and `head`.
+    """
     out = {}
 
     def add(key, path, kind="copy"):
@@ -52,9 +60,16 @@ def official_layout(model: models.MaskedAutoencoderViT) -> dict[str, tuple[tuple
             linear(f"{prefix}.{i}.mlp.fc2", (f"{prefix}_{i}", "mlp", "fc2"))
 
     add("cls_token", ["cls_token"])
+    if isinstance(model, models.ViTClassifier):
+        add("pos_embed", ["pos_embed"])
     add("patch_embed.proj.weight", ("patch_embed", "kernel"), "conv")
     add("patch_embed.proj.bias", ("patch_embed", "bias"))
     blocks("blocks", model.depth)
+    if isinstance(model, models.ViTClassifier):
+        final_norm = "fc_norm" if model.global_pool else "norm"
+        norm(final_norm, [final_norm])
+        linear("head", ["head"])
+        return out
     norm("norm", ["norm"])
     add("mask_token", ["mask_token"])
     linear("decoder_embed", ["decoder_embed"])
@@ -68,7 +83,12 @@ def is_decoder(key: str) -> bool:
     return key.startswith(("decoder_", "mask_token"))
 
 
-def to_torch_layout(x: np.ndarray, kind: str, model: models.MaskedAutoencoderViT) -> np.ndarray:
+def is_classifier_key(key: str) -> bool:
+    """Whether `key` belongs to a fine-tuned classifier's head (`head.*`, `fc_norm.*`)."""
+    return key.split(".")[0] in CLASSIFIER_KEYS
+
+
+def to_torch_layout(x: np.ndarray, kind: str, model: Model) -> np.ndarray:
     if kind == "linear":
         return np.ascontiguousarray(x.T)
     if kind == "conv":  # [p*q*C, D] Dense on (p, q, c) patch vectors -> conv weight [D, C, p, q]
@@ -86,7 +106,7 @@ def from_torch_layout(x: np.ndarray, kind: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def expected_shapes(model: models.MaskedAutoencoderViT) -> dict[str, tuple[int, ...]]:
+def expected_shapes(model: Model) -> dict[str, tuple[int, ...]]:
     """Official key -> torch-layout shape for `model`, the position tables included."""
     unscanned = model.clone(scan_blocks=False, remat="none")
     abstract = jax.eval_shape(functools.partial(models.init_variables, unscanned), jax.random.key(0))
@@ -98,8 +118,8 @@ def expected_shapes(model: models.MaskedAutoencoderViT) -> dict[str, tuple[int, 
         elif kind == "conv":
             shape = (shape[1], model.num_channels, model.patch_size, model.patch_size)
         shapes[key] = shape
-    for key in FROZEN_KEYS:
-        shapes[key] = tuple(abstract["frozen"][key].shape)
+    for key, table in abstract.get("frozen", {}).items():
+        shapes[key] = tuple(table.shape)
     return shapes
 
 
@@ -128,12 +148,15 @@ def unscan(params: Mapping) -> dict:
     return out
 
 
-def scan(params: dict, model: models.MaskedAutoencoderViT) -> dict:
+def scan(params: dict, model: Model) -> dict:
     """Unscanned params -> the layout `model` expects (stacked blocks when `model.scan_blocks`)."""
     if not model.scan_blocks:
         return params
     out = {k: v for k, v in params.items() if not re.fullmatch(r"(decoder_)?blocks_\d+", k)}
-    for prefix, depth in (("blocks", model.depth), ("decoder_blocks", model.decoder_depth)):
+    depths = [("blocks", model.depth)]
+    if isinstance(model, models.MaskedAutoencoderViT):
+        depths.append(("decoder_blocks", model.decoder_depth))
+    for prefix, depth in depths:
         out[prefix] = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[params[f"{prefix}_{i}"]
                                                                           for i in range(depth)])
     return out
@@ -263,12 +286,6 @@ def canonical(state_dict: Mapping[str, Any]) -> tuple[dict, dict, str]:
     if keys and all(k.startswith("module.") for k in keys):  # saved from a DistributedDataParallel wrapper
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
         keys = list(state_dict)
-    head = [k for k in keys if k.split(".")[0] in ("head", "fc_norm", "classifier")]
-    if head:
-        raise ValueError(
-            f"this is a fine-tuned classifier checkpoint (it has {first_keys(head)}), not a pretraining one: "
-            "MaskedAutoencoderViT cannot load it. Use a pretraining checkpoint (mae_pretrain_vit_*.pth, "
-            "mae_visualize_vit_*.pth or a ViTMAEForPreTraining directory)")
     sd = {k: to_numpy(v) for k, v in state_dict.items()}
     for key, value in sd.items():
         if not np.issubdtype(value.dtype, np.floating):
@@ -278,7 +295,8 @@ def canonical(state_dict: Mapping[str, Any]) -> tuple[dict, dict, str]:
         logging.info("Casting %s weights to float32", dtypes)
     is_hf = [k for k in keys if k.startswith(("vit.", "decoder.", "embeddings.", "encoder.layer.", "layers."))]
     is_official = [k for k in keys if k.split(".")[0] in ("cls_token", "pos_embed", "patch_embed", "blocks",
-                                                          "norm", "mask_token", "decoder_blocks") or
+                                                          "norm", "mask_token", "decoder_blocks",
+                                                          *CLASSIFIER_KEYS) or
                    k.startswith(("decoder_embed.", "decoder_norm.", "decoder_pred.", "decoder_pos_embed"))]
     if is_hf and is_official:
         raise ValueError(f"checkpoint mixes Hugging Face keys ({first_keys(is_hf[:2])}) with official keys "
@@ -289,6 +307,8 @@ def canonical(state_dict: Mapping[str, Any]) -> tuple[dict, dict, str]:
         official, origin = hf_to_official({k: v.astype(np.float32, copy=False) for k, v in sd.items()})
         return official, origin, f"Hugging Face ViTMAE ({flavour} names)"
     if not is_official:
-        raise ValueError(f"unrecognised checkpoint: neither official MAE nor Hugging Face ViTMAE keys "
+        raise ValueError(f"unrecognised checkpoint: neither official MAE (models_mae / models_vit) nor Hugging "
+                         f"Face ViTMAE keys "
                          f"(first keys: {first_keys(sorted(keys))})")
-    return {k: v.astype(np.float32, copy=False) for k, v in sd.items()}, {k: k for k in sd}, "official MAE"
+    fmt = "official fine-tuned ViT (models_vit)" if any(is_classifier_key(k) for k in keys) else "official MAE"
+    return {k: v.astype(np.float32, copy=False) for k, v in sd.items()}, {k: k for k in sd}, fmt

@@ -206,3 +206,150 @@ def official_interpolate_pos_embed(pos_embed: np.ndarray, src_grid: tuple, dst_g
     tokens = torch.nn.functional.interpolate(tokens, size=tuple(dst_grid), mode="bicubic", align_corners=False)
     tokens = tokens.permute(0, 2, 3, 1).flatten(1, 2)
     return torch.cat((extra, tokens), dim=1).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fine-tuning model: facebookresearch/mae `models_vit.VisionTransformer`, i.e. timm 0.3.2's
+# VisionTransformer (timm/models/vision_transformer.py, timm/models/layers/drop.py) plus MAE's global pool,
+# transcribed (dropout layers, all rate 0 in MAE, and the hybrid backbone left out; init not needed here).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def timm_drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
+    """timm 0.3.2 `drop_path`: per-sample stochastic depth."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
+    random_tensor.floor_()
+    return x.div(keep_prob) * random_tensor
+
+
+class TimmDropPath(torch.nn.Module):
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        return timm_drop_path(x, self.drop_prob, self.training)
+
+
+class TimmMlp(torch.nn.Module):
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(in_features, hidden_features)
+        self.act = torch.nn.GELU()
+        self.fc2 = torch.nn.Linear(hidden_features, in_features)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TimmAttention(torch.nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = torch.nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = attn.softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+class TimmBlock(torch.nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, eps: float):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(dim, eps=eps)
+        self.attn = TimmAttention(dim, num_heads)
+        self.drop_path = TimmDropPath(drop_path) if drop_path > 0.0 else torch.nn.Identity()
+        self.norm2 = torch.nn.LayerNorm(dim, eps=eps)
+        self.mlp = TimmMlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class TimmPatchEmbed(torch.nn.Module):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = torch.nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class OfficialVisionTransformer(torch.nn.Module):
+    """models_vit.VisionTransformer (timm 0.3.2 VisionTransformer with qkv_bias, LayerNorm eps 1e-6 as
+    models_vit's vit_*_patch* builders, and `global_pool`: mean of x[:, 1:] -> fc_norm, `norm` deleted)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
+                 num_heads=12, mlp_ratio=4.0, drop_path_rate=0.0, global_pool=False, eps=1e-6):
+        super().__init__()
+        self.patch_embed = TimmPatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = torch.nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay rule
+        self.blocks = torch.nn.ModuleList([TimmBlock(embed_dim, num_heads, mlp_ratio, dpr[i], eps)
+                                           for i in range(depth)])
+        self.norm = torch.nn.LayerNorm(embed_dim, eps=eps)
+        self.head = torch.nn.Linear(embed_dim, num_classes) if num_classes > 0 else torch.nn.Identity()
+        self.global_pool = global_pool
+        if self.global_pool:
+            self.fc_norm = torch.nn.LayerNorm(embed_dim, eps=eps)
+            del self.norm  # remove the original norm
+
+    def forward_features(self, x):
+        B = x.shape[0]
+        x = self.patch_embed(x)
+        cls_tokens = self.cls_token.expand(B, -1, -1)
+        x = torch.cat((cls_tokens, x), dim=1)
+        x = x + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        if self.global_pool:
+            x = x[:, 1:, :].mean(dim=1)  # global pool without cls token
+            outcome = self.fc_norm(x)
+        else:
+            x = self.norm(x)
+            outcome = x[:, 0]
+        return outcome
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+def official_vit(fields: dict, num_classes: int, global_pool: bool,
+                 drop_path_rate: float = 0.0) -> OfficialVisionTransformer:
+    """The official classifier with the sizes of our (MaskedAutoencoderViT or ViTClassifier) `fields`."""
+    return OfficialVisionTransformer(
+        img_size=fields["image_size"], patch_size=fields["patch_size"], in_chans=fields.get("num_channels", 3),
+        num_classes=num_classes, embed_dim=fields["embed_dim"], depth=fields["depth"],
+        num_heads=fields["num_heads"], mlp_ratio=fields.get("mlp_ratio", 4.0), drop_path_rate=drop_path_rate,
+        global_pool=global_pool, eps=fields.get("layer_norm_eps", 1e-6))
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> dict[str, np.ndarray]:
+    """Makes every tensor of `model` random (scales as `random_hf_model`); returns its state dict as numpy."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            parts = name.split(".")
+            if len(parts) > 1 and "norm" in parts[-2]:
+                param.copy_((1.0 if name.endswith("weight") else 0.0) + torch.randn_like(param) * 0.1)
+            elif name.endswith("bias"):
+                param.copy_(torch.randn_like(param) * 0.05)
+            else:
+                param.copy_(torch.randn_like(param) * 0.02)
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
