@@ -215,7 +215,7 @@ def main(argv):
     try:
         originals = [read_image(p) for p in FLAGS.image]
         model, variables = load_model(FLAGS.checkpoint, FLAGS.image_size, FLAGS.mask_ratio, FLAGS.variant)
-        size = (model.grid_size[0] * model.patch_size, model.grid_size[1] * model.patch_size)
+        size = model.image_shape[:2]
         images = np.stack([load_image(image, size, model.num_channels) for image in originals])
         fig = figure(model, variables, images, FLAGS.seed)
         output = os.path.abspath(FLAGS.output)

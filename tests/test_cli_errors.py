@@ -11,11 +11,13 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import torch_reference
-from mae_jax import checkpoints, convert, models
+torch = pytest.importorskip("torch", reason="these commands read and write .pth files: pip install -e '.[torch]'")
+pytest.importorskip("transformers", reason="the fixtures build Hugging Face models: pip install -e '.[torch]'")
+
+import torch_reference  # noqa: E402
+from mae_jax import checkpoints, convert, models  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo model's shape, whose head counts no variant of the table implies: only recorded fields can tell.

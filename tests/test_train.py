@@ -256,3 +256,21 @@ def test_show_config_lists_fields_with_values_and_meanings():
     assert "32" in lines["batch_size"] and "global batch per optimizer step" in lines["batch_size"]
     assert "'synthetic'" in lines["input.dataset"] and "a tfds name" in lines["input.dataset"]
     assert "model.mask_ratio" in lines and "dataset" not in lines  # renamed old names are not listed
+
+
+def test_train_step_on_the_generic_path_has_no_cpu_only_ops():
+    """The lowered train step of ops="generic" (what GPUs and TPUs run under ops="auto") holds none of xla_cpu's
+    exp(0 * x) barriers; the xla_cpu step does (so the check can see them)."""
+    from test_models import _count_exp_of_times_zero
+
+    config = tiny.get_config()
+    mesh = parallel.create_mesh(-1, 1)
+    schedule = train.learning_rate_schedule(config, 10, 60)
+    tx = train.make_optimizer(config, schedule)
+    counts = {}
+    for ops in ("generic", "xla_cpu"):
+        model = models.MaskedAutoencoderViT(**dict(config.model, ops=ops))
+        shardings = train.state_shardings(train.abstract_train_state(model, tx), tx, mesh)
+        text = train.lower_train_step(model, tx, schedule, mesh, shardings, batch_size=16).as_text()
+        counts[ops] = _count_exp_of_times_zero(text)
+    assert counts["generic"] == 0 and counts["xla_cpu"] > 0, counts
