@@ -29,14 +29,15 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from mae_jax.augment import IMAGENET_MEAN, IMAGENET_STD, _normalise, preprocess_for_train
+from mae_jax import pixels
+from mae_jax.augment import _normalise, preprocess_for_train
 
 # Everything here is plain TensorFlow with no tensor-dependent Python control flow: AutoGraph's conversion
 # (in tf.function and tf.data map) would only add work, ~10 s of tracing for rand_augment.
 _graph_only = tf.autograph.experimental.do_not_convert
 
 MAX_LEVEL = 10.0  # timm's _MAX_LEVEL: magnitudes are on a 0..10 scale
-FILL = tuple(min(255, round(255 * float(m))) for m in IMAGENET_MEAN)  # timm's img_mean: (124, 116, 104)
+FILL = tuple(min(255, round(255 * float(m))) for m in pixels.IMAGENET_MEAN)  # timm's img_mean: (124, 116, 104)
 INTERPOLATIONS = ("bilinear", "bicubic", "random")
 
 # timm's _RAND_INCREASING_TRANSFORMS (rand-...-inc1) and _RAND_TRANSFORMS (inc0), in timm's order.
@@ -608,7 +609,7 @@ def preprocess_for_finetune_train(encoded: tf.Tensor, key: tf.Tensor, *, image_s
     crop_key, augment_key, erase_key = tf.unstack(tf.random.experimental.stateless_split(key, 3, alg="philox"))
     cropped = preprocess_for_train(encoded, crop_key, image_size=image_size, num_channels=3, scale=scale,
                                    ratio=ratio)
-    levels = to_uint8((cropped * IMAGENET_STD + IMAGENET_MEAN) * 255.0)  # undo the normalisation, PIL's uint8
+    levels = to_uint8(pixels.denormalise(cropped, 3) * 255.0)  # undo the normalisation, PIL's uint8
     augmented = rand_augment(levels, augment_key, **(rand_augment_kwargs or {}))
     image = _normalise(tf.cast(augmented, tf.float32), 3)
     if erase_probability > 0:

@@ -448,7 +448,12 @@ class _ViT(nn.Module):
         except (TypeError, ValueError):
             raise ValueError(f"image_size {self.image_size!r} must be an int or a pair (H, W)") from None
         p = self.patch_size
-        if p <= 0 or height <= 0 or width <= 0 or height % p or width % p:
+        if p <= 0:
+            raise ValueError(f"patch_size {p} must be a positive number of pixels")
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image_size {(height, width)} must be positive (pixels): an int for a square "
+                             "image or a pair (H, W), each a multiple of patch_size")
+        if height % p or width % p:
             raise ValueError(
                 f"image_size {(height, width)} is not divisible by patch_size {p}: "
                 "both sides must be positive multiples of the patch size")

@@ -24,7 +24,7 @@ import skimage.data
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from mae_jax import augment, finetune_augment as fa
+from mae_jax import augment, finetune_augment as fa, pixels
 
 TIMM_FILL = (124, 116, 104)  # timm's img_mean: round(255 * (0.485, 0.456, 0.406))
 LUT_OPS = {"AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing", "PosterizeOriginal",
@@ -349,7 +349,7 @@ def test_eval_transform_matches_pil_resize_and_center_crop(shape, size, crop_pct
     image = skimage.data.astronaut()[:shape[0], :shape[1]]
     ours = fa.preprocess_for_eval(tf.constant(image), size, crop_pct).numpy()
     assert ours.shape == (size, size, 3)
-    levels = (ours * augment.IMAGENET_STD + augment.IMAGENET_MEAN) * 255.0
+    levels = (ours * pixels.IMAGENET_STD + pixels.IMAGENET_MEAN) * 255.0
     expected = _mae_eval_pil(image, size, crop_pct).astype(np.float64)
     difference = np.abs(levels - expected)
     assert difference.max() <= 1.0 + 1e-4 and np.mean(difference > 0.5) < 1e-3, (difference.max(),
@@ -376,9 +376,9 @@ def test_finetune_train_transform_composes_crop_randaugment_erasing():
     crop_key, augment_key, erase_key = tf.unstack(tf.random.experimental.stateless_split(key, 3, alg="philox"))
     cropped = augment.preprocess_for_train(encoded, crop_key, image_size=(40, 48), num_channels=3,
                                            scale=(0.08, 1.0))
-    levels = np.round((cropped.numpy() * augment.IMAGENET_STD + augment.IMAGENET_MEAN) * 255.0)
+    levels = np.round((cropped.numpy() * pixels.IMAGENET_STD + pixels.IMAGENET_MEAN) * 255.0)
     augmented = fa.rand_augment(tf.constant(np.clip(levels, 0, 255).astype(np.uint8)), augment_key, **few_ops)
-    normalised = (augmented.numpy() / 255.0 - augment.IMAGENET_MEAN) / augment.IMAGENET_STD
+    normalised = (augmented.numpy() / 255.0 - pixels.IMAGENET_MEAN) / pixels.IMAGENET_STD
     expected = fa.random_erasing(tf.constant(normalised, tf.float32), erase_key, probability=1.0).numpy()
     np.testing.assert_allclose(ours, expected, atol=1e-5)
     assert np.any(ours != normalised.astype(np.float32))  # something was erased

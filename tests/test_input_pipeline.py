@@ -149,7 +149,7 @@ def test_corrupt_files_skipped_and_counted(tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     it = _iterator(_config(tmp_path, root), batch=3)
     assert it.num_examples == 3 and it.num_skipped_files == 3
-    metadata = datasets.get_builder(_config(tmp_path, root)).info.metadata
+    metadata = datasets.get_builder(_config(tmp_path, root).input).info.metadata
     assert sorted(metadata["skipped_files"]) == ["a/truncated.jpg", "b/empty.jpg", "b/noise.png"]
     assert "3 image files could not be decoded" in caplog.text
     assert "Skipping unreadable image" in caplog.text and "truncated.jpg" in caplog.text

@@ -342,6 +342,8 @@ def test_masking_from_rng():
 @pytest.mark.parametrize("overrides, words", [
     (dict(image_size=30), ["image_size", "30", "patch_size 8"]),
     (dict(image_size=(32, 20)), ["image_size", "(32, 20)", "patch_size 8"]),
+    (dict(image_size=0), ["image_size (0, 0) must be positive"]),
+    (dict(patch_size=0), ["patch_size 0 must be a positive"]),
     (dict(mask_ratio=1.0), ["mask_ratio", "1.0", "[0, 1)"]),
     (dict(mask_ratio=-0.1), ["mask_ratio", "-0.1", "[0, 1)"]),
     (dict(mask_ratio=0.99), ["mask_ratio", "0.99", "no visible patch"]),

@@ -220,9 +220,8 @@ def test_bad_settings_fail_at_once_with_one_line(tmp_path, override, message):
     errors = [l for l in result.stderr.splitlines() if "error:" in l]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "Error:" not in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    assert "Compiled the train step" not in result.stdout
-    assert not (tmp_path / "checkpoints").exists()
+    assert "Compiling the train step" not in result.stdout
+    assert not list((tmp_path / "checkpoints").glob("[0-9]*"))  # no checkpoint written
 
 
 def test_validate_config_accepts_paper_recipes():
@@ -230,7 +229,7 @@ def test_validate_config_accepts_paper_recipes():
     for module in (vit_base, vit_large, vit_huge):
         config = module.get_config()
         assert config.batch_size == 4096 and config.num_epochs == 800 and config.warmup_epochs == 40
-        assert config.base_lr == 1.5e-4 and config.weight_decay == 0.05 and config.dataset == "imagenet2012"
+        assert config.base_lr == 1.5e-4 and config.weight_decay == 0.05 and config.input.dataset == "imagenet2012"
         assert config.model.norm_pix_loss and config.model.mask_ratio == 0.75
         assert train.validate_config(config, 8, 1) == (8, 1)
     assert train.validate_config(vit_base.get_config(), 256, 32) == (256, 1)
