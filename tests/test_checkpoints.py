@@ -18,6 +18,8 @@ import pytest
 from mae_jax import checkpoints, trainer
 from runs import FIVE_STEPS, ROOT, losses, run_main
 
+pytestmark = pytest.mark.slow  # end-to-end runs or PyTorch comparisons: not in the quick subset
+
 
 LONG = ("--config.total_steps=400", "--config.log_every_steps=1", "--config.checkpoint_every_steps=50")
 

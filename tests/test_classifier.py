@@ -12,6 +12,8 @@ import pytest
 
 from mae_jax import checkpoints, convert, models
 
+pytestmark = pytest.mark.slow  # many compilations: not in the quick subset
+
 TINY = models.variant("test/8", image_size=32)
 _init = jax.jit(models.init_variables, static_argnums=0)
 

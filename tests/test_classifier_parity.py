@@ -18,6 +18,8 @@ pytest.importorskip("transformers", reason="tests/torch_reference.py imports tra
 import torch_reference  # noqa: E402
 from mae_jax import checkpoints, convert, models  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end runs or PyTorch comparisons: not in the quick subset
+
 torch.set_num_threads(2)
 
 TINY = models.variant("test/8", image_size=32)

@@ -19,6 +19,8 @@ pytest.importorskip("transformers", reason="the fixtures build Hugging Face mode
 import torch_reference  # noqa: E402
 from mae_jax import checkpoints, convert, models  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end runs or PyTorch comparisons: not in the quick subset
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo model's shape, whose head counts no variant of the table implies: only recorded fields can tell.
 DEMO = models.variant("test/8", image_size=(64, 64), embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=64,

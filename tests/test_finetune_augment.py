@@ -26,6 +26,8 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from mae_jax import augment, finetune_augment as fa, pixels
 
+pytestmark = pytest.mark.slow  # traces the whole RandAugment graph: not in the quick subset
+
 TIMM_FILL = (124, 116, 104)  # timm's img_mean: round(255 * (0.485, 0.456, 0.406))
 LUT_OPS = {"AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing", "PosterizeOriginal",
            "Solarize", "SolarizeIncreasing", "SolarizeAdd"}

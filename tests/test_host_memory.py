@@ -9,6 +9,8 @@ import pytest
 
 from mae_jax import host_memory
 
+pytestmark = pytest.mark.slow  # fresh interpreters: not in the quick subset
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A program with a 128 MB temporary (the exponentials are materialised for the reversed read), run

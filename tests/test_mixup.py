@@ -12,6 +12,8 @@ import scipy.stats
 
 from mae_jax import mixup
 
+pytestmark = pytest.mark.slow  # statistics over many draws: not in the quick subset
+
 # -------------------------------------------------------------------------------------------------------
 # The oracle: timm 0.3.2, transcribed. np.random draws become arguments (the centre of rand_bbox, lam and
 # use_cutmix of _params_per_batch); `device` is the CPU.

@@ -47,6 +47,7 @@ def test_patchify_roundtrip_and_order(height, width, patch):
         np.testing.assert_array_equal(models.unpatchify(patches, patch, height), x)
 
 
+@pytest.mark.slow
 def test_features_equal_encoder_without_masking():
     model = models.MaskedAutoencoderViT(**TINY)
     variables = models.init_variables(model, jax.random.key(0))
@@ -147,6 +148,7 @@ def test_parameter_paths_and_shapes(scan, remat):
     assert shapes == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
 def test_softmax_attention_matches_autodiff_of_reference(dtype, tol):
     """The hand-written backward of xla_cpu.softmax_attention against jax.vjp of softmax(q k^T / sqrt d) v."""
@@ -166,6 +168,7 @@ def test_softmax_attention_matches_autodiff_of_reference(dtype, tol):
     np.testing.assert_allclose(grad.astype(jnp.float32), grad_ref, atol=tol * float(jnp.abs(grad_ref).max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, tol", [
     (dict(attention="einsum"), 1e-5),
     (dict(attention="xla"), 1e-5),
@@ -313,6 +316,7 @@ def test_random_masking_semantics():
         np.testing.assert_array_equal(ids_restore[i], np.argsort(np.argsort(noise[i])))
 
 
+@pytest.mark.slow
 def test_masking_from_rng():
     model = models.MaskedAutoencoderViT(**dict(TINY, image_size=64))  # L = 64, len_keep = 16
     variables = models.init_variables(model, jax.random.key(0))

@@ -14,6 +14,8 @@ pytest.importorskip("transformers", reason="parity tests compare against Hugging
 import torch_reference  # noqa: E402  (imports torch and transformers)
 from mae_jax import models  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end runs or PyTorch comparisons: not in the quick subset
+
 torch.set_num_threads(2)
 
 TINY = models.variant("test/8", image_size=32)

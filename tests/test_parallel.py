@@ -1,10 +1,13 @@
 """Devices, meshes and processes: the same losses on any of them; FSDP shards what it should."""
 
 import jax
+import pytest
 
 from configs import tiny
 from mae_jax import models, parallel, train
 from runs import FIVE_STEPS, free_port, losses, run_main
+
+pytestmark = pytest.mark.slow  # end-to-end runs or PyTorch comparisons: not in the quick subset
 
 
 def test_losses_do_not_depend_on_devices_mesh_or_processes(tmp_path):

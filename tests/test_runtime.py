@@ -9,6 +9,8 @@ import pytest
 
 from mae_jax import runtime
 
+pytestmark = pytest.mark.slow  # fresh interpreters importing everything: not in the quick subset
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Imports every module of the library (and starts JAX), then reports what that changed in the environment

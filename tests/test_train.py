@@ -21,6 +21,7 @@ from mae_jax import models, parallel, train, trainer
 from runs import ROOT, read_metrics, run_main
 
 
+@pytest.mark.slow
 def test_tiny_config_trains_end_to_end(tmp_path):
     start = time.perf_counter()
     result = run_main(tmp_path)
@@ -69,6 +70,7 @@ def test_learning_rate_schedule_matches_official():
         np.testing.assert_allclose(float(schedule(step)), expected, rtol=2e-6, atol=1e-12, err_msg=str(step))
 
 
+@pytest.mark.slow
 def test_nonfinite_step_leaves_state_unchanged():
     """A NaN batch: params and optimizer state stay bit-identical, the step is recorded; later steps too."""
     config = tiny.get_config()
@@ -114,6 +116,7 @@ def test_weight_decay_mask_follows_official_groups():
 # --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_full_batch():
     mesh = parallel.create_mesh(8, 1)
     config = tiny.get_config()
@@ -139,6 +142,7 @@ def test_grad_accumulation_matches_full_batch():
     assert float(jnp.abs(full.params["patch_embed"]["kernel"] - state.params["patch_embed"]["kernel"]).max()) > 1e-5
 
 
+@pytest.mark.slow
 def test_train_step_traced_once_and_profiled(tmp_path, monkeypatch):
     """One trace of the step over a whole run; `profile_steps` writes a profiler trace TensorBoard reads."""
     monkeypatch.setattr(train, "train_step", chex.assert_max_traces(train.train_step, n=1))
@@ -151,6 +155,7 @@ def test_train_step_traced_once_and_profiled(tmp_path, monkeypatch):
     assert len(traces) == 1 and traces[0].stat().st_size > 1000, traces
 
 
+@pytest.mark.slow
 def test_logged_metrics_are_window_means(tmp_path):
     """The logged loss is the mean of the per-step losses since the previous log line (lr: the last step's)."""
     config = tiny.get_config()
@@ -170,6 +175,7 @@ def test_logged_metrics_are_window_means(tmp_path):
     assert windows[0]["loss"] != per_step[3]["loss"]  # a mean, not the last step's value
 
 
+@pytest.mark.slow
 def test_renamed_fields_and_square_image_size_from_the_command_line(tmp_path):
     """Old top-level data fields still work (with a warning naming the new field); an int image_size too."""
     result = run_main(tmp_path, "--config.dataset=synthetic", "--config.synthetic_num_examples=64",
@@ -183,6 +189,7 @@ def test_renamed_fields_and_square_image_size_from_the_command_line(tmp_path):
     assert "synthetic: 64 examples, 4 steps/epoch" in output
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     config = tiny.get_config()
     config.total_steps, config.log_every_steps, config.checkpoint_every_steps = 40, 5, 1
@@ -202,6 +209,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
 # --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
     ("--config.batch_sizee=8", "--config.batch_sizee=8: the config has no field 'batch_sizee'. Did you mean "
                                "\"batch_size\""),
@@ -235,6 +243,7 @@ def test_validate_config_accepts_paper_recipes():
     assert train.validate_config(vit_base.get_config(), 256, 32) == (256, 1)
 
 
+@pytest.mark.slow
 def test_missing_or_broken_config_file_is_one_line(tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("def get_config(:\n")
@@ -247,6 +256,7 @@ def test_missing_or_broken_config_file_is_one_line(tmp_path):
         assert result.stderr.strip().splitlines() == [f"main.py: error: {message}"], result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_show_config_lists_fields_with_values_and_meanings():
     result = subprocess.run([sys.executable, "main.py", "--config", "configs/tiny.py", "--show_config",
                              "--config.batch_size=32"], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -19,6 +19,8 @@ from mae_jax import models, train, trainer  # noqa: E402
 from runs import FIVE_STEPS, ROOT, losses, run_main  # noqa: E402
 from test_train import official_lr  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end runs or PyTorch comparisons: not in the quick subset
+
 
 def _hf_and_state(fields, config, steps_per_epoch, total_steps):
     hf = torch_reference.random_hf_model(fields, seed=3)

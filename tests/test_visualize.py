@@ -13,6 +13,8 @@ from PIL import Image
 from configs import tiny
 from mae_jax import checkpoints, models, pixels, train, visualize
 
+pytestmark = pytest.mark.slow  # trains a model for its figures: not in the quick subset
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

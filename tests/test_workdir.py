@@ -13,6 +13,8 @@ import pytest
 from configs import tiny
 from mae_jax import workdir as workdir_lib
 
+pytestmark = pytest.mark.slow  # concurrent processes and end-to-end runs: not in the quick subset
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLD = """
 import sys
