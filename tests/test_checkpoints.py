@@ -289,3 +289,27 @@ def test_read_only_checkpoints_stop_main_at_once_and_keep_the_checkpoint(tmp_pat
                          "free space on its disk, then re-run the same command to resume"), last
     assert "Traceback" not in result.stderr
     assert _files(tmp_path / "checkpoints") == before
+
+
+def test_metrics_history_survives_a_torn_line_and_is_rewritten_atomically(tmp_path):
+    """A kill while appending leaves a torn last line: later resumes read past it; the rewrite on resume goes
+    through a temporary file and a rename, so the old history is whole until the new one replaces it."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
+    assert [r["step"] for r in trainer.read_metrics(path)] == [1, 2]
+    renames = []
+    original = type(path).replace
+
+    def spy(self, target):
+        renames.append((self.name, os.path.basename(str(target))))
+        return original(self, target)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(path), "replace", spy)
+        log = trainer.MetricsLog(tmp_path, total_steps=10, resume_step=1)
+    log.close()
+    assert renames == [("metrics.jsonl.tmp", "metrics.jsonl")]
+    assert [r["step"] for r in trainer.read_metrics(path)] == [1] and not (tmp_path / "metrics.jsonl.tmp").exists()
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # damage in the middle is an error, not skipped
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        trainer.read_metrics(path)
