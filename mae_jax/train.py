@@ -269,18 +269,13 @@ def _reconstruction_hook(config, model, mesh, workdir: epath.Path, log: trainer.
 
 
 class _Stages:
-    """Start-up, visibly staged: each stage's line says what is happening; the next one how long it took."""
+    """Start-up, visibly staged: each stage's line says what is happening and the time since the start."""
 
     def __init__(self):
-        self.start = self.mark = time.perf_counter()
+        self.start = time.perf_counter()
 
     def __call__(self, message: str, *args) -> None:
-        now = time.perf_counter()
-        logging.info("[%5.1f s] " + message, now - self.start, *args)
-        self.mark = now
-
-    def took(self) -> float:
-        return time.perf_counter() - self.mark
+        logging.info("[%5.1f s] " + message, time.perf_counter() - self.start, *args)
 
 
 def _summary(workdir: epath.Path, last: dict[str, float], steps: int, total_steps: int, seconds: float,
