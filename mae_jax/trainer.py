@@ -109,15 +109,18 @@ def create_state(init_variables: InitFn, tx: optax.GradientTransformation, seed:
     return init(init_variables, tx, seed), shardings
 
 
-def lower_step(step_fn: StepFn, abstract: TrainState, shardings: TrainState, batch_shape: Sequence[int],
+def lower_step(step_fn: StepFn, abstract: TrainState, shardings: TrainState, batch: Sequence[int] | PyTree,
                mesh: jax.sharding.Mesh) -> jax.stages.Lowered:
-    """`step_fn` jitted with the state donated and explicit shardings, lowered for a float32 global batch of
-    `batch_shape`; `.compile()` it. A compiled step accepts exactly these shapes and shardings: anything else
-    is an error, never a silent recompilation."""
+    """`step_fn` jitted with the state donated and explicit shardings, lowered for a global batch: `batch` is
+    the shape of a float32 image batch, or a tree of `jax.ShapeDtypeStruct`s (e.g. {"images", "labels"}),
+    every leaf split over the mesh's batch axes. `.compile()` it. A compiled step accepts exactly these shapes
+    and shardings: anything else is an error, never a silent recompilation."""
     batch_sharding = parallel.batch_sharding(mesh)
+    if isinstance(batch, (tuple, list)) and all(isinstance(d, int) for d in batch):
+        batch = jax.ShapeDtypeStruct(tuple(batch), jnp.float32)
+    batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), batch)
     step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
-    batch = jax.ShapeDtypeStruct(tuple(batch_shape), jnp.float32, sharding=batch_sharding)
     return step.lower(with_shardings(abstract, shardings), batch)
 
 
@@ -367,3 +370,226 @@ def restore_or_init(manager, init_variables: InitFn, tx: optax.GradientTransform
         if restored is not None:
             return restored[0], restored[1], shardings
     return None, *create_state(init_variables, tx, seed, mesh)
+
+
+# -------------------------------------------------------------------------------------------------------
+# The run: what every task does between the command line and the summary.
+# -------------------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """An impossible setting: the message names the setting, its value and what is allowed."""
+
+
+def validate_common(config, num_devices: int, process_count: int) -> tuple[int, int]:
+    """One-line ConfigErrors for the fields every task shares (run length, schedule, logging, mesh, batch);
+    returns the mesh shape (data, fsdp)."""
+    def check(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    check(isinstance(config.total_steps, int) and config.total_steps >= 0,
+          f"total_steps {config.total_steps} must be >= 0 (0: train for num_epochs)")
+    check(config.total_steps > 0 or config.num_epochs > 0,
+          f"num_epochs {config.num_epochs} must be > 0 when total_steps is 0")
+    check(config.warmup_epochs >= 0, f"warmup_epochs {config.warmup_epochs} must be >= 0")
+    check(config.base_lr > 0, f"base_lr {config.base_lr} must be > 0")
+    check(0 <= config.min_lr <= config.base_lr * config.batch_size / 256,
+          f"min_lr {config.min_lr} must be in [0, base_lr * batch_size / 256]")
+    check(config.weight_decay >= 0, f"weight_decay {config.weight_decay} must be >= 0")
+    check(config.log_every_steps >= 1, f"log_every_steps {config.log_every_steps} must be >= 1")
+    check(config.checkpoint_every_steps >= 0,
+          f"checkpoint_every_steps {config.checkpoint_every_steps} must be >= 0 (0: only at the end)")
+    check(config.profile_steps >= 0, f"profile_steps {config.profile_steps} must be >= 0 (0: no profile)")
+    check(config.grad_accum_steps >= 1, f"grad_accum_steps {config.grad_accum_steps} must be >= 1")
+    try:
+        data, fsdp = parallel.mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    batch, accum = config.batch_size, config.grad_accum_steps
+    check(batch > 0, f"batch_size {batch} must be > 0")
+    check(batch % process_count == 0,
+          f"batch_size {batch} is not divisible by the {process_count} processes")
+    check(batch % (data * fsdp) == 0,
+          f"batch_size {batch} is not divisible by the {data * fsdp} devices of the "
+          f"data={data} x fsdp={fsdp} mesh")
+    check(batch % (data * fsdp * accum) == 0,
+          f"batch_size {batch} is not divisible by grad_accum_steps {accum} x {data * fsdp} devices: "
+          f"each micro-batch must split evenly over the devices")
+    return data, fsdp
+
+
+def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """Per-step linear warmup from 0, then half-cycle cosine to min_lr (the official `lr_sched`, shared by
+    pretraining, fine-tuning and the linear probe).
+
+    Peak lr = base_lr * batch_size / 256. Step s is at epoch s / steps_per_epoch, as the official code
+    adjusts the lr at every iteration.
+    """
+    peak = config.base_lr * config.batch_size / 256
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    cosine = optax.cosine_decay_schedule(peak, decay_steps=max(total_steps - warmup_steps, 1),
+                                         alpha=config.min_lr / peak)
+    if warmup_steps == 0:
+        return cosine
+    # Not optax.linear_schedule: its `end - end * (1 - t)` form loses ~1e-4 relative in float32 early on.
+    warmup = lambda step: peak * jnp.minimum(step, warmup_steps).astype(jnp.float32) / warmup_steps
+    return optax.join_schedules([warmup, cosine], [warmup_steps])
+
+
+class Stages:
+    """Start-up, visibly staged: each stage's line says what is happening and the time since the start."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str, *args) -> None:
+        logging.info("[%5.1f s] " + message, time.perf_counter() - self.start, *args)
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What a task's hooks and summary may need of the run."""
+
+    config: Any
+    workdir: epath.Path
+    mesh: jax.sharding.Mesh
+    log: MetricsLog
+    total_steps: int
+    steps_per_epoch: int
+    stage: Stages
+
+
+class Task:
+    """What differs between pretraining, fine-tuning and the linear probe; `run` does the rest.
+
+    Subclasses set `model` and `description`, and implement `open_input`, `make_optimizer`, `compile_step`;
+    the others have working defaults.
+    """
+
+    description = "training"
+    model: Any
+    total_steps_hint = "raise total_steps or num_epochs to train longer"
+
+    def init_fn(self) -> InitFn:
+        """key -> {"params", "frozen"}: a fresh initialisation."""
+        raise NotImplementedError
+
+    def open_input(self, config, input_state: dict | None) -> Iterator[dict]:
+        """The training input from `input_state` (None: the start); has `num_examples` and `get_state()`."""
+        raise NotImplementedError
+
+    def make_optimizer(self, config, schedule: optax.Schedule) -> optax.GradientTransformation:
+        raise NotImplementedError
+
+    def compile_step(self, config, tx, schedule, mesh, shardings) -> jax.stages.Compiled:
+        raise NotImplementedError
+
+    def init_from(self, path: str, state: TrainState, shardings: TrainState) -> TrainState:
+        """Replaces the fresh variables by pretrained or converted weights (optimizer state kept)."""
+        base = jax.device_get({"params": state.params, "frozen": state.frozen})
+        from mae_jax import convert  # lazy: reading PyTorch files imports torch
+
+        variables = convert.load_variables(path, self.model, base)
+        logging.info("Initialised params from %s", path)
+        return state.replace(params=jax.device_put(variables["params"], shardings.params),
+                             frozen=jax.device_put(variables.get("frozen", state.frozen), shardings.frozen))
+
+    def batches(self, data_iter, mesh: jax.sharding.Mesh) -> Iterator[tuple[PyTree, Any]]:
+        """(global batch, input position after it) from this process's batches."""
+        sharding = parallel.batch_sharding(mesh)
+        while True:
+            local = next(data_iter)
+            yield jax.tree_util.tree_map(lambda x: parallel.global_batch(x, sharding), local), data_iter.get_state()
+
+    def hooks(self, context: RunContext, state: TrainState) -> list[Hook]:
+        return []
+
+    def before_training(self, context: RunContext, state: TrainState, resume_step: int | None) -> bool:
+        """Runs after the state is ready and before the step is compiled; False ends the run (e.g. eval_only)."""
+        return True
+
+    def summary(self, context: RunContext, last: dict[str, float]) -> None:
+        """The closing lines after "Done", checkpoints, metrics and TensorBoard: what else was written, and
+        the next command to run."""
+
+
+def run(config, workdir: str | os.PathLike, task: Task, mesh_shape: tuple[int, int]) -> dict[str, float]:
+    """Trains (or resumes) `task` in `workdir`: the workdir lock and config record, the input and its
+    position, the schedule, the state (restored, or fresh and optionally `config.init_from`), the compiled step,
+    the loop and the closing summary. Returns the last logged metrics."""
+    stage = Stages()
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = parallel.create_mesh(*mesh_shape)
+    parallel.process_batch_rows(parallel.batch_sharding(mesh), config.batch_size)
+
+    with contextlib.ExitStack() as cleanup:
+        manager = cleanup.enter_context(open_workdir(workdir, config, config.keep_checkpoints))
+        resume_step = manager.latest_step()
+
+        def open_input(step):  # its length fixes the schedule; its position comes with the checkpoint
+            return task.open_input(config, None if step is None else checkpoints.restore_input_state(manager, step))
+
+        stage("Opening the input (%s)...", config.input.dataset)
+        data_iter = open_input(resume_step)
+        steps_per_epoch = data_iter.num_examples // config.batch_size
+        if steps_per_epoch == 0:
+            raise ConfigError(f"batch_size {config.batch_size} exceeds the {data_iter.num_examples} training "
+                              "examples")
+        total_steps = config.total_steps or int(config.num_epochs * steps_per_epoch)
+        peak_lr = config.base_lr * config.batch_size / 256
+        logging.info("%s: %d examples, %d steps/epoch, %d steps, peak lr %.3e, mesh data=%d x fsdp=%d over %d "
+                     "process(es).", config.input.dataset, data_iter.num_examples, steps_per_epoch, total_steps,
+                     peak_lr, *mesh_shape, jax.process_count())
+        if resume_step is not None and resume_step >= total_steps and not config.get("eval_only", False):
+            logging.info("Already complete: the checkpoint in %s is at step %d of %d; nothing to do (%s).",
+                         manager.directory, resume_step, total_steps, task.total_steps_hint)
+            return {}
+        warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+        if total_steps < warmup_steps:
+            logging.warning("The run ends inside the lr warmup: step %d of %d warmup steps, lr %.3e of the peak %.3e "
+                            "(raise total_steps or lower warmup_epochs).", total_steps, warmup_steps,
+                            peak_lr * total_steps / warmup_steps, peak_lr)
+        schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
+        tx = task.make_optimizer(config, schedule)
+
+        if resume_step is not None:
+            stage("Restoring step %d from %s...", resume_step, manager.directory)
+        else:
+            from mae_jax import models
+
+            stage("Initialising %s params...", f"{models.count_params(abstract_state(task.init_fn(), tx).params):,}")
+        restored_step, state, shardings = restore_or_init(manager, task.init_fn(), tx, config.seed, mesh)
+        if restored_step != resume_step:  # the latest step was damaged: the input continues from the one restored
+            resume_step, data_iter = restored_step, open_input(restored_step)
+        if resume_step is None and config.init_from:
+            state = task.init_from(config.init_from, state, shardings)
+
+        log = MetricsLog(workdir, total_steps, resume_step or 0)
+        cleanup.callback(log.close)
+        context = RunContext(config=config, workdir=workdir, mesh=mesh, log=log, total_steps=total_steps,
+                             steps_per_epoch=steps_per_epoch, stage=stage)
+        if not task.before_training(context, state, resume_step):
+            return {}
+        stage("Compiling the train step (compilation cache: %s)...", jax.config.jax_compilation_cache_dir or "off")
+        step_fn = task.compile_step(config, tx, schedule, mesh, shardings)
+        hooks = task.hooks(context, state)
+        from mae_jax import models
+
+        loop = Loop(
+            step_fn=step_fn, batches=task.batches(data_iter, mesh), manager=manager, log=log,
+            total_steps=total_steps, batch_size=config.batch_size, log_every_steps=config.log_every_steps,
+            checkpoint_every_steps=config.checkpoint_every_steps, model_fields=models.constructor_fields(task.model),
+            hooks=hooks, profile_dir=workdir / "tensorboard", profile_steps=config.profile_steps,
+            profile_first_step=config.profile_first_step)
+        stage("Training from step %d of %d.", resume_step or 0, total_steps)
+        last = loop.run(state, int(resume_step or 0))
+    if jax.process_index() == 0 and last:
+        seconds = time.perf_counter() - stage.start
+        loss = f", loss {last['loss']:.4f} (mean of the last logging window)" if "loss" in last else ""
+        logging.info("Done: step %d/%d%s, %.0f s in all.", loop.step, total_steps, loss, seconds)
+        logging.info("  checkpoints: %s   metrics: %s", workdir / "checkpoints", workdir / "metrics.jsonl")
+        logging.info("  TensorBoard: tensorboard --logdir %s", workdir / "tensorboard")
+        task.summary(context, last)
+    return last
