@@ -1,7 +1,11 @@
-r"""Pretrains an MAE: `python main.py --config configs/vit_base.py --workdir DIR [--config.field=value ...]`.
+r"""Pretrains, fine-tunes or linearly probes an MAE:
 
-Flags only. The logic lives in the importable library `mae_jax.train` so that it can be tested and used
-from a notebook. Re-running the same command resumes from the latest checkpoint in DIR. The config fields,
+  python main.py --config configs/vit_base.py --workdir DIR [--config.field=value ...]            # pretraining
+  python main.py --config configs/finetune_vit_base.py --workdir DIR --config.init_from=PRETRAINED  # fine-tuning
+  python main.py --config configs/linprobe_vit_base.py --workdir DIR --config.init_from=PRETRAINED  # linear probe
+
+Flags only. The logic lives in the importable library (`mae_jax.train` for pretraining, `mae_jax.finetune`
+for configs with `task = "finetune"` or `"linprobe"`) so that it can be tested and used from a notebook. Re-running the same command resumes from the latest checkpoint in DIR. The config fields,
 their defaults and meanings are in configs/vit_base.py (and README.md, "Pretraining"). Errors are one line;
 `-v 1` also shows their traceback and third-party INFO logs.
 """
@@ -17,7 +21,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mae_jax import config_lib, train  # noqa: E402
+from mae_jax import config_lib, finetune, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -57,8 +61,11 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.show_config:
         config_file = FLAGS["config"].config_filename.split(":", 1)[0]
-        base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "vit_base.py")
-        print(config_lib.describe(FLAGS.config, [base, config_file]))
+        configs_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+        bases = [os.path.join(configs_dir, "vit_base.py")]
+        if "task" in FLAGS.config:
+            bases.append(os.path.join(configs_dir, "finetune_vit_base.py"))
+        print(config_lib.describe(FLAGS.config, [*bases, config_file]))
         return
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required: the directory for checkpoints, metrics and TensorBoard events")
@@ -66,7 +73,8 @@ def main(argv):
     verbose = runtime.quiet_logs()  # Orbax's narration of every save, jax's search for accelerators
     logging.info("Process settings: %s.", SETTINGS)
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)  # closes everything it opened before returning
+        task = train if "task" not in FLAGS.config else finetune  # pretraining configs have no task
+        task.train_and_evaluate(FLAGS.config, FLAGS.workdir)  # closes everything it opened before returning
     except (ValueError, OSError, FloatingPointError) as e:  # bad settings, data or weights; a NaN stop
         if verbose:
             raise

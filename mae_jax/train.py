@@ -98,26 +98,7 @@ def train_step(state: TrainState, images: jax.Array, *, model: models.MaskedAuto
         (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
         loss, grads = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, (loss, grads))
 
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.nonfinite_step < 0)
-
-    def update(operands):
-        grads, params, opt_state = operands
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    # After a non-finite loss the state stops changing, so what the host saves or reports is the last
-    # good state; the loop raises at its next check, naming the step. A cond rather than a select of new
-    # and old values: the update then reads each donated buffer once and writes it in place (a select
-    # made XLA copy the whole optimizer state first, 6% of the CPU step).
-    params, opt_state = jax.lax.cond(finite, update, lambda operands: operands[1:],
-                                     (grads, state.params, state.opt_state))
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        opt_state=opt_state,
-        nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~finite, state.step + 1, state.nonfinite_step),
-    )
+    new_state, grad_norm = trainer.apply_gradients(state, loss, grads, tx)
     # Only what is cheap: a norm lowers to a reduction over every parameter, and on the CPU each costs as
     # much as a tenth of the ViT-B step. The loop adds param_norm on logging steps only.
     metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": grad_norm}
