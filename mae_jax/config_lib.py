@@ -34,16 +34,24 @@ RENAMED = {
 def input_config() -> ml_collections.ConfigDict:
     """The data and augmentation settings (mae_jax/input_pipeline.py, mae_jax/datasets.py), ImageNet defaults."""
     c = ml_collections.ConfigDict()
-    c.dataset = "imagenet2012"  # a tfds name, "folder" (image_folder), "demo" (offline photos) or "synthetic"
+    c.dataset = "imagenet2012"  # a tfds name, "folder" (image_folder), "demo" (offline photos), "digits"
+    #   (scikit-learn's 8x8 digits as 32x32, labelled) or "synthetic"
     c.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir (None: tfds' default,
     #   ~/tensorflow_datasets); folders and the demo are prepared (copied into TFRecords) here too
-    c.image_folder = ""  # dataset="folder": root/<class>/<image> or a flat folder of JPEG/PNG files
+    c.image_folder = ""  # dataset="folder": root/<class>/<image>, a flat folder of JPEG/PNG files, or
+    #   root/train/<class>/<image> + root/val/<class>/<image> (splits "train" and "validation")
     c.train_split = "train"
-    c.eval_split = "validation"  # held-out images for reconstructions (train_split if the dataset lacks it)
+    c.eval_split = "validation"  # held-out images: reconstructions (train_split if the dataset lacks it), eval
+    c.labels = False  # batches carry "labels" (int32 class ids) - fine-tuning / probing set True
     c.synthetic_num_examples = 1_281_167  # epoch length of dataset="synthetic"
+    c.synthetic_num_classes = 10  # dataset="synthetic" with labels: classes (each its own wave orientation)
+    c.synthetic_num_eval_examples = 100  # dataset="synthetic": examples of one evaluation pass
     c.shuffle_buffer = 10_000  # encoded images shuffled within an epoch (ImageNet: ~1.1 GB of host memory)
     c.crop_scale = (0.2, 1.0)  # RandomResizedCrop: range of the crop's area, as a fraction of the image's
     c.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop: range of the crop's aspect ratio, width / height
+    c.rand_augment = ""  # timm RandAugment config string, e.g. "rand-m9-mstd0.5-inc1" ("" off)
+    c.random_erasing = 0.0  # probability, timm RandomErasing mode "pixel" after normalisation
+    c.eval_crop_pct = 224 / 256  # eval: resize shorter side to size / crop_pct, center crop
     c.prefetch_batches = 2  # batches prepared ahead of the trainer on each host (-1: tf.data autotune)
     c.threads = 0  # threads decoding and augmenting on each host (0: tf.data's default, one per core)
     return c

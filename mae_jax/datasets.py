@@ -4,12 +4,18 @@
 pipeline reads every source the same way (TFRecord shards, tfds splits and per-process sub-splits):
 
   - a tfds name ("imagenet2012", ...): must have been prepared with `tfds build` (nothing is downloaded here);
-  - "folder": `config.input.image_folder`, either `root/<class>/<image>` or a flat folder of JPEG and PNG files.
+  - "folder": `config.input.image_folder`, either `root/<class>/<image>` or a flat folder of JPEG and PNG files
+    (one "train" split, labels from the first-level directories), or the official ImageNet layout
+    `root/train/<class>/<image>` with `root/val/<class>/<image>` (or `validation/`): splits "train" and
+    "validation", class ids from the sorted class names of train/, as torchvision's ImageFolder.
     It is copied once into TFRecords under the tfds `data_dir`, keyed by a fingerprint of the file listing
-    (a changed folder is prepared again). Every file is decoded once while preparing: unreadable or corrupt
-    files are skipped, counted, logged and listed in the metadata, so training never meets one;
+    and the layout (a changed folder is prepared again). Every file is decoded once while preparing:
+    unreadable or corrupt files are skipped, counted, logged and listed in the metadata, so training never
+    meets one;
   - "demo": crops cut from the photographs that scikit-image ships in its wheel (offline, a few seconds to
-    prepare). Its "validation" split holds crops of two photographs the "train" split never shows.
+    prepare). Its "validation" split holds crops of two photographs the "train" split never shows;
+  - "digits": scikit-learn's 1,797 8x8 handwritten digits (shipped in its wheel, offline), 10 classes, as
+    32x32 RGB PNGs; a fixed stratified "train" (1,437) / "test" (360) split. See `Digits`.
 
 Which files of a folder count: regular files whose names end in .jpg, .jpeg or .png (any case), at any depth.
 Names starting with "." (hidden files, and everything inside hidden directories such as .git or .thumbnails)
@@ -63,11 +69,13 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
         return _prepared(ImageFolder(folder=config.image_folder, data_dir=data_dir))
     if name == "demo":
         return _prepared(DemoPhotos(data_dir=data_dir))
+    if name == "digits":
+        return _prepared(Digits(data_dir=data_dir))
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise DataError(f"dataset {name!r} is not known: use 'demo', 'folder', 'synthetic' or a tfds dataset "
-                        "name such as 'imagenet2012'") from None
+        raise DataError(f"dataset {name!r} is not known: use 'demo', 'folder', 'digits', 'synthetic' or a tfds "
+                        "dataset name such as 'imagenet2012'") from None
     if not builder.is_prepared():
         raise DatasetNotPreparedError(_how_to_prepare(builder))
     return builder
@@ -132,14 +140,16 @@ class FolderListing:
     skipped: dict[str, str]  # relative path -> why it cannot be read (dangling link, permission denied, ...)
 
 
-def list_image_files(folder: str) -> FolderListing:
+def list_image_files(folder: str, shown_as: str | None = None) -> FolderListing:
     """The JPEG and PNG files under `folder`, at any depth, by the rules of the module docstring.
 
     Symbolic links are followed, each directory and each file once (by identity, so a link back up the tree
     ends the walk there); entries that cannot be listed or stat'ed are returned in `skipped`, not raised.
+    Errors name `shown_as` (default: config.input.image_folder=`folder`).
     """
+    shown_as = shown_as or f"config.input.image_folder={folder!r}"
     if not os.path.isdir(folder):
-        raise DataError(f"config.input.image_folder={folder!r} is not a directory")
+        raise DataError(f"{shown_as} is not a directory")
     files, stats, skipped = [], [], {}
     seen_dirs, seen_files = set(), set()
 
@@ -183,7 +193,7 @@ def list_image_files(folder: str) -> FolderListing:
     if not files:
         found = f": {len(skipped)} unreadable entries, e.g. {next(iter(skipped))} ({next(iter(skipped.values()))})" \
             if skipped else ""
-        raise DataError(f"config.input.image_folder={folder!r} holds no images{found}: expected <class>/<image> or <image> "
+        raise DataError(f"{shown_as} holds no images{found}: expected <class>/<image> or <image> "
                         f"files ending in {', '.join(IMAGE_EXTENSIONS)} (any case)")
     order = sorted(range(len(files)), key=files.__getitem__)
     return FolderListing([files[i] for i in order], [stats[i] for i in order], dict(sorted(skipped.items())))
@@ -195,13 +205,57 @@ def _class_of(relpath: str, folder: str) -> str:
     return parts[0] if len(parts) > 1 else os.path.basename(os.path.abspath(folder))
 
 
-def _fingerprint(folder: str, listing: FolderListing) -> str:
+def _fingerprint(folder: str, listing: FolderListing, layout: str = "") -> str:
     digest = hashlib.sha1(os.path.abspath(folder).encode())
+    if layout:  # the same files read as other splits and classes are another dataset
+        digest.update(f"layout\0{layout}\n".encode())
     for f, (size, mtime_ns) in zip(listing.files, listing.stats):
         digest.update(f"{f}\0{size}\0{mtime_ns}\n".encode())
     for f, reason in listing.skipped.items():  # a repaired link or permission prepares the folder again
         digest.update(f"{f}\0{reason}\n".encode())
     return digest.hexdigest()[:12]
+
+
+VALIDATION_FOLDERS = ("val", "validation")  # the official layout's held-out split, read as "validation"
+
+
+def split_folders(folder: str) -> dict[str, str] | None:
+    """{"train": "train", "validation": "val"} (or "validation") when `folder` holds the official layout's
+    train/ and val/ (or validation/) directories; None for any other folder (one "train" split)."""
+    present = [d for d in VALIDATION_FOLDERS if os.path.isdir(os.path.join(folder, d))]
+    if not os.path.isdir(os.path.join(folder, "train")) or not present:
+        return None
+    if len(present) > 1:
+        raise DataError(f"config.input.image_folder={folder!r} holds both val/ and validation/: keep one, the "
+                        "official layout is train/<class>/<image> and val/<class>/<image>")
+    return {"train": "train", "validation": present[0]}
+
+
+def _split_listing(folder: str, split_dirs: dict[str, str]) -> tuple[dict[str, list[str]], dict[str, str],
+                                                                     FolderListing]:
+    """The official layout's files per split and class per file (paths relative to `folder`), and the
+    combined listing (for the fingerprint); a file outside a class folder or a class train/ lacks: DataError."""
+    files, labels, stats, skipped = {}, {}, [], {}
+    classes = {}
+    for split, directory in split_dirs.items():
+        listing = list_image_files(os.path.join(folder, directory),
+                                   shown_as=f"config.input.image_folder={folder!r}: its {directory}/ folder")
+        loose = [f for f in listing.files if os.sep not in f]
+        if loose:
+            raise DataError(f"config.input.image_folder={folder!r}: {directory}/{loose[0]} is not inside a class "
+                            f"folder; the official layout is {directory}/<class>/<image> ({len(loose)} such files)")
+        files[split] = [os.path.join(directory, f) for f in listing.files]
+        classes[split] = sorted({f.split(os.sep)[0] for f in listing.files})
+        labels.update({os.path.join(directory, f): f.split(os.sep)[0] for f in listing.files})
+        stats += listing.stats
+        skipped.update({os.path.join(directory, f): reason for f, reason in listing.skipped.items()})
+    unknown = sorted(set(classes["validation"]) - set(classes["train"]))
+    if unknown:
+        raise DataError(f"config.input.image_folder={folder!r}: {split_dirs['validation']}/ has classes that train/ "
+                        f"lacks ({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}): every class "
+                        "needs training images, class ids come from train/'s sorted class names")
+    combined = FolderListing(files["train"] + files["validation"], stats, dict(sorted(skipped.items())))
+    return files, labels, combined
 
 
 def check_image(data: bytes) -> str | None:
@@ -218,19 +272,33 @@ def check_image(data: bytes) -> str | None:
 
 
 class ImageFolder(_LocalBuilder, skip_registration=True):
-    """The JPEG and PNG files under one folder, as one "train" split; labels from the class sub-folders."""
+    """The JPEG and PNG files under one folder: one "train" split with labels from the class sub-folders, or
+    "train" and "validation" for the official layout (train/<class>/, val/<class>/; see `split_folders`)."""
 
     name = "mae_image_folder"
     VERSION = tfds.core.Version("1.0.0")
 
     def __init__(self, *, folder: str, data_dir: str | None = None, config=None, version=None):
         self.folder = os.path.abspath(os.path.expanduser(folder))
-        self.listing = list_image_files(self.folder)
+        self.split_dirs = split_folders(self.folder)
+        if self.split_dirs is None:
+            self.listing = list_image_files(self.folder)
+            self.split_files = {"train": self.listing.files}
+            self.labels = {f: _class_of(f, self.folder) for f in self.listing.files}
+            self.classes = sorted(set(self.labels.values()))
+        else:
+            self.split_files, self.labels, self.listing = _split_listing(self.folder, self.split_dirs)
+            self.classes = sorted({self.labels[f] for f in self.split_files["train"]})
+            others = sorted(set(os.listdir(self.folder)) - set(self.split_dirs.values()))
+            if others:
+                logging.info("Image folder %s has the train/ and %s/ layout: ignoring its other entries %s.",
+                             self.folder, self.split_dirs["validation"], others[:10])
         self.files = self.listing.files
-        self.classes = sorted({_class_of(f, self.folder) for f in self.files})
+        self._skipped = []  # files found unreadable while preparing, over all splits
         if config is None:
             slug = re.sub(r"[^a-z0-9]+", "_", os.path.basename(self.folder).lower()).strip("_")[:40] or "root"
-            config = tfds.core.BuilderConfig(name=f"{slug}_{_fingerprint(self.folder, self.listing)}",
+            layout = "" if self.split_dirs is None else f"train,{self.split_dirs['validation']}"
+            config = tfds.core.BuilderConfig(name=f"{slug}_{_fingerprint(self.folder, self.listing, layout)}",
                                              description=self.folder)
         super().__init__(data_dir=data_dir, config=config, version=version)
         self._original_state["folder"] = folder
@@ -249,11 +317,14 @@ class ImageFolder(_LocalBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         del dl_manager
-        return {"train": self._generate_examples()}
+        return {split: self._generate_examples(split) for split in self.split_files}
 
-    def _generate_examples(self) -> Iterator[tuple[str, dict]]:
-        skipped = list(self.listing.skipped)
-        for relpath, reason in self.listing.skipped.items():
+    def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
+        files = self.split_files[split]
+        prefix = "" if self.split_dirs is None else self.split_dirs[split]  # the split's folder
+        unlisted = {f: r for f, r in self.listing.skipped.items() if not prefix or f.startswith(prefix + os.sep)}
+        skipped = list(unlisted)
+        for relpath, reason in unlisted.items():
             logging.warning("Skipping unreadable image %s: %s", os.path.join(self.folder, relpath), reason)
 
         def read(relpath):
@@ -266,22 +337,24 @@ class ImageFolder(_LocalBuilder, skip_registration=True):
 
         chunk = 256  # bounds memory: files are read and checked in parallel, a chunk at a time
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            for start in range(0, len(self.files), chunk):
-                for relpath, data, error in pool.map(read, self.files[start:start + chunk]):
+            for start in range(0, len(files), chunk):
+                for relpath, data, error in pool.map(read, files[start:start + chunk]):
                     if error is not None:
                         skipped.append(relpath)
                         logging.warning("Skipping unreadable image %s: %s", os.path.join(self.folder, relpath),
                                         error)
                         continue
-                    yield relpath, {"image": data, "label": _class_of(relpath, self.folder), "file_name": relpath}
-        num_images = len(self.files) + len(self.listing.skipped) - len(skipped)
+                    yield relpath, {"image": data, "label": self.labels[relpath], "file_name": relpath}
+        num_images = len(files) + len(unlisted) - len(skipped)
+        where = f"{self.folder!r}" + (f": its {prefix}/ folder" if prefix else "")
         if num_images == 0:
-            raise DataError(f"config.input.image_folder={self.folder!r}: none of its {len(skipped)} image files could be "
+            raise DataError(f"config.input.image_folder={where}: none of its {len(skipped)} image files could be "
                             "read and decoded (see the warnings above)")
-        self.info.metadata["num_skipped_files"] = len(skipped)
-        self.info.metadata["skipped_files"] = sorted(skipped)[:_MAX_LISTED_SKIPS]
+        self._skipped += skipped  # the metadata counts every split's
+        self.info.metadata["num_skipped_files"] = len(self._skipped)
+        self.info.metadata["skipped_files"] = sorted(self._skipped)[:_MAX_LISTED_SKIPS]
         logging.log(logging.WARNING if skipped else logging.INFO, "Image folder %s: %d images, %d skipped.",
-                    self.folder, num_images, len(skipped))
+                    os.path.join(self.folder, prefix), num_images, len(skipped))
 
 
 def num_skipped_files(builder: tfds.core.DatasetBuilder) -> int:
@@ -366,3 +439,76 @@ class DemoPhotos(_LocalBuilder, skip_registration=True):
             for i, data in enumerate(_random_crops(photo, crops_per_photo, rng, scale, first_whole)):
                 name = f"{os.path.splitext(filename)[0]}/{i:04d}"
                 yield name, {"image": data, "file_name": name}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scikit-learn's handwritten digits: a small labelled dataset for fine-tuning and linear-probe runs.
+# ---------------------------------------------------------------------------------------------------------
+
+DIGITS_TEST_SIZE = 360  # of 1,797: a stratified 1,437 / 360 split (sklearn's train_test_split, random_state 0)
+DIGITS_SCALE = 4  # 8x8 -> 32x32, nearest neighbour: every digit pixel becomes a 4x4 block
+
+
+def digits_levels(values: np.ndarray) -> np.ndarray:
+    """sklearn's digit intensities (0..16) -> uint8 grey levels (0..255), rounded."""
+    return np.round(np.asarray(values, np.float64) * (255.0 / 16.0)).astype(np.uint8)
+
+
+def digits_split_indices() -> dict[str, np.ndarray]:
+    """Indices into `sklearn.datasets.load_digits()` of each split, in stored order.
+
+    train_test_split(stratify=y, random_state=0) picks the 360 test digits. The train split is stored in a
+    fixed interleaved order (each class's examples spread evenly, with seeded jitter), so that any prefix,
+    e.g. the tfds slice "train[:10%]", holds every class in proportion (within one example).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    labels = load_digits().target
+    train, test = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_SIZE, stratify=labels,
+                                   random_state=0)
+    rng = np.random.default_rng(0)
+    position = np.empty(len(train))
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels[train] == c)
+        position[members] = (np.arange(len(members)) + rng.uniform(size=len(members))) / len(members)
+    return {"train": train[np.argsort(position, kind="stable")], "test": np.sort(test)}
+
+
+class Digits(_LocalBuilder, skip_registration=True):
+    """scikit-learn's handwritten digits (UCI optdigits test set, 1,797 8x8 images, 10 classes).
+
+    Stored as 32x32 RGB PNGs: intensities 0..16 scaled to 0..255 (`digits_levels`), upscaled by nearest
+    neighbour (each pixel a 4x4 block, exact and reversible), grey repeated into R, G, B. "train" (1,437) and
+    "test" (360), split by `digits_split_indices`; written in that order (no tfds shuffling), so the slice
+    "train[:10%]" is a class-balanced tenth. `file_name` is "digits/<index in load_digits()>".
+    """
+
+    name = "mae_digits"
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="scikit-learn's load_digits, 32x32 RGB (nearest-neighbour upscaled), stratified "
+                        f"train / test split of {DIGITS_TEST_SIZE} test digits.",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(8 * DIGITS_SCALE, 8 * DIGITS_SCALE, 3)),  # PNG
+                "label": tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
+                "file_name": tfds.features.Text(),
+            }),
+            disable_shuffling=True,  # keep the stored order (see digits_split_indices)
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(indices) for split, indices in digits_split_indices().items()}
+
+    def _generate_examples(self, indices):
+        from sklearn.datasets import load_digits
+        digits = load_digits()
+        block = np.ones((DIGITS_SCALE, DIGITS_SCALE), np.uint8)
+        for i in indices:
+            grey = np.kron(digits_levels(digits.images[i]), block)
+            name = f"digits/{i:04d}"
+            yield name, {"image": np.repeat(grey[:, :, None], 3, axis=2), "label": int(digits.target[i]),
+                         "file_name": name}

@@ -399,11 +399,12 @@ def apply_op(name: str, image: tf.Tensor, magnitude: tf.Tensor, negate: tf.Tenso
 
 @_graph_only
 def rand_augment_draws(key: tf.Tensor, num_ops: int = 2, num_choices: int = len(INCREASING_OPS),
-                       magnitude: float = 9.0, magnitude_std: float = 0.5,
-                       prob: float = 0.5) -> dict[str, tf.Tensor]:
+                       magnitude: float = 9.0, magnitude_std: float = 0.5, prob: float = 0.5,
+                       magnitude_max: float = MAX_LEVEL) -> dict[str, tf.Tensor]:
     """rand_augment's random choices for a stateless key [2], each [num_ops]: op_index (int32, uniform over
     num_choices), applied (bool, probability `prob`), magnitude (float64, N(magnitude, magnitude_std) clipped
-    to [0, 10]), negate (bool, 50%) and bicubic (bool, 50%; used by interpolation="random" only).
+    to [0, magnitude_max]; U(0, magnitude) when magnitude_std is inf, as timm's mstd > 100), negate (bool,
+    50%) and bicubic (bool, 50%; used by interpolation="random" only).
 
     timm draws the magnitude, sign and interpolation only when an op is applied; drawing them always and
     ignoring them otherwise gives the same distribution.
@@ -411,11 +412,15 @@ def rand_augment_draws(key: tf.Tensor, num_ops: int = 2, num_choices: int = len(
     u = tf.random.stateless_uniform([num_ops, 4], seed=key, dtype=tf.float64, alg="philox")
     noise_key = tf.random.experimental.stateless_fold_in(key, 1, alg="philox")
     noise = tf.random.stateless_normal([num_ops], seed=noise_key, dtype=tf.float64, alg="philox")
-    level = magnitude + magnitude_std * noise if magnitude_std > 0 else tf.fill([num_ops], _float64(magnitude))
+    if math.isinf(magnitude_std):  # timm's random.uniform(0, magnitude)
+        uniform = tf.random.stateless_uniform([num_ops], seed=noise_key, dtype=tf.float64, alg="philox")
+        level = magnitude * uniform
+    else:
+        level = magnitude + magnitude_std * noise if magnitude_std > 0 else tf.fill([num_ops], _float64(magnitude))
     return {
         "op_index": tf.minimum(tf.cast(u[:, 0] * num_choices, tf.int32), num_choices - 1),
         "applied": u[:, 1] < prob,  # timm skips the op when random() > prob
-        "magnitude": tf.clip_by_value(level, 0.0, MAX_LEVEL),
+        "magnitude": tf.clip_by_value(level, 0.0, float(magnitude_max)),
         "negate": u[:, 2] > 0.5,  # timm's _randomly_negate
         "bicubic": u[:, 3] < 0.5,  # timm's random.choice((BILINEAR, BICUBIC))
     }
@@ -425,11 +430,12 @@ def rand_augment_draws(key: tf.Tensor, num_ops: int = 2, num_choices: int = len(
 def rand_augment(image: tf.Tensor, key: tf.Tensor, num_ops: int = 2, magnitude: float = 9.0,
                  magnitude_std: float = 0.5, prob: float = 0.5, ops: Sequence[str] = INCREASING_OPS,
                  interpolation: str = "bicubic", fill: Sequence[int] = FILL, translate_pct: float = 0.45,
-                 translate_const: float | None = None) -> tf.Tensor:
+                 translate_const: float | None = None, magnitude_max: float = MAX_LEVEL) -> tf.Tensor:
     """timm's RandAugment (default: rand-m9-mstd0.5-inc1, bicubic, fill img_mean) of a [H, W, 3] image: uint8.
 
     Layer i draws an op uniformly (with replacement) from `ops`, applies it with probability `prob`, with
-    magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10] (no noise when magnitude_std <= 0), the sign
+    magnitude ~ N(magnitude, magnitude_std) clipped to [0, magnitude_max] (no noise when magnitude_std <= 0;
+    U(0, magnitude) when it is inf), the sign
     of signed levels (50%) and, for interpolation="random", bilinear or bicubic (50%): see
     `rand_augment_draws`. `translate_const` (absolute TranslateX/Y only, not in the increasing set) defaults
     to timm's int(0.45 * min(H, W)). `key` is a stateless key [2]; the same key gives the same image.
@@ -445,7 +451,7 @@ def rand_augment(image: tf.Tensor, key: tf.Tensor, num_ops: int = 2, magnitude: 
         if image.shape[0] is None or image.shape[1] is None:
             raise ValueError("translate_const must be given when the image size is not static")
         translate_const = int(min(image.shape[0], image.shape[1]) * 0.45)
-    draws = rand_augment_draws(key, num_ops, len(ops), magnitude, magnitude_std, prob)
+    draws = rand_augment_draws(key, num_ops, len(ops), magnitude, magnitude_std, prob, magnitude_max)
     levels = dict(translate_pct=translate_pct, translate_const=translate_const)
     is_geometric = tf.constant([name in _GEOMETRIC_OPS for name in ops])
     height, width = tf.shape(image)[0], tf.shape(image)[1]
@@ -563,34 +569,41 @@ def resize_bicubic_like_pil(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
 
 
 @_graph_only
-def preprocess_for_eval(image: tf.Tensor, image_size: int = 224, crop_pct: float = 224 / 256) -> tf.Tensor:
+def preprocess_for_eval(image: tf.Tensor, image_size: int | Sequence[int] = 224,
+                        crop_pct: float = 224 / 256) -> tf.Tensor:
     """MAE's eval transform of a uint8 [h, w, C] image: Resize(int(image_size / crop_pct), bicubic) of the
-    shorter side, CenterCrop(image_size), ToTensor, Normalize: [image_size, image_size, C] float32.
+    shorter side, CenterCrop(image_size), ToTensor, Normalize: [H, W, C] float32.
 
     Sizes and offsets follow torchvision: the longer side becomes int(size * long / short); the crop starts at
     int(round((side - image_size) / 2)). Resizing is PIL's bicubic (`resize_bicubic_like_pil`).
+    A non-square `image_size` (H, W) (the official code has none) generalises this: the image is scaled, its
+    aspect kept, just enough to cover int(H / crop_pct) x int(W / crop_pct), then center-cropped to H x W; for
+    H == W that is exactly the square rule.
     """
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct={crop_pct}: must be in (0, 1]")
-    size = int(image_size / crop_pct)
+    out_h, out_w = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else \
+        (int(image_size[0]), int(image_size[1]))
+    cover_h, cover_w = int(out_h / crop_pct), int(out_w / crop_pct)
     shape = tf.shape(image)
     height, width = shape[0], shape[1]
-    short, long = tf.minimum(height, width), tf.maximum(height, width)
-    # int(size * long / short) in doubles, as torchvision's Python arithmetic
-    new_long = tf.cast(tf.floor(size * tf.cast(long, tf.float64) / tf.cast(short, tf.float64)), tf.int32)
-    new_height = tf.where(height <= width, size, new_long)
-    new_width = tf.where(height <= width, new_long, size)
-    unchanged = tf.equal(short, size)  # torchvision returns the image itself then
+    h64, w64 = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    # Which side reaches its cover size last decides the scale; the other side is int(cover * side / side')
+    # in doubles, as torchvision's Python arithmetic (for a square target: the shorter side becomes the size).
+    height_decides = cover_h * w64 >= cover_w * h64
+    new_height = tf.where(height_decides, cover_h, tf.cast(tf.floor(cover_w * h64 / w64), tf.int32))
+    new_width = tf.where(height_decides, tf.cast(tf.floor(cover_h * w64 / h64), tf.int32), cover_w)
+    unchanged = tf.equal(new_height, height) & tf.equal(new_width, width)  # torchvision returns the image itself
 
     def resize():
         return resize_bicubic_like_pil(image, tf.stack([new_height, new_width]))
 
     resized = tf.cond(unchanged, lambda: tf.cast(image, tf.float32), resize)
-    top = tf.cast(tf.round(tf.cast(new_height - image_size, tf.float64) / 2.0), tf.int32)  # half to even
-    left = tf.cast(tf.round(tf.cast(new_width - image_size, tf.float64) / 2.0), tf.int32)
-    crop = resized[top:top + image_size, left:left + image_size]
+    top = tf.cast(tf.round(tf.cast(new_height - out_h, tf.float64) / 2.0), tf.int32)  # half to even
+    left = tf.cast(tf.round(tf.cast(new_width - out_w, tf.float64) / 2.0), tf.int32)
+    crop = resized[top:top + out_h, left:left + out_w]
     num_channels = image.shape[-1] or 3
-    crop = tf.ensure_shape(crop, [image_size, image_size, num_channels])
+    crop = tf.ensure_shape(crop, [out_h, out_w, num_channels])
     return _normalise(crop, num_channels)
 
 

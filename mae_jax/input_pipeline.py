@@ -9,10 +9,26 @@ Interface used by the trainer (`mae_jax.train`):
     it.get_state()           # JSON-able position after the last batch returned; pass it back as `state`
                              # to continue exactly where it stopped
 
+Fine-tuning and linear probing (`config.labels = True`): train batches also carry "labels" [local_b] int32 (the
+dataset's ClassLabel feature "label"), which travel with their examples through shuffling and resume;
+`num_classes(config.input)` is the number of classes, and
+
+    evaluation = create_eval_iterator(config.input, image_shape=(H, W, C), global_batch_size=...,
+                                      process_index=..., process_count=...)
+    evaluation.num_examples, evaluation.num_batches    # whole config.eval_split; batches per pass, every process
+    for batch in evaluation:  # a fresh, identical pass each time
+        batch["images"], batch["labels"], batch["mask"]   # [local_b, H, W, C] float32, [local_b] int32, bool
+
+covers every example of `config.eval_split` exactly once over all processes and batches; rows with mask False
+are padding. Eval transform: resize the shorter side to size / `config.eval_crop_pct` (bicubic), center crop.
+Train transform: the fine-tuning recipe (RandomResizedCrop, flip, RandAugment `config.rand_augment`,
+normalise, RandomErasing `config.random_erasing`; `mae_jax.finetune_augment`) when either of those is set,
+else the pretraining one below (the linear probe: crop_scale (0.08, 1)).
+
 `config` is the `config.input` group of a training config (data and augmentation settings, see
 configs/vit_base.py); the model's image shape and the run's seed are passed separately. `config.dataset` selects the source: "synthetic" (random smooth images, for mechanics tests and benchmarks),
 "demo" (crops of scikit-image's sample photographs, offline), "folder" (`config.image_folder`) or any tfds
-image dataset by name ("imagenet2012"); see `mae_jax.datasets`. `load_eval_images` gives a few fixed held-out
+image dataset by name ("imagenet2012"), "digits" (scikit-learn's, labelled, offline); see `mae_jax.datasets`. `load_eval_images` gives a few fixed held-out
 images (center crops) for reconstructions.
 
 Augmentation (`mae_jax.augment`), the official recipe: RandomResizedCrop(scale=(0.2, 1.0), ratio=(3/4, 4/3)),
@@ -38,19 +54,22 @@ a single host's full ImageNet (~140 GB), seconds on a pod where each host holds 
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import math
+import re
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from mae_jax import datasets, pixels
+from mae_jax import datasets, finetune_augment, pixels
 from mae_jax.datasets import DataError  # noqa: F401  (re-exported: what callers catch)
 from mae_jax.augment import center_crop, preprocess_for_train
 
 _ORDER, _AUGMENT = 1, 2  # separate random streams for the epoch order and the per-example augmentation
 _SYNTHETIC_EVAL_BATCH = 2**40  # a batch index that no synthetic training run reaches: held-out images
+_SYNTHETIC_EVAL_SEED = 0  # the labelled held-out stream is the same whatever the run's seed
 
 
 class SyntheticIterator(Iterator[dict]):
@@ -59,23 +78,49 @@ class SyntheticIterator(Iterator[dict]):
     The image at global row r of batch b is a pure function of (seed, b, r), so a batch is the same
     however it is split over processes, and any position can be resumed exactly. Low-frequency content
     makes the masked patches predictable, so the loss of a working trainer falls.
+
+    With `num_classes` (labelled data), row r's label is a pure function of (seed, b, r) too, and sets the
+    orientation and frequency of the image's dominant wave (`labelled_image`): the class is learnable.
     """
 
     def __init__(self, *, seed: int, image_size: tuple[int, int], num_channels: int, global_batch_size: int,
-                 process_index: int, process_count: int, num_examples: int, state: dict | None = None):
+                 process_index: int, process_count: int, num_examples: int, state: dict | None = None,
+                 num_classes: int | None = None):
         self.seed = seed
         self.height, self.width = image_size
         self.num_channels = num_channels
         self.local_batch_size = global_batch_size // process_count
         self.row_offset = process_index * self.local_batch_size
         self.num_examples = num_examples
+        self.num_classes = num_classes
         self.batch_index = int(state["batch_index"]) if state else 0
 
     def __next__(self) -> dict:
         rows = np.arange(self.row_offset, self.row_offset + self.local_batch_size)
-        images = np.stack([self._image(self.batch_index, r) for r in rows])
-        self.batch_index += 1
-        return {"images": images}
+        batch_index, self.batch_index = self.batch_index, self.batch_index + 1
+        if self.num_classes is None:
+            return {"images": np.stack([self._image(batch_index, r) for r in rows])}
+        images, labels = zip(*(self.labelled_image(batch_index, r) for r in rows))
+        return {"images": np.stack(images), "labels": np.array(labels, np.int32)}
+
+    def labelled_image(self, batch_index: int, row: int) -> tuple[np.ndarray, int]:
+        """(image [H, W, C] float32 normalised, label) of row `row` of batch `batch_index`.
+
+        Class c of K: a wave at angle pi * c / K with 1.5 + (c % 3) / 2 cycles over the image, its phase
+        jittered by up to +-0.5 rad and its amplitude per channel in [0.6, 1], over a weaker random smooth
+        pattern (the unlabelled stream's).
+        """
+        rng = np.random.default_rng([self.seed, batch_index, row, self.num_classes])
+        label = int(rng.integers(self.num_classes))
+        angle, cycles = np.pi * label / self.num_classes, 1.5 + (label % 3) / 2
+        y = np.linspace(-0.5, 0.5, self.height, dtype=np.float32)[:, None, None]
+        x = np.linspace(-0.5, 0.5, self.width, dtype=np.float32)[None, :, None]
+        phase = rng.uniform(-0.5, 0.5)
+        amplitude = rng.uniform(0.6, 1.0, size=self.num_channels).astype(np.float32)
+        wave = np.cos(2 * np.pi * cycles * (x * np.cos(angle) + y * np.sin(angle)) + phase)
+        nuisance = pixels.denormalise(self._image(batch_index, row), self.num_channels) - 0.5  # in (-0.4, 0.4)
+        image = 0.5 + 0.28 * amplitude * wave + 0.3 * nuisance  # in (0.1, 0.9)
+        return pixels.normalise(image, self.num_channels).astype(np.float32), label
 
     def _image(self, batch_index: int, row: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, batch_index, row])
@@ -109,12 +154,23 @@ def _image_key(builder: tfds.core.DatasetBuilder) -> str:
                     f"({sorted(features.keys())}): the pipeline reads one, named 'image' or the only one")
 
 
+def _label_key(builder: tfds.core.DatasetBuilder, why: str) -> str:
+    """"label", when it is a ClassLabel feature of `builder`; else a DataError saying `why` it is needed."""
+    features = builder.info.features
+    if "label" not in features.keys() or not isinstance(features["label"], tfds.features.ClassLabel):
+        raise DataError(f"{why} needs class labels, but {builder.name} has no ClassLabel feature 'label' (its "
+                        f"features: {sorted(features.keys())}): use a labelled dataset (a tfds classification "
+                        "dataset, 'folder' with class folders, 'digits' or 'synthetic')")
+    return "label"
+
+
 def _check_split(builder: tfds.core.DatasetBuilder, split: str, setting: str) -> None:
     try:
         builder.info.splits[split]
     except (KeyError, ValueError, AssertionError) as e:
-        raise DataError(f"config.{setting}={split!r} is not a split of {builder.name}: it has "
-                        f"{sorted(builder.info.splits.keys())} ({e})") from None
+        reason = " ".join(str(e).split())[:200]  # one line
+        raise DataError(f"config.input.{setting}={split!r} is not a split of {builder.name}: it has "
+                        f"{sorted(builder.info.splits.keys())} ({reason})") from None
 
 
 def _file_instructions(builder: tfds.core.DatasetBuilder, split) -> list[tuple[str, int, int, int]]:
@@ -135,14 +191,26 @@ def _keep_tf_off_accelerators() -> None:
         pass
 
 
+def _options(threads: int) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1  # parallelism comes from the parallel map, not from ops
+    if threads > 0:
+        options.threading.private_threadpool_size = threads
+    return options
+
+
 def train_dataset(builder: tfds.core.DatasetBuilder, split, *, seed: int, start: int, batch_size: int,
                   image_size: tuple[int, int], num_channels: int, shuffle_buffer: int,
                   crop_scale: Sequence[float], crop_ratio: Sequence[float], prefetch_batches: int = 2,
-                  threads: int = 0) -> tf.data.Dataset:
+                  threads: int = 0, preprocess: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None,
+                  label_key: str | None = None) -> tf.data.Dataset:
     """The endless, batched training stream of (sub-)split `split`, from its `start`-th example.
 
-    Elements: {"images" [B, H, W, C] float32, "epoch" [B] int64, "example_id" [B] int64}. See the module
-    docstring for the order, the keys and resuming.
+    Elements: {"images" [B, H, W, C] float32, "epoch" [B] int64, "example_id" [B] int64}, and "labels" [B]
+    int32 (the `label_key` feature) when given. `preprocess(encoded, key)` replaces the pretraining transform
+    (`augment.preprocess_for_train` with crop_scale and crop_ratio). See the module docstring for the order,
+    the keys and resuming.
     """
     file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
     if file_format != "tfrecord":
@@ -160,9 +228,14 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split, *, seed: int, start:
         records = tf.data.TFRecordDataset(filename, buffer_size=1 << 20).skip(skip).take(take)
         return tf.data.Dataset.zip(tf.data.Dataset.range(first_id, first_id + take), records)
 
+    features = {image_key: tf.io.FixedLenFeature([], tf.string)}
+    if label_key:
+        features[label_key] = tf.io.FixedLenFeature([], tf.int64)
+
     def parse(example_id, record):
-        return example_id, tf.io.parse_single_example(record, {image_key: tf.io.FixedLenFeature([], tf.string)})[
-            image_key]
+        example = tf.io.parse_single_example(record, features)
+        label = tf.cast(example[label_key], tf.int32) if label_key else tf.constant(-1, tf.int32)
+        return example_id, example[image_key], label
 
     def one_epoch(epoch):
         order_key = tf.random.experimental.stateless_fold_in(tf.constant([seed, _ORDER], tf.int64), epoch,
@@ -177,25 +250,24 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split, *, seed: int, start:
             shuffle_seed = tf.random.stateless_uniform([], seed=order_key, minval=None, maxval=None,
                                                        dtype=tf.int64, alg="philox")
             ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-        return ds.map(lambda example_id, encoded: (epoch, example_id, encoded))
+        return ds.map(lambda example_id, encoded, label: (epoch, example_id, encoded, label))
 
     first_epoch, skip = divmod(start, num_local)
     ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(one_epoch).skip(skip)
+    if preprocess is None:
+        def preprocess(encoded, key):
+            return preprocess_for_train(encoded, key, image_size=image_size, num_channels=num_channels,
+                                        scale=crop_scale, ratio=crop_ratio)
 
-    def augment(epoch, example_id, encoded):
-        image = preprocess_for_train(encoded, example_key(seed, epoch, example_id), image_size=image_size,
-                                     num_channels=num_channels, scale=crop_scale, ratio=crop_ratio)
-        return {"images": image, "epoch": epoch, "example_id": example_id}
+    def augment(epoch, example_id, encoded, label):
+        image = preprocess(encoded, example_key(seed, epoch, example_id))
+        batch = {"images": image, "epoch": epoch, "example_id": example_id}
+        return {**batch, "labels": label} if label_key else batch
 
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.prefetch(tf.data.AUTOTUNE if prefetch_batches < 0 else prefetch_batches)
-    options = tf.data.Options()
-    options.deterministic = True
-    options.threading.max_intra_op_parallelism = 1  # parallelism comes from the parallel map, not from ops
-    if threads > 0:
-        options.threading.private_threadpool_size = threads
-    return ds.with_options(options)
+    return ds.with_options(_options(threads))
 
 
 class TfdsIterator(Iterator[dict]):
@@ -209,6 +281,8 @@ class TfdsIterator(Iterator[dict]):
     def __init__(self, builder: tfds.core.DatasetBuilder, config, *, image_shape: tuple[int, int, int], seed: int,
                  global_batch_size: int, process_index: int, process_count: int, state: dict | None = None):
         _check_split(builder, config.train_split, "train_split")
+        label_key = _label_key(builder, f"config.input.labels=True (dataset {config.dataset!r})") \
+            if config.get("labels", False) else None
         self.seed = int(seed)
         self.process_count = process_count
         self.local_batch_size = global_batch_size // process_count
@@ -233,7 +307,8 @@ class TfdsIterator(Iterator[dict]):
             image_size=tuple(image_shape[:2]), num_channels=image_shape[2],
             shuffle_buffer=config.shuffle_buffer, crop_scale=tuple(config.crop_scale),
             crop_ratio=tuple(config.crop_ratio), prefetch_batches=config.prefetch_batches,
-            threads=config.threads)
+            threads=config.threads, preprocess=train_transform(config, tuple(image_shape[:2]), image_shape[2]),
+            label_key=label_key)
         self._iterator = dataset.as_numpy_iterator()
         self.last_epochs = self.last_example_ids = None
 
@@ -256,11 +331,163 @@ class TfdsIterator(Iterator[dict]):
         batch = next(self._iterator)
         self.examples_consumed += self.local_batch_size
         self.last_epochs, self.last_example_ids = batch["epoch"], batch["example_id"]
-        return {"images": batch["images"]}
+        return {k: batch[k] for k in ("images", "labels") if k in batch}
 
     def get_state(self) -> dict:
         return {"examples_per_process": self.examples_consumed, "process_count": self.process_count,
                 "seed": self.seed}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fine-tuning transforms, and evaluation batches.
+# ---------------------------------------------------------------------------------------------------------
+
+_RAND_AUGMENT_SECTION = re.compile(r"^([a-z]+)(\d.*)$")  # timm: re.split(r'(\d.*)', section) -> key, value
+
+
+def parse_rand_augment(config_str: str) -> dict:
+    """timm's RandAugment config string (rand_augment_transform) -> `finetune_augment.rand_augment` kwargs.
+
+    "rand" then "-"-separated sections in any order: m<int> magnitude (default 10), n<int> ops per image (2),
+    mstd<float> magnitude noise (0; over 100: uniform in [0, m]), mmax<int> magnitude clip (10), p<float>
+    probability of each op (0.5), inc<0|1> the "increasing" op set (timm's `bool(val)` takes inc0 for inc1
+    as well; here inc0 means the default set). MAE: "rand-m9-mstd0.5-inc1". Weighted op choice (w<int>) and
+    op lists (t...) are not supported; sections timm would skip silently (no number) are errors here.
+    """
+    setting = f"config.input.rand_augment={config_str!r}"
+    sections = config_str.split("-")
+    if sections[0] != "rand":
+        raise DataError(f"{setting}: a RandAugment string starts with 'rand', e.g. 'rand-m9-mstd0.5-inc1'")
+    kwargs = dict(num_ops=2, magnitude=10.0, magnitude_std=0.0, prob=0.5, ops=finetune_augment.DEFAULT_OPS,
+                  magnitude_max=finetune_augment.MAX_LEVEL)
+    numbers = dict(m=("magnitude", int), n=("num_ops", int), mstd=("magnitude_std", float),
+                   mmax=("magnitude_max", int), p=("prob", float), inc=("ops", int))
+    for section in sections[1:]:
+        match = _RAND_AUGMENT_SECTION.match(section)
+        if match and match.group(1) in ("w", "t"):
+            raise DataError(f"{setting}: section {section!r} (weighted op choice) is not supported; allowed "
+                            "sections: m<int>, n<int>, mstd<float>, mmax<int>, p<float>, inc<0|1>")
+        if not match or match.group(1) not in numbers:
+            raise DataError(f"{setting}: unknown section {section!r}; allowed: m<int>, n<int>, mstd<float>, "
+                            "mmax<int>, p<float>, inc<0|1> (e.g. 'rand-m9-mstd0.5-inc1')")
+        field, kind = numbers[match.group(1)]
+        try:
+            value = kind(match.group(2))
+        except ValueError:
+            raise DataError(f"{setting}: section {section!r} needs {'an integer' if kind is int else 'a number'} "
+                            f"after {match.group(1)!r}") from None
+        if field == "ops":
+            if value not in (0, 1):
+                raise DataError(f"{setting}: section {section!r}: inc is 0 or 1")
+            value = finetune_augment.INCREASING_OPS if value else finetune_augment.DEFAULT_OPS
+        kwargs[field] = value
+    if kwargs["magnitude_std"] > 100:  # timm: uniform sampling in [0, magnitude]
+        kwargs["magnitude_std"] = math.inf
+    kwargs["magnitude"] = float(kwargs["magnitude"])
+    if kwargs["num_ops"] < 0 or kwargs["magnitude"] < 0 or kwargs["magnitude_max"] < 0 or \
+            not 0 <= kwargs["prob"] <= 1 or kwargs["magnitude_std"] < 0:
+        raise DataError(f"{setting}: needs n >= 0, m >= 0, mmax >= 0, mstd >= 0 and 0 <= p <= 1")
+    return kwargs
+
+
+def train_transform(config, image_size: tuple[int, int], num_channels: int) -> Callable[[tf.Tensor, tf.Tensor],
+                                                                                        tf.Tensor]:
+    """(encoded image, key [2]) -> [H, W, C] float32: the fine-tuning recipe
+    (`finetune_augment.preprocess_for_finetune_train`) when `config.rand_augment` or `config.random_erasing`
+    is set, else the pretraining / linear-probe crop and flip (`augment.preprocess_for_train`); both with
+    `config.crop_scale` and `config.crop_ratio`. `config` is `config.input`."""
+    scale, ratio = tuple(config.crop_scale), tuple(config.crop_ratio)
+    rand_augment, erasing = config.get("rand_augment", ""), float(config.get("random_erasing", 0.0))
+    if not 0.0 <= erasing <= 1.0:
+        raise DataError(f"config.input.random_erasing={erasing}: a probability, in [0, 1]")
+    if not rand_augment and not erasing:
+        return lambda encoded, key: preprocess_for_train(encoded, key, image_size=image_size,
+                                                         num_channels=num_channels, scale=scale, ratio=ratio)
+    kwargs = parse_rand_augment(rand_augment) if rand_augment else dict(num_ops=0)
+    if num_channels != 3:
+        raise DataError(f"config.input.rand_augment={rand_augment!r} / random_erasing={erasing}: the fine-tuning "
+                        f"augmentation works on RGB images; the model has {num_channels} channels")
+    return lambda encoded, key: finetune_augment.preprocess_for_finetune_train(
+        encoded, key, image_size=image_size, scale=scale, ratio=ratio, rand_augment_kwargs=kwargs,
+        erase_probability=erasing)
+
+
+class EvalIterator:
+    """One process's evaluation batches of a whole split; iterate it for a fresh, identical pass each time.
+
+    `num_examples`: examples in the split; `local_num_examples`: this process's share; `num_batches`: the
+    batches of every pass, the same on every process (the largest share, rounded up to whole batches).
+    Batches: {"images" [b, H, W, C] float32, "labels" [b] int32, "mask" [b] bool}, b = global batch /
+    process count; rows past the share are padding (zeros, label 0) with mask False.
+    """
+
+    def __init__(self, batches: Callable[[], Iterator[dict]], *, num_examples: int, local_num_examples: int,
+                 num_batches: int):
+        self._batches = batches
+        self.num_examples, self.local_num_examples, self.num_batches = num_examples, local_num_examples, num_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        return self._batches()
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+def eval_dataset(builder: tfds.core.DatasetBuilder, split, *, batch_size: int, num_batches: int,
+                 image_size: tuple[int, int], num_channels: int, crop_pct: float, prefetch_batches: int = 2,
+                 threads: int = 0) -> tf.data.Dataset:
+    """(Sub-)split `split` in stored order, eval-transformed (`finetune_augment.preprocess_for_eval`) and
+    padded to `num_batches` batches of `batch_size` (see `EvalIterator`)."""
+    files = _file_instructions(builder, split)
+    image_key, label_key = _image_key(builder), _label_key(builder, "the evaluation input")
+    features = {image_key: tf.io.FixedLenFeature([], tf.string), label_key: tf.io.FixedLenFeature([], tf.int64)}
+
+    def decode(record):
+        example = tf.io.parse_single_example(record, features)
+        image = tf.io.decode_image(example[image_key], channels=num_channels, expand_animations=False)
+        return {"images": finetune_augment.preprocess_for_eval(image, image_size, crop_pct),
+                "labels": tf.cast(example[label_key], tf.int32), "mask": tf.constant(True)}
+
+    padding = {"images": tf.zeros([*image_size, num_channels]), "labels": tf.constant(0, tf.int32),
+               "mask": tf.constant(False)}
+    num_local = sum(take for _, _, take, _ in files)
+    ds = tf.data.Dataset.from_tensors(padding).repeat(num_batches * batch_size - num_local)
+    if files:
+        filenames, skips, takes, _ = (list(column) for column in zip(*files))
+        records = tf.data.Dataset.from_tensor_slices((filenames, tf.constant(skips, tf.int64),
+                                                      tf.constant(takes, tf.int64)))
+        records = records.flat_map(lambda filename, skip, take: tf.data.TFRecordDataset(
+            filename, buffer_size=1 << 20).skip(skip).take(take))
+        ds = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).concatenate(ds)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.prefetch(tf.data.AUTOTUNE if prefetch_batches < 0 else prefetch_batches)
+    return ds.with_options(_options(threads))
+
+
+def _synthetic_eval(config, *, image_shape, local_batch_size: int, process_index: int,
+                    process_count: int) -> EvalIterator:
+    """`config.synthetic_num_eval_examples` labelled held-out images: example i is row i of batch 2**40 of
+    seed 0 (a stream no training run reads), shared over processes as tfds.even_splits shares a split."""
+    n = config.synthetic_num_eval_examples
+    shares = [n // process_count + (p < n % process_count) for p in range(process_count)]
+    start, share = sum(shares[:process_index]), shares[process_index]
+    num_batches = -(-max(shares) // local_batch_size)
+    source = SyntheticIterator(seed=_SYNTHETIC_EVAL_SEED, image_size=tuple(image_shape[:2]),
+                               num_channels=image_shape[2], global_batch_size=1, process_index=0, process_count=1,
+                               num_examples=n, num_classes=config.synthetic_num_classes)
+
+    def batches():
+        for b in range(num_batches):
+            rows = range(start + b * local_batch_size, start + min(share, (b + 1) * local_batch_size))
+            examples = [source.labelled_image(_SYNTHETIC_EVAL_BATCH, r) for r in rows]
+            images = np.zeros((local_batch_size, *image_shape), np.float32)
+            labels = np.zeros(local_batch_size, np.int32)
+            if examples:
+                images[:len(examples)] = np.stack([image for image, _ in examples])
+                labels[:len(examples)] = [label for _, label in examples]
+            yield {"images": images, "labels": labels, "mask": np.arange(local_batch_size) < len(examples)}
+
+    return EvalIterator(batches, num_examples=n, local_num_examples=share, num_batches=num_batches)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,11 +504,57 @@ def create_train_iterator(config, *, image_shape: Sequence[int], seed: int, glob
         return SyntheticIterator(
             seed=seed, image_size=tuple(image_shape[:2]), num_channels=image_shape[2],
             global_batch_size=global_batch_size, process_index=process_index, process_count=process_count,
-            num_examples=config.synthetic_num_examples, state=state)
+            num_examples=config.synthetic_num_examples, state=state,
+            num_classes=num_classes(config) if config.get("labels", False) else None)
     _keep_tf_off_accelerators()
     return TfdsIterator(datasets.get_builder(config), config, image_shape=tuple(image_shape), seed=seed,
                         global_batch_size=global_batch_size, process_index=process_index,
                         process_count=process_count, state=state)
+
+
+def num_classes(config) -> int:
+    """Classes of `config.dataset` (its ClassLabel feature "label"; synthetic: config.synthetic_num_classes).
+    `config` is `config.input`."""
+    if config.dataset == "synthetic":
+        if config.synthetic_num_classes < 2:
+            raise DataError(f"config.input.synthetic_num_classes={config.synthetic_num_classes}: needs at least 2")
+        return int(config.synthetic_num_classes)
+    _keep_tf_off_accelerators()
+    builder = datasets.get_builder(config)
+    return builder.info.features[_label_key(builder, f"num_classes (dataset {config.dataset!r})")].num_classes
+
+
+def create_eval_iterator(config, *, image_shape: Sequence[int], global_batch_size: int, process_index: int,
+                         process_count: int) -> EvalIterator:
+    """This process's evaluation batches of `config.eval_split` (see `EvalIterator`): every example once over
+    all processes and batches, in a fixed order, eval-transformed (resize the shorter side to size /
+    `config.eval_crop_pct`, bicubic, center crop). `config` is `config.input`, `image_shape` the model's
+    (H, W, C)."""
+    if global_batch_size % process_count:
+        raise DataError(f"eval batch size {global_batch_size} does not split evenly over {process_count} processes")
+    local_batch_size = global_batch_size // process_count
+    if config.dataset == "synthetic":
+        num_classes(config)  # checks the setting
+        return _synthetic_eval(config, image_shape=tuple(image_shape), local_batch_size=local_batch_size,
+                               process_index=process_index, process_count=process_count)
+    crop_pct = float(config.eval_crop_pct)
+    if not 0.0 < crop_pct <= 1.0:
+        raise DataError(f"config.input.eval_crop_pct={config.eval_crop_pct}: must be in (0, 1]")
+    _keep_tf_off_accelerators()
+    builder = datasets.get_builder(config)
+    _check_split(builder, config.eval_split, "eval_split")
+    _label_key(builder, f"evaluation (dataset {config.dataset!r})")
+    shares = [builder.info.splits[tfds.split_for_jax_process(config.eval_split, process_index=p,
+                                                            process_count=process_count)].num_examples
+              for p in range(process_count)]
+    num_batches = -(-max(shares) // local_batch_size)
+    local_split = tfds.split_for_jax_process(config.eval_split, process_index=process_index,
+                                             process_count=process_count)
+    dataset = eval_dataset(builder, local_split, batch_size=local_batch_size, num_batches=num_batches,
+                           image_size=tuple(image_shape[:2]), num_channels=image_shape[2], crop_pct=crop_pct,
+                           prefetch_batches=config.prefetch_batches, threads=config.threads)
+    return EvalIterator(dataset.as_numpy_iterator, num_examples=builder.info.splits[config.eval_split].num_examples,
+                        local_num_examples=shares[process_index], num_batches=num_batches)
 
 
 def load_eval_images(config, *, image_shape: Sequence[int], seed: int, num_images: int) -> np.ndarray:
