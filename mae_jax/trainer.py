@@ -206,12 +206,13 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         self.writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
-        first = [k for k in ("loss", "lr") if k in record]
+        first = [k for k in ("loss", "lr", "eval_top1", "eval_top5", "eval_loss") if k in record]
         shown = first + sorted(k for k in record if k not in ("step", "images_per_sec", *first))
         details = " | ".join(f"{k} {record[k]:.5f}" if k == "loss" else f"{k} {record[k]:.3e}" if k == "lr"
-                             else f"{k} {record[k]:.3f}" for k in shown)
-        logging.info("step %d/%d | %s | %.1f img/s", step, self.total_steps, details,
-                     record.get("images_per_sec", 0.0))
+                             else f"{k} {record[k]:.4f}" if k.startswith("eval_") else f"{k} {record[k]:.3f}"
+                             for k in shown)
+        speed = f" | {record['images_per_sec']:.1f} img/s" if "images_per_sec" in record else ""
+        logging.info("step %d/%d | %s%s", step, self.total_steps, details, speed)
 
     def write_image(self, step: int, name: str, image: np.ndarray) -> None:
         """An [H, W, 3] uint8 image to TensorBoard."""

@@ -10,11 +10,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIVE_STEPS = ("--config.total_steps=5", "--config.log_every_steps=1", "--config.checkpoint_every_steps=0")
 
 
-def run_main(workdir, *overrides, devices=1, env=None, wait=True):
-    """Runs `python main.py --config configs/tiny.py` in a fresh process with `devices` CPU devices."""
+def run_main(workdir, *overrides, devices=1, env=None, wait=True, config="configs/tiny.py"):
+    """Runs `python main.py --config CONFIG` (configs/tiny.py) in a fresh process with `devices` CPU devices."""
     env = dict(os.environ, **(env or {}))
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    cmd = [sys.executable, "main.py", "--config", "configs/tiny.py", "--workdir", str(workdir), *overrides]
+    cmd = [sys.executable, "main.py", "--config", config, "--workdir", str(workdir), *overrides]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
         return proc
@@ -28,7 +28,7 @@ def read_metrics(workdir):
 
 
 def losses(workdir):
-    return {m["step"]: m["loss"] for m in read_metrics(workdir)}
+    return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""Fine-tuning end to end (configs/finetune_tiny.py: mixup, cutmix, label smoothing and drop path on): resume,
+devices, evaluation, init_from, eval_only, the non-finite guard, config checks."""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import finetune_tiny, tiny
+from mae_jax import checkpoints, finetune, models, trainer
+from runs import read_metrics, run_main
+
+FINETUNE = "configs/finetune_tiny.py"
+TWELVE_STEPS = ("--config.total_steps=12", "--config.log_every_steps=1", "--config.checkpoint_every_steps=6",
+                "--config.keep_checkpoints=5")
+
+
+def _records(workdir):
+    train = {r["step"]: r for r in read_metrics(workdir) if "loss" in r}
+    evals = {r["step"]: r for r in read_metrics(workdir) if "eval_top1" in r}
+    return train, evals
+
+
+def _assert_close(a, b, keys, atol):
+    assert sorted(a) == sorted(b)
+    for step in a:
+        for key in keys:
+            assert abs(a[step][key] - b[step][key]) <= atol, (step, key, a[step][key], b[step][key])
+
+
+@pytest.mark.slow
+def test_resume_devices_and_evaluation(tmp_path):
+    """One uninterrupted 12-step run on 1 device; the same on 8 devices; a copy of the first resumed from its
+    step-6 checkpoint. Training and eval metrics agree (exactly on resume, 1e-6 over devices), and the
+    evaluation (every epoch of 8 steps and at the end: 100 examples in batches of 32) counts every example once."""
+    procs = {name: run_main(tmp_path / name, *TWELVE_STEPS, devices=devices, wait=False, config=FINETUNE)
+             for name, devices in (("one", 1), ("eight", 8))}
+    outputs = {name: p.communicate(timeout=300) for name, p in procs.items()}
+    for name, p in procs.items():
+        assert p.returncode == 0, (name, outputs[name][1][-3000:])
+    one_train, one_eval = _records(tmp_path / "one")
+    assert sorted(one_train) == list(range(1, 13)) and sorted(one_eval) == [8, 12]
+    for r in one_eval.values():  # means over exactly 100 examples
+        assert abs(r["eval_top1"] * 100 - round(r["eval_top1"] * 100)) < 1e-9
+    assert one_eval[12]["eval_best_top1"] == max(one_eval[8]["eval_top1"], one_eval[12]["eval_top1"])
+    stdout = outputs["one"][0]
+    assert "eval (validation, 100 examples): top-1" in stdout and "next: python -m mae_jax.convert" in stdout
+
+    eight_train, eight_eval = _records(tmp_path / "eight")
+    _assert_close(one_train, eight_train, ["loss", "grad_norm"], 1e-6)
+    _assert_close(one_eval, eight_eval, ["eval_loss", "eval_top1", "eval_top5"], 1e-6)
+
+    shutil.copytree(tmp_path / "one", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "12")  # as if stopped after the step-6 save
+    result = run_main(tmp_path / "resumed", *TWELVE_STEPS, config=FINETUNE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Restoring step 6" in result.stdout
+    resumed_train, resumed_eval = _records(tmp_path / "resumed")
+    _assert_close(one_train, resumed_train, ["loss", "grad_norm", "lr", "param_norm"], 0.0)
+    _assert_close(one_eval, resumed_eval, ["eval_loss", "eval_top1", "eval_top5", "eval_best_top1"], 0.0)
+
+
+@pytest.mark.slow
+def test_init_from_pretraining_then_eval_only(tmp_path):
+    """A tiny MAE's weights (our export) start the fine-tuning: the encoder loaded, decoder and norm dropped,
+    head and fc_norm new; eval_only then evaluates the fine-tuned workdir without training or compiling a step."""
+    mae = models.MaskedAutoencoderViT(**tiny.get_config().model)
+    variables = models.init_variables(mae, jax.random.key(7))
+    checkpoints.save_variables(tmp_path / "pretrained", variables, models.constructor_fields(mae))
+    result = run_main(tmp_path / "ft", "--config.total_steps=4", f"--config.init_from={tmp_path / 'pretrained'}",
+                      config=FINETUNE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Initialised the classifier from" in result.stdout
+    assert "not loading" in result.stdout + result.stderr  # the decoder and norm, named in the log
+    _, fine_tuned = checkpoints.load_variables(tmp_path / "ft")
+    # Steps at warmup lr moved the encoder only a little: it starts from the pretrained weights, not a fresh init.
+    ours = fine_tuned["params"]["blocks_0"]["attn"]["qkv"]["kernel"]
+    pretrained = np.asarray(variables["params"]["blocks_0"]["attn"]["qkv"]["kernel"])
+    assert np.abs(ours - pretrained).max() < 1e-2 < np.abs(pretrained).max()
+    evals = [r for r in read_metrics(tmp_path / "ft") if "eval_top1" in r]
+
+    result = run_main(tmp_path / "ft", "--config.total_steps=4", "--config.eval_only=True", config=FINETUNE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Compiling the train step" not in result.stdout
+    assert f"Evaluation of step 4 of {tmp_path / 'ft'} on synthetic validation (100 examples): top-1 " \
+           f"{evals[-1]['eval_top1']:.4f}" in result.stdout
+
+
+def _config(overrides=None, **kwargs):
+    overrides = {**(overrides or {}), **kwargs}
+    config = finetune_tiny.get_config()
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(task="probe"), "task 'probe' must be one of ('finetune', 'linprobe')"),
+    (dict(layer_decay=0.0), "layer_decay 0.0 must be in (0, 1]"),
+    (dict(mixup=-1.0), "mixup -1.0 and cutmix 1.0 must be >= 0"),
+    (dict(batch_size=15, mesh={"data": 1, "fsdp": 1}), "batch_size 15 must be even with mixup / cutmix"),
+    (dict(eval_batch_size=0), "eval_batch_size 0 must be a positive multiple"),
+    (dict(trainable_blocks=3), "trainable_blocks 3 must be in [-1, depth 2]"),
+    (dict(grad_accum_steps=2), "grad_accum_steps 2: fine-tuning and the linear probe take one batch per step"),
+    ({"input.labels": False}, "input.labels False"),
+    ({"model.drop_path_rate": 1.0}, "model: drop_path_rate 1.0 must be in [0, 1)"),
+])
+def test_bad_settings_are_one_line_errors(overrides, message):
+    with pytest.raises(trainer.ConfigError) as error:
+        finetune.validate_config(_config(overrides), 1, 1)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_paper_recipes_validate():
+    from configs import finetune_vit_base, finetune_vit_huge, finetune_vit_large
+
+    for module, blr, decay, drop, epochs in ((finetune_vit_base, 5e-4, 0.65, 0.1, 100),
+                                             (finetune_vit_large, 1e-3, 0.75, 0.2, 50),
+                                             (finetune_vit_huge, 1e-3, 0.75, 0.3, 50)):
+        config = module.get_config()
+        assert finetune.validate_config(config, 8, 1) == (8, 1)
+        assert (config.base_lr, config.layer_decay, config.model.drop_path_rate, config.num_epochs) == \
+            (blr, decay, drop, epochs)
+        assert (config.batch_size, config.weight_decay, config.warmup_epochs, config.min_lr) == (1024, 0.05, 5, 1e-6)
+        assert (config.b1, config.b2, config.label_smoothing, config.mixup, config.cutmix,
+                config.mixup_switch_prob) == (0.9, 0.999, 0.1, 0.8, 1.0, 0.5)
+        assert (config.input.rand_augment, config.input.random_erasing, config.model.global_pool) == \
+            ("rand-m9-mstd0.5-inc1", 0.25, True)
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = _config(total_steps=20, log_every_steps=5, checkpoint_every_steps=1, warmup_epochs=0, base_lr=1e6)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d+: stopping; the last good "
+                                                 r"checkpoint \(step \d+\) is intact"):
+        finetune.train_and_evaluate(config, tmp_path)
+    _, variables = checkpoints.load_variables(tmp_path)
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(variables))
