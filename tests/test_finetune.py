@@ -2,14 +2,16 @@
 devices, evaluation, init_from, eval_only, the non-finite guard, config checks."""
 
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from configs import finetune_tiny, tiny
+from configs import finetune_tiny
 from mae_jax import checkpoints, finetune, models, trainer
-from runs import read_metrics, run_main
+from runs import ROOT, read_metrics, run_main
 
 FINETUNE = "configs/finetune_tiny.py"
 TWELVE_STEPS = ("--config.total_steps=12", "--config.log_every_steps=1", "--config.checkpoint_every_steps=6",
@@ -63,28 +65,41 @@ def test_resume_devices_and_evaluation(tmp_path):
 
 @pytest.mark.slow
 def test_init_from_pretraining_then_eval_only(tmp_path):
-    """A tiny MAE's weights (our export) start the fine-tuning: the encoder loaded, decoder and norm dropped,
-    head and fc_norm new; eval_only then evaluates the fine-tuned workdir without training or compiling a step."""
-    mae = models.MaskedAutoencoderViT(**tiny.get_config().model)
-    variables = models.init_variables(mae, jax.random.key(7))
-    checkpoints.save_variables(tmp_path / "pretrained", variables, models.constructor_fields(mae))
-    result = run_main(tmp_path / "ft", "--config.total_steps=4", f"--config.init_from={tmp_path / 'pretrained'}",
-                      config=FINETUNE)
+    """README's commands, shortened: pretrain configs/tiny.py, fine-tune configs/finetune_tiny.py from that
+    workdir (encoder loaded, decoder and norm dropped, head and fc_norm new), eval_only on the fine-tuned
+    workdir (no train step compiled), then `python -m mae_jax.convert WORKDIR classifier.pth --to official`."""
+    pretrained, ft = tmp_path / "mae_tiny", tmp_path / "mae_tiny_ft"
+    result = run_main(pretrained, "--config.total_steps=3", "--config.visualize_every_steps=0", config="configs/tiny.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_main(ft, "--config.total_steps=4", f"--config.init_from={pretrained}", config="configs/finetune_tiny.py")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Initialised the classifier from" in result.stdout
     assert "not loading" in result.stdout + result.stderr  # the decoder and norm, named in the log
-    _, fine_tuned = checkpoints.load_variables(tmp_path / "ft")
-    # Steps at warmup lr moved the encoder only a little: it starts from the pretrained weights, not a fresh init.
+    _, mae = checkpoints.load_variables(pretrained)
+    _, fine_tuned = checkpoints.load_variables(ft)
+    # Four steps at warmup lr moved the encoder only a little: it starts from the pretrained weights.
     ours = fine_tuned["params"]["blocks_0"]["attn"]["qkv"]["kernel"]
-    pretrained = np.asarray(variables["params"]["blocks_0"]["attn"]["qkv"]["kernel"])
-    assert np.abs(ours - pretrained).max() < 1e-2 < np.abs(pretrained).max()
-    evals = [r for r in read_metrics(tmp_path / "ft") if "eval_top1" in r]
+    theirs = mae["params"]["blocks_0"]["attn"]["qkv"]["kernel"]
+    assert np.abs(ours - theirs).max() < 1e-2 < np.abs(theirs).max()
+    evals = [r for r in read_metrics(ft) if "eval_top1" in r]
 
-    result = run_main(tmp_path / "ft", "--config.total_steps=4", "--config.eval_only=True", config=FINETUNE)
+    result = run_main(ft, "--config.total_steps=4", "--config.eval_only=True", config="configs/finetune_tiny.py")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Compiling the train step" not in result.stdout
-    assert f"Evaluation of step 4 of {tmp_path / 'ft'} on synthetic validation (100 examples): top-1 " \
+    assert f"Evaluation of step 4 of {ft} on synthetic validation (100 examples): top-1 " \
            f"{evals[-1]['eval_top1']:.4f}" in result.stdout
+
+    result = subprocess.run([sys.executable, "-m", "mae_jax.convert", str(ft), str(tmp_path / "classifier.pth"),
+                             "--to", "official"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch = pytest.importorskip("torch", reason="the export is checked by loading it into PyTorch")
+    import torch_reference
+
+    fields = {**finetune_tiny.get_config().model, "image_size": 32}
+    reference = torch_reference.official_vit(fields, num_classes=10, global_pool=True)
+    reference.load_state_dict(torch.load(tmp_path / "classifier.pth")["model"], strict=True)
+    np.testing.assert_array_equal(reference.state_dict()["head.weight"].numpy(),
+                                  fine_tuned["params"]["head"]["kernel"].T)
 
 
 def _config(overrides=None, **kwargs):
