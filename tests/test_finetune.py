@@ -75,6 +75,7 @@ def test_init_from_pretraining_then_eval_only(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Initialised the classifier from" in result.stdout
     assert "not loading" in result.stdout + result.stderr  # the decoder and norm, named in the log
+    assert "New keys of the classifier" in result.stdout + result.stderr  # head and fc_norm
     _, mae = checkpoints.load_variables(pretrained)
     _, fine_tuned = checkpoints.load_variables(ft)
     # Four steps at warmup lr moved the encoder only a little: it starts from the pretrained weights.
