@@ -67,8 +67,10 @@ def _normalise(image: tf.Tensor, num_channels: int) -> tf.Tensor:
 
 def preprocess_for_train(encoded: tf.Tensor, key: tf.Tensor, *, image_size: tuple[int, int], num_channels: int,
                          scale: Sequence[float] = (0.2, 1.0),
-                         ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+                         ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5) -> tf.Tensor:
     """Encoded JPEG/PNG/GIF/BMP -> RandomResizedCrop, random horizontal flip, normalise: [H, W, C] float32.
+
+    `hflip` is the flip's probability (the paper's 0.5; 0 for images that are not mirror-symmetric, e.g. digits).
 
     JPEGs are cropped while decoding (only the box's rows and blocks are decoded); other formats are decoded
     whole and then cropped. Both give the same pixels. The same key gives the same output.
@@ -93,7 +95,7 @@ def preprocess_for_train(encoded: tf.Tensor, key: tf.Tensor, *, image_size: tupl
 
     crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
     image = tf.image.resize(tf.cast(crop, tf.float32), image_size, method="bicubic", antialias=True)
-    flip = tf.random.stateless_uniform([], seed=flip_key, alg="philox") < 0.5
+    flip = tf.random.stateless_uniform([], seed=flip_key, alg="philox") < hflip
     image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
     image = _normalise(image, num_channels)
     image.set_shape([*image_size, num_channels])

@@ -49,6 +49,7 @@ def input_config() -> ml_collections.ConfigDict:
     c.shuffle_buffer = 10_000  # encoded images shuffled within an epoch (ImageNet: ~1.1 GB of host memory)
     c.crop_scale = (0.2, 1.0)  # RandomResizedCrop: range of the crop's area, as a fraction of the image's
     c.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop: range of the crop's aspect ratio, width / height
+    c.hflip = 0.5  # probability of a random horizontal flip (0: never, for images such as digits)
     c.rand_augment = ""  # timm RandAugment config string, e.g. "rand-m9-mstd0.5-inc1" ("" off)
     c.random_erasing = 0.0  # probability, timm RandomErasing mode "pixel" after normalisation
     c.eval_crop_pct = 224 / 256  # eval: resize shorter side to size / crop_pct, center crop

@@ -611,17 +611,17 @@ def preprocess_for_eval(image: tf.Tensor, image_size: int | Sequence[int] = 224,
 def preprocess_for_finetune_train(encoded: tf.Tensor, key: tf.Tensor, *, image_size: tuple[int, int],
                                   scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
                                   rand_augment_kwargs: dict | None = None,
-                                  erase_probability: float = 0.25) -> tf.Tensor:
+                                  erase_probability: float = 0.25, hflip: float = 0.5) -> tf.Tensor:
     """MAE's fine-tuning transform of an encoded RGB image: [H, W, 3] normalised float32.
 
     timm's transforms_imagenet_train as build_transform configures it: RandomResizedCrop(scale (0.08, 1),
-    bicubic) and horizontal flip (`augment.preprocess_for_train`), held as uint8 as PIL holds it, RandAugment
+    bicubic) and horizontal flip (probability `hflip`; `augment.preprocess_for_train`), held as uint8 as PIL holds it, RandAugment
     (`rand_augment`, default rand-m9-mstd0.5-inc1), ToTensor + Normalize, RandomErasing('pixel',
     `erase_probability`). The same key gives the same image.
     """
     crop_key, augment_key, erase_key = tf.unstack(tf.random.experimental.stateless_split(key, 3, alg="philox"))
     cropped = preprocess_for_train(encoded, crop_key, image_size=image_size, num_channels=3, scale=scale,
-                                   ratio=ratio)
+                                   ratio=ratio, hflip=hflip)
     levels = to_uint8(pixels.denormalise(cropped, 3) * 255.0)  # undo the normalisation, PIL's uint8
     augmented = rand_augment(levels, augment_key, **(rand_augment_kwargs or {}))
     image = _normalise(tf.cast(augmented, tf.float32), 3)

@@ -395,21 +395,25 @@ def train_transform(config, image_size: tuple[int, int], num_channels: int) -> C
     """(encoded image, key [2]) -> [H, W, C] float32: the fine-tuning recipe
     (`finetune_augment.preprocess_for_finetune_train`) when `config.rand_augment` or `config.random_erasing`
     is set, else the pretraining / linear-probe crop and flip (`augment.preprocess_for_train`); both with
-    `config.crop_scale` and `config.crop_ratio`. `config` is `config.input`."""
+    `config.crop_scale`, `config.crop_ratio` and the flip probability `config.hflip`. `config` is `config.input`."""
     scale, ratio = tuple(config.crop_scale), tuple(config.crop_ratio)
     rand_augment, erasing = config.get("rand_augment", ""), float(config.get("random_erasing", 0.0))
+    hflip = float(config.get("hflip", 0.5))
     if not 0.0 <= erasing <= 1.0:
         raise DataError(f"config.input.random_erasing={erasing}: a probability, in [0, 1]")
+    if not 0.0 <= hflip <= 1.0:
+        raise DataError(f"config.input.hflip={hflip}: a probability, in [0, 1]")
     if not rand_augment and not erasing:
         return lambda encoded, key: preprocess_for_train(encoded, key, image_size=image_size,
-                                                         num_channels=num_channels, scale=scale, ratio=ratio)
+                                                         num_channels=num_channels, scale=scale, ratio=ratio,
+                                                         hflip=hflip)
     kwargs = parse_rand_augment(rand_augment) if rand_augment else dict(num_ops=0)
     if num_channels != 3:
         raise DataError(f"config.input.rand_augment={rand_augment!r} / random_erasing={erasing}: the fine-tuning "
                         f"augmentation works on RGB images; the model has {num_channels} channels")
     return lambda encoded, key: finetune_augment.preprocess_for_finetune_train(
         encoded, key, image_size=image_size, scale=scale, ratio=ratio, rand_augment_kwargs=kwargs,
-        erase_probability=erasing)
+        erase_probability=erasing, hflip=hflip)
 
 
 class EvalIterator:
