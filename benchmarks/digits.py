@@ -9,7 +9,7 @@ Offline and in one process. For each seed: an MAE pretrained on the 1,437 traini
   - a linear probe (configs/digits_linprobe.py) of the MAE-pretrained encoder and of a randomly initialised one,
   - fine-tuning (configs/digits_finetune.py) from the MAE-pretrained encoder and from a random initialisation,
     same recipe and steps,
-each with all training labels and with a class-balanced 10% of them ("train[:10%]", 143 digits), and, as the
+each with all training labels and with a class-balanced 10% of them ("train[:10%]", 144 digits), and, as the
 floor, a logistic regression on the raw pixels (scikit-learn, deterministic). Prints a markdown table (mean ± std
 over the seeds), the wall time and the machine, and writes WORKDIR/results.json. Workdirs of every run stay
 under WORKDIR; re-running resumes (finished runs are not repeated).
@@ -91,8 +91,8 @@ def raw_pixels(labels: str) -> float:
 
     digits = load_digits()
     split = datasets.digits_split_indices()
-    train = split["train"][:len(split["train"]) // 10] if labels == "10%" else split["train"]
-    # tfds' "train[:10%]" takes the first 10% rounded the same way (143 of 1,437).
+    # tfds' "train[:10%]": the first 10%, rounded to the closest example (144 of 1,437).
+    train = split["train"][:round(len(split["train"]) / 10)] if labels == "10%" else split["train"]
     x = digits.data / 16.0
     clf = LogisticRegression(max_iter=5000, C=1.0).fit(x[train], digits.target[train])
     return float(clf.score(x[split["test"]], digits.target[split["test"]]))
@@ -149,7 +149,7 @@ def machine() -> str:
 
 def table(results: dict) -> str:
     """The markdown table of test top-1 (mean ± std over the seeds, in %)."""
-    lines = ["| test top-1 (%), mean ± std over seeds | all labels (1,437) | 10% of the labels (143) |",
+    lines = ["| test top-1 (%), mean ± std over seeds | all labels (1,437) | 10% of the labels (144) |",
              "|---|---|---|"]
     for row, description in ROWS:
         if row not in results["top1"]:

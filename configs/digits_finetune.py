@@ -3,7 +3,7 @@ r"""Fine-tuning the digits MAE (configs/digits_pretrain.py) as a 10-class classi
   python main.py --config configs/digits_pretrain.py --workdir /tmp/mae_digits
   python main.py --config configs/digits_finetune.py --workdir /tmp/mae_digits_ft --config.init_from=/tmp/mae_digits
   python main.py --config configs/digits_finetune.py --workdir /tmp/mae_digits_ft10 --config.init_from=/tmp/mae_digits \
-      --config.input.train_split="train[:10%]"          # 143 labels (the train split is stored class-interleaved)
+      --config.input.train_split="train[:10%]"          # 144 labels (the train split is stored class-interleaved)
 
 Without init_from the same recipe trains from a random initialisation (the baseline of benchmarks/digits.py).
 The recipe is the paper's (AdamW, layer decay, label smoothing, drop path, global pool) scaled down to 1,437
@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Data: the digits, evaluated on the whole 360-image "test" split as they are (no resize, no crop).
     config.input = pretrain.input
     config.input.labels = True
-    config.input.train_split = "train"  # "train[:10%]": a class-balanced tenth (143 digits)
+    config.input.train_split = "train"  # "train[:10%]": a class-balanced tenth (144 digits)
     config.input.crop_scale = (1.0, 1.0)  # the whole digit: crops (0.5-1) cost 12 points of top-1 at 300 steps
     config.input.crop_ratio = (1.0, 1.0)
     config.input.hflip = 0.0  # digits are not mirror-symmetric: flips cost 12 points of top-1 at 300 steps
