@@ -804,8 +804,9 @@ def _model_fields(source: dict, variant: str | None, image_size: int | None) -> 
 
 def load_model(path: str | os.PathLike, variant: str | None = None,
                **overrides: Any) -> tuple[Model, dict]:
-    """(model, {"params", "frozen"}; a classifier's as `load_variables`) from any supported checkpoint, the architecture read from its config,
-    its recorded fields or its shapes (`variant`, e.g. "B/16", where they cannot tell).
+    """(model, {"params", "frozen"}; a classifier's variables as `load_variables`) from any supported checkpoint,
+    the architecture read from its config, its recorded fields or its shapes (`variant`, e.g. "B/16", where they
+    cannot tell).
 
     `overrides` replace constructor fields, e.g. `image_size=(448, 448)` (position tables interpolated) or
     `mask_ratio=0.5`. Raises CheckpointError (one line naming `path`) for a source that cannot be read.

@@ -50,8 +50,9 @@ def load_encoder(path: str | os.PathLike, pool: str | None = None,
     if isinstance(model, models.ViTClassifier):
         own = "mean" if model.global_pool else "cls"
         if pool not in (None, own):
-            raise ValueError(f"--pool {pool}: {os.fspath(path)} is a classifier with global_pool={model.global_pool} "
-                             f"(its features are --pool {own}; the other pooling's norm is not in it)")
+            raise ValueError(f"--pool {pool}: {os.fspath(path)} is a classifier with global_pool="
+                             f"{model.global_pool} (its features are --pool {own}; the other pooling's norm is "
+                             "not in it)")
         return model, variables
     fields = models.classifier_fields(models.constructor_fields(model), num_classes=1,
                                       global_pool=pool == "mean")
@@ -157,7 +158,8 @@ def _parse_flags(argv: list[str]) -> argparse.Namespace:
         prog="python -m mae_jax.features",
         description="Encoder features and labels of a dataset split, written as .npz. Errors are one line; -v 1 "
                     "also shows third-party logs and an error's traceback.")
-    parser.add_argument("--checkpoint", required=True, help="official .pth, Hugging Face directory or our checkpoint")
+    parser.add_argument("--checkpoint", required=True,
+                        help="official .pth, Hugging Face directory or our checkpoint")
     parser.add_argument("--dataset", required=True, help="a tfds name (imagenet2012), 'folder' or 'demo'")
     parser.add_argument("--data_dir", default=None, help="tfds data_dir (default: tfds' own)")
     parser.add_argument("--split", default="validation", help="the split to read, e.g. train or validation")

@@ -728,8 +728,7 @@ class ViTClassifier(_ViT):
     drop_path_rate: float = 0.0  # stochastic depth of the last block; block i: linspace(0, rate, depth)[i]
     head_batch_norm: bool = False  # linear probe: BatchNorm1d(D, affine=False, eps=1e-6) on the features first
     head_init_std: float = 2e-5  # head kernel ~ trunc_normal(std): 2e-5 fine-tuning, 0.01 linear probing
-    # stop_gradient on the features: gradients reach the head only, and XLA builds no encoder backward.
-    frozen_encoder: bool = False
+    frozen_encoder: bool = False  # stop_gradient on the features: only the head trains, no encoder backward
 
     def __post_init__(self):
         self.validate()
@@ -752,7 +751,8 @@ class ViTClassifier(_ViT):
         std = self.head_init_std
         if isinstance(std, bool) or not isinstance(std, (int, float, np.integer, np.floating)) \
                 or not 0.0 < std < float("inf"):
-            raise ValueError(f"head_init_std {std!r} must be a positive number (2e-5 fine-tuning, 0.01 linear probe)")
+            raise ValueError(f"head_init_std {std!r} must be a positive number (2e-5 fine-tuning, 0.01 linear "
+                             "probing)")
 
     def setup(self):
         self._setup_embedding("params")

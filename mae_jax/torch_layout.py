@@ -5,9 +5,10 @@ The canonical form is the official state dict (`models_mae.py` names: `blocks.{i
 layouts, float32 numpy; a ViTClassifier's are `models_vit.py`'s, with `pos_embed`, `fc_norm` or `norm`, `head`).
 A linear-probe classifier (`head_batch_norm`) has main_linprobe.py's `head.0.running_mean`, `head.0.running_var`,
 `head.0.num_batches_tracked` (int64, the one integer entry) and `head.1.{weight,bias}`.
-`official_layout` maps it to our parameter paths (`batch_stats_layout` the BatchNorm's statistics); `hf_to_official` and `official_to_hf` rename Hugging Face
-ViTMAE keys (transformers 4 and 5) to and from it, fusing and splitting q, k, v by rows; `canonical` detects
-the format of any supported state dict. No checks of fit, no files: `mae_jax.convert` owns those.
+`official_layout` maps it to our parameter paths (`batch_stats_layout` the BatchNorm's statistics to the
+"batch_stats" collection); `hf_to_official` and `official_to_hf` rename Hugging Face ViTMAE keys (transformers
+4 and 5) to and from it, fusing and splitting q, k, v by rows; `canonical` detects the format of any supported
+state dict. No checks of fit, no files: `mae_jax.convert` owns those.
 """
 
 from __future__ import annotations
