@@ -20,6 +20,13 @@ encoder strictly, drops its decoder (and, with global pool, its `norm`) and take
 base variables or a fresh init (logged), as main_finetune.py does; `to_torch(..., format="official")` and
 `--to official` write what `models_vit.VisionTransformer` loads with strict=True.
 
+Linear probing (`ViTClassifier(head_batch_norm=True)`, main_linprobe.py's head `Sequential(BatchNorm1d, Linear)`:
+keys `head.0.running_mean`, `head.0.running_var`, `head.0.num_batches_tracked`, `head.1.{weight,bias}`): its
+variables are {"params", "batch_stats"} (flax) or, as a trainer's checkpoint holds them, {"params", "frozen":
+{"batch_stats": ...}}; every function here takes either and returns the flax form (`flax_variables`,
+`checkpoint_variables` convert). An official linear-probe checkpoint loads strictly and `load_model` infers
+head_batch_norm from its keys; a pretraining checkpoint gets a fresh head and fresh statistics (logged).
+
 Usage:
   params = convert.from_torch(torch.load(path)["model"], model)        # official, HF 4 or HF 5 key names
   variables = convert.load_variables(path, model, base_variables)       # .pth, HF directory or our checkpoint
@@ -64,6 +71,7 @@ PyTree = Any
 FORMATS = ("official", "hf", "hf_t5")
 MODEL_FIELDS_KEY = "mae_jax_model"  # our official-format exports: the constructor fields, beside "model"
 FROZEN_KEYS = torch_layout.FROZEN_KEYS
+_CLASSIFIER_FIELDS = ("num_classes", "global_pool", "head_batch_norm")  # what a classifier's keys tell
 Model = torch_layout.Model
 SHOW = torch_layout.SHOW
 
@@ -78,11 +86,39 @@ def default_frozen(model: models.MaskedAutoencoderViT) -> dict[str, np.ndarray]:
                                                                 True)[None]}
 
 
-def _split_variables(tree: Mapping) -> tuple[Mapping, Mapping | None]:
-    """Accepts params or {"params", "frozen"}; returns (params, frozen or None)."""
-    if "params" in tree and "patch_embed" not in tree:
-        return tree["params"], tree.get("frozen")
-    return tree, None
+def _split_variables(tree: Mapping) -> tuple[Mapping, Mapping | None, Mapping | None]:
+    """Accepts params, {"params", "frozen"}, {"params", "batch_stats"} (flax) or {"params", "frozen":
+    {"batch_stats": ...}} (a trainer's state: non-param collections under "frozen"); returns (params, the
+    MAE's frozen position tables or None, batch_stats or None)."""
+    if "params" not in tree or "patch_embed" in tree:
+        return tree, None, None
+    frozen, batch_stats = tree.get("frozen"), tree.get("batch_stats")
+    if isinstance(frozen, Mapping) and "batch_stats" in frozen:
+        batch_stats = frozen["batch_stats"] if batch_stats is None else batch_stats
+        frozen = {k: v for k, v in frozen.items() if k != "batch_stats"} or None
+    return tree["params"], frozen or None, batch_stats
+
+
+def flax_variables(variables: Mapping) -> dict:
+    """Variables in the form `model.apply` takes: {"params", "frozen"} (MAE), {"params"} or {"params",
+    "batch_stats"} (a ViTClassifier with head_batch_norm), from any form `to_torch` accepts, e.g. a probe
+    checkpoint's {"params", "frozen": {"batch_stats": ...}}."""
+    params, frozen, batch_stats = _split_variables(variables)
+    out = {"params": params}
+    if frozen is not None:
+        out["frozen"] = frozen
+    if batch_stats is not None:
+        out["batch_stats"] = batch_stats
+    return out
+
+
+def checkpoint_variables(variables: Mapping) -> dict:
+    """The inverse of `flax_variables` for our checkpoints (`checkpoints.save_variables`), which hold
+    {"params", "frozen"}: a classifier's batch_stats go under "frozen", as the trainer's state keeps them."""
+    variables = flax_variables(variables)
+    if "batch_stats" in variables:
+        return {"params": variables["params"], "frozen": {"batch_stats": variables["batch_stats"]}}
+    return variables
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,12 +186,12 @@ def _check(sd: Mapping, origin: Mapping, model: Model, strict: bool,
             fields = _infer_fields(sd)
             hint = ". The checkpoint looks like " + ", ".join(
                 f"{k}={fields[k]}" for k in ("embed_dim", "depth", "patch_size", "decoder_embed_dim",
-                                             "decoder_depth", "num_classes", "global_pool") if k in fields)
+                                             "decoder_depth", *_CLASSIFIER_FIELDS) if k in fields)
         except (ValueError, KeyError, IndexError):  # a hint only
             pass
         arch = ", ".join(f"{k}={getattr(model, k)}" for k in ("embed_dim", "depth", "patch_size",
                                                                 "decoder_embed_dim", "decoder_depth",
-                                                                "num_classes", "global_pool") if hasattr(model, k))
+                                                                *_CLASSIFIER_FIELDS) if hasattr(model, k))
         raise ValueError(f"{description} does not fit the model ({arch}): " + "; ".join(problems) + hint)
     if missing and not encoder_only:
         logging.warning("strict=False: %d keys missing from %s are taken from the base variables: %s",
@@ -167,13 +203,16 @@ def _for_classifier(sd: Mapping, model: models.ViTClassifier, strict: bool,
                     description: str) -> tuple[dict, tuple[str, ...]]:
     """The part of a state dict a ViTClassifier loads, and its keys to initialise fresh (as main_finetune.py).
 
-    A fine-tuned classifier (it has `head`) loads as it is. A pretraining checkpoint loses its decoder, and in
-    global-pool mode its `norm` (replaced by a fresh `fc_norm`); `head` (and `fc_norm`) are new.
+    A fine-tuned or linear-probe classifier (it has `head`) loads as it is. A pretraining checkpoint loses its
+    decoder, and in global-pool mode its `norm` (replaced by a fresh `fc_norm`); `head` (and `fc_norm`, and
+    with head_batch_norm the BatchNorm statistics `head.0.*`) are new.
     """
-    layout = torch_layout.official_layout(model)
+    layout = {**torch_layout.official_layout(model), **torch_layout.batch_stats_layout(model)}
     expected = torch_layout.expected_shapes(model)
     if any(torch_layout.is_classifier_key(k) for k in sd):
-        head = [k for k in ("head.weight", "head.bias") if k in sd and tuple(sd[k].shape) != expected[k]]
+        linear = torch_layout.head_linear_key(model)
+        head = [k for k in (f"{linear}.weight", f"{linear}.bias")
+                if k in sd and tuple(sd[k].shape) != expected[k]]
         if not head:
             return dict(sd), ()
         shapes = f"{head[0]} {list(sd[head[0]].shape)} vs the model's {list(expected[head[0]])}"
@@ -255,12 +294,16 @@ def _variables_from_official(sd: Mapping, origin: Mapping, model: Model,
         sd, new_keys = _for_classifier(sd, model, strict, description)
     fill, encoder_only = _check(sd, origin, model, strict, description, new_keys)
     layout = torch_layout.official_layout(model)
+    stats_layout = torch_layout.batch_stats_layout(model)
     tables = {name: _position_table(sd[name], name, model) for name in FROZEN_KEYS if name in sd}
-    params = {}
+    params, batch_stats = {}, {}
     for key, (path, kind) in layout.items():
         if key in sd:
             value = tables[key] if key in tables else torch_layout.from_torch_layout(sd[key], kind)
             torch_layout.set_path(params, path, value)
+    for key, path in stats_layout.items():
+        if key in sd:
+            torch_layout.set_path(batch_stats, path, _stat(key, sd[key]))
     frozen = {name: table for name, table in tables.items() if name not in layout}
     absent_tables = [] if classifier else [name for name in FROZEN_KEYS if name not in sd]
     if fill or absent_tables:
@@ -269,12 +312,18 @@ def _variables_from_official(sd: Mapping, origin: Mapping, model: Model,
             base_name = "a fresh initialisation (models.init_variables, seed 0)"
         else:
             base_name = "the base variables"
-        base = jax.tree_util.tree_map(np.asarray, dict(base_variables))
-        base_params = torch_layout.unscan(base.get("params", base))
+        base_params, base_frozen, base_stats = _split_variables(jax.tree_util.tree_map(np.asarray,
+                                                                                        dict(base_variables)))
+        base_params = torch_layout.unscan(base_params)
         for key in fill:
-            torch_layout.set_path(params, layout[key][0], torch_layout.get(base_params, layout[key][0]))
+            if key in stats_layout:  # a base without statistics (params only): BatchNorm1d's initial ones
+                value = _initial_stat(model, key) if base_stats is None else \
+                    torch_layout.get(base_stats, stats_layout[key])
+                torch_layout.set_path(batch_stats, stats_layout[key], _stat(key, value))
+            else:
+                torch_layout.set_path(params, layout[key][0], torch_layout.get(base_params, layout[key][0]))
         if absent_tables:
-            base_frozen = base.get("frozen") or default_frozen(model)
+            base_frozen = base_frozen or default_frozen(model)
             for name in absent_tables:
                 frozen[name] = base_frozen[name]
             logging.info("%s has no %s: taken from %s", description, absent_tables, base_name)
@@ -286,8 +335,18 @@ def _variables_from_official(sd: Mapping, origin: Mapping, model: Model,
                          ", ".join(new_keys), base_name)
     params = torch_layout.scan(params, model)
     if classifier:
-        return {"params": params}
+        return {"params": params, "batch_stats": batch_stats} if stats_layout else {"params": params}
     return {"params": params, "frozen": {k: np.array(v, np.float32) for k, v in frozen.items()}}
+
+
+def _stat(key: str, value: np.ndarray) -> np.ndarray:
+    """A BatchNorm buffer as our batch_stats hold it: the counter int32, the statistics float32."""
+    return np.array(value, np.int32 if key.endswith(torch_layout.COUNTER_SUFFIX) else np.float32)
+
+
+def _initial_stat(model: Model, key: str) -> np.ndarray:
+    """torch BatchNorm1d's initial buffer (and HeadBatchNorm's): running_var 1, running_mean and the counter 0."""
+    return np.full(torch_layout.expected_shapes(model)[key], 1.0 if key.endswith("running_var") else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,13 +356,15 @@ def _variables_from_official(sd: Mapping, origin: Mapping, model: Model,
 
 def from_torch_variables(state_dict: Mapping[str, Any], model: Model,
                          base_variables: PyTree | None = None, strict: bool = True) -> dict:
-    """A PyTorch state dict -> {"params", "frozen"} (a ViTClassifier: {"params"}) of numpy arrays for `model`.
+    """A PyTorch state dict -> {"params", "frozen"} (a ViTClassifier: {"params"}, with head_batch_norm {"params",
+    "batch_stats"}) of numpy arrays for `model`.
 
     `state_dict` maps names to numpy arrays or torch tensors: official MAE (encoder-only, full, or a
     training checkpoint holding 'model'), official fine-tuned classifier (`models_vit`), or Hugging Face
     ViTMAE with transformers 4 or 5 names; the format is detected from the keys. What the checkpoint lacks
     (the decoder of an encoder-only one; a classifier's `head` and `fc_norm` over a pretraining checkpoint,
-    whose decoder and, with global pool, `norm` are dropped; any missing key with `strict=False`) comes from
+    whose decoder and, with global pool, `norm` are dropped; the BatchNorm statistics of a linear-probe head over
+    a checkpoint without them; any missing key with `strict=False`) comes from
     `base_variables`, else from a fresh initialisation (seed 0), and is logged. Position tables come from the
     checkpoint, interpolated to the model's grid if needed.
     """
@@ -325,6 +386,11 @@ def to_torch(params: PyTree, model: Model,
              format: str = "official") -> dict[str, np.ndarray]:
     """`params` (or {"params", "frozen"}) -> a state dict of float32 numpy arrays in torch layouts.
 
+    A ViTClassifier with head_batch_norm needs its statistics: {"params", "batch_stats"} or a checkpoint's
+    {"params", "frozen": {"batch_stats": ...}}; it exports main_linprobe.py's `head.0.running_mean`,
+    `head.0.running_var`, `head.0.num_batches_tracked` (int64: the count of train-mode batches that updated
+    the statistics, which HeadBatchNorm tracks) and `head.1.{weight,bias}`.
+
     format "official": exactly the keys and shapes of the official full `MaskedAutoencoderViT` (of
     `models_vit.VisionTransformer` for a ViTClassifier, the only format it has);
     "hf": Hugging Face ViTMAEForPreTraining with the Hub's (transformers 4) names, which transformers 4 and
@@ -336,12 +402,20 @@ def to_torch(params: PyTree, model: Model,
     classifier = isinstance(model, models.ViTClassifier)
     if classifier and format != "official":
         raise ValueError(f"format {format!r}: a ViTClassifier exports to 'official' (models_vit) only")
-    params, frozen = _split_variables(params)
+    params, frozen, batch_stats = _split_variables(params)
     params = torch_layout.unscan(params)
     sd = {}
     for key, (path, kind) in torch_layout.official_layout(model).items():
         value = np.asarray(torch_layout.get(params, path), np.float32)
         sd[key] = torch_layout.to_torch_layout(value, kind, model)
+    stats_layout = torch_layout.batch_stats_layout(model)
+    if stats_layout and batch_stats is None:
+        raise ValueError("a ViTClassifier with head_batch_norm exports its BatchNorm running statistics: pass "
+                         "{'params', 'batch_stats'} (or a checkpoint's {'params', 'frozen': {'batch_stats'}}), "
+                         "not params alone")
+    for key, path in stats_layout.items():
+        counter = key.endswith(torch_layout.COUNTER_SUFFIX)
+        sd[key] = np.array(torch_layout.get(batch_stats, path), np.int64 if counter else np.float32)
     if not classifier:  # the classifier's pos_embed is a parameter, in the layout
         frozen = frozen if frozen is not None else default_frozen(model)
         for key in FROZEN_KEYS:
@@ -634,7 +708,8 @@ def _reading(path: str | os.PathLike) -> Iterator[None]:
 
 def load_variables(path: str | os.PathLike, model: Model,
                    base_variables: PyTree | None = None, strict: bool = True) -> dict:
-    """Reads any supported checkpoint into {"params", "frozen"} (numpy) shaped for `model`.
+    """Reads any supported checkpoint into {"params", "frozen"} (numpy) shaped for `model`; for a ViTClassifier
+    {"params"}, with head_batch_norm {"params", "batch_stats"} (what `model.apply` takes).
 
     `path`: an official `.pth` (bare state dict or a training checkpoint), a `.safetensors` file, a Hugging
     Face directory, or our Orbax checkpoint / export (workdir, checkpoints dir or step dir). What the source
@@ -649,13 +724,25 @@ def load_variables(path: str | os.PathLike, model: Model,
                                         source["description"])
 
 
+def _classifier_fields_from_keys(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """num_classes, global_pool and head_batch_norm of an official classifier state dict (models_vit, or
+    main_linprobe.py's `head.0` BatchNorm1d + `head.1` Linear); {} for a pretraining one."""
+    for linear, batch_norm in (("head.weight", False), ("head.1.weight", True)):
+        if linear in sd:
+            return dict(num_classes=sd[linear].shape[0], global_pool="fc_norm.weight" in sd,
+                        head_batch_norm=batch_norm or "head.0.running_mean" in sd)
+    return {}
+
+
 def _infer_fields(sd: Mapping[str, np.ndarray], variant: str | None = None) -> dict[str, Any]:
     """Constructor fields from the shapes of an official state dict; num_heads from the variant table.
+    A classifier's also hold num_classes, global_pool and head_batch_norm (from its keys).
 
     With `variant` (e.g. "B/16"), its fields are used and only what shapes cannot contradict (the image
     size, from the position table) is taken from the checkpoint.
     """
     fields = models.variant(variant) if variant else {}
+    fields.update(_classifier_fields_from_keys(sd))
     p = sd["patch_embed.proj.weight"].shape[-1] if "patch_embed.proj.weight" in sd else fields.get("patch_size")
     if "pos_embed" in sd and p:
         side = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
@@ -692,9 +779,8 @@ def _model_fields(source: dict, variant: str | None, image_size: int | None) -> 
     hints = source["hints"]
     variant = variant or hints.get("variant")
     sd = source["sd"]
-    if (variant or source["fields"] is None) and "head.weight" in sd:  # an official fine-tuned classifier
-        fields = models.classifier_fields(_infer_fields(sd, variant), num_classes=sd["head.weight"].shape[0],
-                                          global_pool="fc_norm.weight" in sd)
+    if (variant or source["fields"] is None) and _classifier_fields_from_keys(sd):  # an official classifier
+        fields = models.classifier_fields(_infer_fields(sd, variant))
         if "pos_embed" not in sd and "image_size" in hints:
             fields["image_size"] = hints["image_size"]
     elif variant or source["fields"] is None:
@@ -718,8 +804,9 @@ def _model_fields(source: dict, variant: str | None, image_size: int | None) -> 
 
 def load_model(path: str | os.PathLike, variant: str | None = None,
                **overrides: Any) -> tuple[Model, dict]:
-    """(model, {"params", "frozen"}) from any supported checkpoint, the architecture read from its config,
-    its recorded fields or its shapes (`variant`, e.g. "B/16", where they cannot tell).
+    """(model, {"params", "frozen"}; a classifier's variables as `load_variables`) from any supported checkpoint,
+    the architecture read from its config, its recorded fields or its shapes (`variant`, e.g. "B/16", where they
+    cannot tell).
 
     `overrides` replace constructor fields, e.g. `image_size=(448, 448)` (position tables interpolated) or
     `mask_ratio=0.5`. Raises CheckpointError (one line naming `path`) for a source that cannot be read.
@@ -761,7 +848,8 @@ def main(args: argparse.Namespace) -> None:
         model, variables = load_model(args.input, args.variant, **overrides)
         to = args.to or ("official" if args.output.endswith((".pth", ".pt")) else "flax")
         if to == "flax":
-            step_dir = checkpoints.save_variables(args.output, variables, models.constructor_fields(model))
+            step_dir = checkpoints.save_variables(args.output, checkpoint_variables(variables),
+                                                  models.constructor_fields(model))
             logging.info("Wrote our checkpoint to %s", step_dir)
         elif to == "official":
             save_official(variables, model, args.output)

@@ -22,6 +22,9 @@ patches, a trainable `pos_embed`, global pool + `fc_norm` or cls token + `norm`,
   classifier = ViTClassifier(**classifier_fields(variant("B/16"), num_classes=1000, drop_path_rate=0.1))
   variables = convert.load_variables("mae_pretrain_vit_base.pth", classifier)  # {"params"}, head fresh
   logits = classifier.apply(variables, images, train=True, rngs={"drop_path": key})  # [N, num_classes]
+Linear probing: the same with `global_pool=False, head_batch_norm=True, head_init_std=0.01, frozen_encoder=True`;
+variables are then {"params", "batch_stats"}, and train mode returns the updated statistics:
+  logits, updates = classifier.apply(variables, images, train=True, mutable=["batch_stats"])
 
 The transformer blocks of the encoder and the decoder are each one `Encoder` module (unrolled or `nn.scan`,
 with optional remat and stochastic depth), which both models build through their shared base `_ViT`. Speed
@@ -656,6 +659,53 @@ def torch_trunc_normal(stddev: float, lower: float = -2.0, upper: float = 2.0) -
     return init
 
 
+class HeadBatchNorm(nn.Module):
+    """torch's `BatchNorm1d(D, affine=False, eps, momentum)` over features [N, D]: the linear probe's head norm
+    (official main_linprobe.py puts it in front of the head).
+
+    Written here rather than using flax's nn.BatchNorm because that keeps the *biased* batch variance in its
+    running average, while torch keeps the unbiased one (N / (N - 1) times larger); the exported `running_var`
+    must be torch's for the official model to compute the same eval logits. What it does, as torch:
+      train: normalise with the batch mean and the biased batch variance (gradients flow through both);
+        mean <- (1 - momentum) * mean + momentum * batch mean,
+        var <- (1 - momentum) * var + momentum * unbiased batch variance, num_batches_tracked += 1;
+      eval: normalise with the running `mean` and `var`.
+    The statistics are over the whole batch axis: under jit with the batch sharded, XLA reduces over the global
+    batch (the official DDP run, which has no SyncBatchNorm, uses each GPU's share instead).
+    Variables, collection "batch_stats": mean [D] (init 0), var [D] (init 1), num_batches_tracked [] int32
+    (init 0; torch's counter, exported as `num_batches_tracked`). Computed in float32 whatever the input dtype.
+    """
+
+    epsilon: float = 1e-6  # official: BatchNorm1d(..., eps=1e-6)
+    momentum: float = 0.1  # torch's default
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        """[N, D] -> [N, D] float32; train=True needs `mutable=["batch_stats"]` (the running statistics update)."""
+        dim = x.shape[-1]
+        mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((dim,), jnp.float32))
+        var = self.variable("batch_stats", "var", lambda: jnp.ones((dim,), jnp.float32))
+        count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        x = x.astype(jnp.float32)
+        if not train:
+            return (x - mean.value) * jax.lax.rsqrt(var.value + self.epsilon)
+        n = x.shape[0]
+        if n < 2:
+            raise ValueError(f"batch norm in train mode needs more than 1 example per batch, got {n} "
+                             "(torch raises too: the unbiased variance of one value is undefined)")
+        batch_mean = x.mean(axis=0)
+        batch_var = jnp.square(x - batch_mean).mean(axis=0)  # biased, two-pass (as torch)
+        if not self.is_initializing():
+            if not self.is_mutable_collection("batch_stats"):
+                raise ValueError("train=True updates the batch norm's running statistics: call "
+                                 "model.apply(variables, images, train=True, mutable=['batch_stats'])")
+            stop = jax.lax.stop_gradient
+            mean.value = (1 - self.momentum) * mean.value + self.momentum * stop(batch_mean)
+            var.value = (1 - self.momentum) * var.value + self.momentum * stop(batch_var) * (n / (n - 1))
+            count.value = count.value + 1
+        return (x - batch_mean) * jax.lax.rsqrt(batch_var + self.epsilon)
+
+
 class ViTClassifier(_ViT):
     """ViT image classifier for fine-tuning an MAE encoder: the official `models_vit.VisionTransformer` (timm
     0.3.2's ViT with MAE's global pool), in eval mode equal to it within float32 round-off.
@@ -665,11 +715,20 @@ class ViTClassifier(_ViT):
     table. Global pool: mean of the patch tokens of the last block (before any norm) -> `fc_norm` -> `head`; there is
     no `norm`. Otherwise the cls token of `norm(x)` -> `head`. Stochastic depth (train=True) needs the
     "drop_path" rng: `model.apply(variables, images, train=True, rngs={"drop_path": key})`.
+
+    Linear probing (official main_linprobe.py: cls token, `head = Sequential(BatchNorm1d(D, affine=False,
+    eps=1e-6), Linear)`, head weight trunc_normal std 0.01, encoder frozen): `global_pool=False,
+    head_batch_norm=True, head_init_std=0.01, frozen_encoder=True`. The batch norm (`HeadBatchNorm`, variables in
+    "batch_stats") updates its running statistics in train mode:
+    `logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])`.
     """
 
     num_classes: int = 1000  # outputs of `head`
     global_pool: bool = True  # mean of the patch tokens + fc_norm (fine-tuning); False: cls token of `norm`
     drop_path_rate: float = 0.0  # stochastic depth of the last block; block i: linspace(0, rate, depth)[i]
+    head_batch_norm: bool = False  # linear probe: BatchNorm1d(D, affine=False, eps=1e-6) on the features first
+    head_init_std: float = 2e-5  # head kernel ~ trunc_normal(std): 2e-5 fine-tuning, 0.01 linear probing
+    frozen_encoder: bool = False  # stop_gradient on the features: only the head trains, no encoder backward
 
     def __post_init__(self):
         self.validate()
@@ -686,6 +745,14 @@ class ViTClassifier(_ViT):
                              "(cls token + norm)")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate {self.drop_path_rate} must be in [0, 1)")
+        for name in ("head_batch_norm", "frozen_encoder"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} {getattr(self, name)!r} must be True or False")
+        std = self.head_init_std
+        if isinstance(std, bool) or not isinstance(std, (int, float, np.integer, np.floating)) \
+                or not 0.0 < std < float("inf"):
+            raise ValueError(f"head_init_std {std!r} must be a positive number (2e-5 fine-tuning, 0.01 linear "
+                             "probing)")
 
     def setup(self):
         self._setup_embedding("params")
@@ -694,8 +761,11 @@ class ViTClassifier(_ViT):
             self.fc_norm = self._norm()
         else:
             self.norm = self._norm()
-        # main_finetune.py: trunc_normal_(head.weight, std=2e-5) over timm's zero bias.
-        self.head = nn.Dense(self.num_classes, dtype=self.compute_dtype, kernel_init=torch_trunc_normal(2e-5),
+        if self.head_batch_norm:
+            self.head_bn = HeadBatchNorm(epsilon=1e-6)
+        # main_finetune.py: trunc_normal_(head.weight, std=2e-5), main_linprobe.py: std=0.01; timm's zero bias.
+        self.head = nn.Dense(self.num_classes, dtype=self.compute_dtype,
+                             kernel_init=torch_trunc_normal(float(self.head_init_std)),
                              bias_init=nn.initializers.zeros)
 
     def features(self, images: Array, train: bool = False) -> Array:
@@ -706,8 +776,14 @@ class ViTClassifier(_ViT):
         return self.norm(x)[:, 0]
 
     def __call__(self, images: Array, train: bool = False) -> Array:
-        """Logits [N, num_classes] (float32) of `images` [N, H, W, C]; `train` enables stochastic depth."""
-        return self.head(self.features(images, train)).astype(jnp.float32)
+        """Logits [N, num_classes] (float32) of `images` [N, H, W, C]; `train` enables stochastic depth and,
+        with `head_batch_norm`, batch statistics (then pass `mutable=["batch_stats"]`)."""
+        x = self.features(images, train)
+        if self.frozen_encoder:
+            x = jax.lax.stop_gradient(x)
+        if self.head_batch_norm:
+            x = self.head_bn(x, train)
+        return self.head(x).astype(jnp.float32)
 
 
 def classifier_fields(mae_fields: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -729,7 +805,7 @@ def classifier_fields(mae_fields: Mapping[str, Any], **overrides: Any) -> dict[s
 
 def init_variables(model: MaskedAutoencoderViT | ViTClassifier, rng: Array, batch_size: int = 1) -> PyTree:
     """Initialises the variables from `rng` with a dummy batch (no data needed): {"params", "frozen"} for
-    MaskedAutoencoderViT, {"params"} for ViTClassifier."""
+    MaskedAutoencoderViT, {"params"} for ViTClassifier ({"params", "batch_stats"} with `head_batch_norm`)."""
     images = jnp.zeros((batch_size, *model.image_shape), jnp.float32)
     params_rng, masking_rng = jax.random.split(rng)
     # Jitted: op-by-op initialisation is several times slower, even for a tiny model.

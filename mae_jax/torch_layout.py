@@ -3,9 +3,12 @@ and Hugging Face.
 
 The canonical form is the official state dict (`models_mae.py` names: `blocks.{i}.attn.qkv.weight`, torch
 layouts, float32 numpy; a ViTClassifier's are `models_vit.py`'s, with `pos_embed`, `fc_norm` or `norm`, `head`).
-`official_layout` maps it to our parameter paths; `hf_to_official` and `official_to_hf` rename Hugging Face
-ViTMAE keys (transformers 4 and 5) to and from it, fusing and splitting q, k, v by rows; `canonical` detects
-the format of any supported state dict. No checks of fit, no files: `mae_jax.convert` owns those.
+A linear-probe classifier (`head_batch_norm`) has main_linprobe.py's `head.0.running_mean`, `head.0.running_var`,
+`head.0.num_batches_tracked` (int64, the one integer entry) and `head.1.{weight,bias}`.
+`official_layout` maps it to our parameter paths (`batch_stats_layout` the BatchNorm's statistics to the
+"batch_stats" collection); `hf_to_official` and `official_to_hf` rename Hugging Face ViTMAE keys (transformers
+4 and 5) to and from it, fusing and splitting q, k, v by rows; `canonical` detects the format of any supported
+state dict. No checks of fit, no files: `mae_jax.convert` owns those.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ FROZEN_KEYS = ("pos_embed", "decoder_pos_embed")  # MaskedAutoencoderViT's "froz
 # its pos_embed); in either model these are the tables that may come from another grid (interpolated)
 CLASSIFIER_KEYS = ("head", "fc_norm")  # first name components only a fine-tuned classifier checkpoint has
 SHOW = 8  # how many offending keys an error names per kind
+COUNTER_SUFFIX = ".num_batches_tracked"  # torch BatchNorm's int64 counter: the only non-float entry kept as is
 
 # ---------------------------------------------------------------------------------------------------------
 # Official names <-> our parameter paths.
@@ -68,7 +72,7 @@ def official_layout(model: Model) -> dict[str, tuple[tuple[str, ...], str]]:
     if isinstance(model, models.ViTClassifier):
         final_norm = "fc_norm" if model.global_pool else "norm"
         norm(final_norm, [final_norm])
-        linear("head", ["head"])
+        linear(head_linear_key(model), ["head"])
         return out
     norm("norm", ["norm"])
     add("mask_token", ["mask_token"])
@@ -77,6 +81,20 @@ def official_layout(model: Model) -> dict[str, tuple[tuple[str, ...], str]]:
     norm("decoder_norm", ["decoder_norm"])
     linear("decoder_pred", ["decoder_pred"])
     return out
+
+
+def head_linear_key(model: models.ViTClassifier) -> str:
+    """The official name of the classifier's Linear: "head", or "head.1" behind main_linprobe.py's BatchNorm."""
+    return "head.1" if model.head_batch_norm else "head"
+
+
+def batch_stats_layout(model: Model) -> dict[str, tuple[str, ...]]:
+    """Official key -> path in the "batch_stats" collection: main_linprobe.py's `head.0` BatchNorm1d buffers for
+    a ViTClassifier with `head_batch_norm`, else nothing."""
+    if not (isinstance(model, models.ViTClassifier) and model.head_batch_norm):
+        return {}
+    return {"head.0.running_mean": ("head_bn", "mean"), "head.0.running_var": ("head_bn", "var"),
+            "head.0" + COUNTER_SUFFIX: ("head_bn", "num_batches_tracked")}
 
 
 def is_decoder(key: str) -> bool:
@@ -107,7 +125,7 @@ def from_torch_layout(x: np.ndarray, kind: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def expected_shapes(model: Model) -> dict[str, tuple[int, ...]]:
-    """Official key -> torch-layout shape for `model`, the position tables included."""
+    """Official key -> torch-layout shape for `model`, the position tables and BatchNorm statistics included."""
     unscanned = model.clone(scan_blocks=False, remat="none")
     abstract = jax.eval_shape(functools.partial(models.init_variables, unscanned), jax.random.key(0))
     shapes = {}
@@ -120,6 +138,8 @@ def expected_shapes(model: Model) -> dict[str, tuple[int, ...]]:
         shapes[key] = shape
     for key, table in abstract.get("frozen", {}).items():
         shapes[key] = tuple(table.shape)
+    for key, path in batch_stats_layout(model).items():
+        shapes[key] = tuple(get(abstract["batch_stats"], path).shape)
     return shapes
 
 
@@ -276,7 +296,8 @@ def first_keys(keys: list[str]) -> str:
 
 
 def canonical(state_dict: Mapping[str, Any]) -> tuple[dict, dict, str]:
-    """Any supported state dict -> (official state dict of float32 numpy, key -> source name, format)."""
+    """Any supported state dict -> (official state dict of float32 numpy, key -> source name, format).
+    BatchNorm counters (`*.num_batches_tracked`) keep their integer dtype."""
     if isinstance(state_dict.get("model"), Mapping):  # an official training checkpoint
         others = sorted(k for k in state_dict if k != "model")
         if others:
@@ -287,10 +308,11 @@ def canonical(state_dict: Mapping[str, Any]) -> tuple[dict, dict, str]:
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
         keys = list(state_dict)
     sd = {k: to_numpy(v) for k, v in state_dict.items()}
+    counters = {k for k, v in sd.items() if k.endswith(COUNTER_SUFFIX) and np.issubdtype(v.dtype, np.integer)}
     for key, value in sd.items():
-        if not np.issubdtype(value.dtype, np.floating):
+        if key not in counters and not np.issubdtype(value.dtype, np.floating):
             raise ValueError(f"checkpoint entry {key} has dtype {value.dtype}; expected floating-point weights")
-    dtypes = sorted({str(v.dtype) for v in sd.values()} - {"float32"})
+    dtypes = sorted({str(v.dtype) for k, v in sd.items() if k not in counters} - {"float32"})
     if dtypes:
         logging.info("Casting %s weights to float32", dtypes)
     is_hf = [k for k in keys if k.startswith(("vit.", "decoder.", "embeddings.", "encoder.layer.", "layers."))]
@@ -311,4 +333,7 @@ def canonical(state_dict: Mapping[str, Any]) -> tuple[dict, dict, str]:
                          f"Face ViTMAE keys "
                          f"(first keys: {first_keys(sorted(keys))})")
     fmt = "official fine-tuned ViT (models_vit)" if any(is_classifier_key(k) for k in keys) else "official MAE"
-    return {k: v.astype(np.float32, copy=False) for k, v in sd.items()}, {k: k for k in sd}, fmt
+    if "head.0.running_mean" in sd:
+        fmt = "official linear-probe ViT (models_vit, BatchNorm1d + Linear head)"
+    return ({k: v if k in counters else v.astype(np.float32, copy=False) for k, v in sd.items()},
+            {k: k for k in sd}, fmt)

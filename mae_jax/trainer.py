@@ -88,8 +88,9 @@ def state_shardings(abstract: TrainState, tx: optax.GradientTransformation, mesh
     """Parameters and their optimizer moments by `parallel.FSDP_RULES`; everything else replicated."""
     replicated = parallel.replicated(mesh)
     params = parallel.param_shardings(abstract.params, mesh)
-    opt_state = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, params,
-                                      transform_non_params=lambda _: replicated)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen leaves of a partial optimizer: no state
+    opt_state = optax.tree_map_params(tx, lambda x, s: x if masked(x) else s, abstract.opt_state, params,
+                                      transform_non_params=lambda _: replicated, is_leaf=masked)
     return TrainState(step=replicated, params=params,
                       frozen=jax.tree_util.tree_map(lambda _: replicated, abstract.frozen),
                       opt_state=opt_state, rng=replicated, nonfinite_step=replicated)
@@ -543,6 +544,25 @@ class Task:
         the next command to run."""
 
 
+def _run_length(config, num_examples: int, mesh_shape: tuple[int, int]) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run over `num_examples` training examples, logged; warns when the
+    run ends inside the lr warmup."""
+    steps_per_epoch = num_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch_size {config.batch_size} exceeds the {num_examples} training examples")
+    total_steps = config.total_steps or int(config.num_epochs * steps_per_epoch)
+    peak_lr = config.base_lr * config.batch_size / 256
+    logging.info("%s: %d examples, %d steps/epoch, %d steps, peak lr %.3e, mesh data=%d x fsdp=%d over %d "
+                 "process(es).", config.input.dataset, num_examples, steps_per_epoch, total_steps, peak_lr,
+                 *mesh_shape, jax.process_count())
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    if total_steps < warmup_steps:
+        logging.warning("The run ends inside the lr warmup: step %d of %d warmup steps, lr %.3e of the peak %.3e "
+                        "(raise total_steps or lower warmup_epochs).", total_steps, warmup_steps,
+                        peak_lr * total_steps / warmup_steps, peak_lr)
+    return steps_per_epoch, total_steps
+
+
 def run(config, workdir: str | os.PathLike, task: Task, mesh_shape: tuple[int, int]) -> dict[str, float]:
     """Trains (or resumes) `task` in `workdir`: the workdir lock and config record, the input and its
     position, the schedule, the state (restored, or fresh and optionally `config.init_from`), the compiled step,
@@ -560,26 +580,17 @@ def run(config, workdir: str | os.PathLike, task: Task, mesh_shape: tuple[int, i
         def open_input(step):  # its length fixes the schedule; its position comes with the checkpoint
             return task.open_input(config, None if step is None else checkpoints.restore_input_state(manager, step))
 
-        stage("Opening the input (%s)...", config.input.dataset)
-        data_iter = open_input(resume_step)
-        steps_per_epoch = data_iter.num_examples // config.batch_size
-        if steps_per_epoch == 0:
-            raise ConfigError(f"batch_size {config.batch_size} exceeds the {data_iter.num_examples} training "
-                              "examples")
-        total_steps = config.total_steps or int(config.num_epochs * steps_per_epoch)
-        peak_lr = config.base_lr * config.batch_size / 256
-        logging.info("%s: %d examples, %d steps/epoch, %d steps, peak lr %.3e, mesh data=%d x fsdp=%d over %d "
-                     "process(es).", config.input.dataset, data_iter.num_examples, steps_per_epoch, total_steps,
-                     peak_lr, *mesh_shape, jax.process_count())
-        if resume_step is not None and resume_step >= total_steps and not config.get("eval_only", False):
-            logging.info("Already complete: the checkpoint in %s is at step %d of %d; nothing to do (%s).",
-                         manager.directory, resume_step, total_steps, task.total_steps_hint)
-            return {}
-        warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
-        if total_steps < warmup_steps:
-            logging.warning("The run ends inside the lr warmup: step %d of %d warmup steps, lr %.3e of the peak %.3e "
-                            "(raise total_steps or lower warmup_epochs).", total_steps, warmup_steps,
-                            peak_lr * total_steps / warmup_steps, peak_lr)
+        eval_only = config.get("eval_only", False)
+        if eval_only:  # only the weights are evaluated: the training input is neither opened nor needed
+            data_iter, steps_per_epoch, total_steps = None, 1, max(config.total_steps, 1)
+        else:
+            stage("Opening the input (%s)...", config.input.dataset)
+            data_iter = open_input(resume_step)
+            steps_per_epoch, total_steps = _run_length(config, data_iter.num_examples, mesh_shape)
+            if resume_step is not None and resume_step >= total_steps:
+                logging.info("Already complete: the checkpoint in %s is at step %d of %d; nothing to do (%s).",
+                             manager.directory, resume_step, total_steps, task.total_steps_hint)
+                return {}
         schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
         tx = task.make_optimizer(config, schedule)
 
@@ -591,7 +602,7 @@ def run(config, workdir: str | os.PathLike, task: Task, mesh_shape: tuple[int, i
             stage("Initialising %s params...", f"{models.count_params(abstract_state(task.init_fn(), tx).params):,}")
         restored_step, state, shardings = restore_or_init(manager, task.init_fn(), tx, config.seed, mesh)
         if restored_step != resume_step:  # the latest step was damaged: the input continues from the one restored
-            resume_step, data_iter = restored_step, open_input(restored_step)
+            resume_step, data_iter = restored_step, None if eval_only else open_input(restored_step)
         if resume_step is None and config.init_from:
             state = task.init_from(config.init_from, state, shardings)
 

@@ -353,3 +353,26 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> dict[str, np.ndarray]:
             else:
                 param.copy_(torch.randn_like(param) * 0.02)
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def official_linprobe_vit(fields: dict, num_classes: int, global_pool: bool = False) -> OfficialVisionTransformer:
+    """main_linprobe.py's model: models_vit's classifier whose head becomes
+    `Sequential(BatchNorm1d(D, affine=False, eps=1e-6), head)` (keys head.0.running_mean/var/num_batches_tracked,
+    head.1.weight/bias)."""
+    model = official_vit(fields, num_classes, global_pool)
+    # for linear prob only
+    # hack: revise model's head with BN
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    return model
+
+
+def randomize_batch_norm_(model: torch.nn.Module, seed: int = 0, batches: int = 7) -> dict[str, np.ndarray]:
+    """Random running statistics (mean ~ N(0, 0.5), var ~ U(0.5, 2)) and counter for every BatchNorm of `model`;
+    returns its state dict as numpy."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.5)
+            module.running_var.copy_(0.5 + 1.5 * torch.rand(module.running_var.shape, generator=generator))
+            module.num_batches_tracked.fill_(batches)
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
