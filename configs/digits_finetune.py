@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Optimisation: lr = base_lr * batch_size / 256; AdamW (0.9, 0.999), wd 0.05, layer-wise lr decay.
     config.batch_size = 64
-    config.total_steps = 300  # fixed, whatever the split's size (about 13 epochs of all labels)
+    config.total_steps = 200  # fixed, whatever the split's size (about 9 epochs of all labels)
     config.warmup_epochs = 1
     config.base_lr = 8e-3  # lr 2e-3 at batch 64
     config.min_lr = 1e-6
