@@ -7,10 +7,11 @@ Offline and in one process. One MAE pretrained on the 1,437 training digits (con
 labels unused; shared by the seeds to keep the example within minutes, so the spread is that of the downstream
 runs), then for each seed, on the 360 test digits, the top-1 of
   - a linear probe (configs/digits_linprobe.py) of the MAE-pretrained encoder and of a randomly initialised one,
+    with all training labels (PROBE_LABELS),
   - fine-tuning (configs/digits_finetune.py) from the MAE-pretrained encoder and from a random initialisation,
-    same recipe and steps,
-each with all training labels and with a class-balanced 10% of them ("train[:10%]", 144 digits), and, as the
-floor, a logistic regression on the raw pixels (scikit-learn, deterministic). Prints a markdown table (mean ± std
+    same recipe and steps, with all training labels and with a class-balanced 10% of them ("train[:10%]",
+    144 digits),
+and, as the floor, a logistic regression on the raw pixels with either budget (scikit-learn, deterministic). Prints a markdown table (mean ± std
 over the seeds), the wall time and the machine, and writes WORKDIR/results.json. Workdirs of every run stay
 under WORKDIR; re-running resumes (finished runs are not repeated).
 """

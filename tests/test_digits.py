@@ -27,6 +27,8 @@ def test_table_has_a_row_per_protocol_and_mean_and_spread_per_label_budget():
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines[2:]}
     assert rows["linear probe, MAE-pretrained encoder"] == ["92.0 ± 2.0", "60.0 ± 10.0 |"]
     assert rows["logistic regression, raw pixels (floor)"] == ["96.0", "80.0 |"]  # deterministic: no spread
+    top1["probe_random"]["10%"] = []
+    assert "| linear probe, random encoder | 92.0 ± 2.0 | not run |" in digits.table({"top1": top1})
 
 
 def test_raw_pixel_floor_uses_the_datasets_split():
@@ -72,6 +74,9 @@ def test_example_command_runs_shrunk_and_writes_the_table(tmp_path):
     for row, _ in digits.ROWS:
         for labels in digits.LABELS:
             values = results["top1"][row][labels]
+            if row.startswith("probe") and labels not in digits.PROBE_LABELS:
+                assert values == [], (row, labels)
+                continue
             assert len(values) == 1 and 0.0 <= values[0] <= 1.0, (row, labels, values)
     # Every run has its workdir; the fine-tunes from the MAE started from seed 0's pretraining.
     assert (tmp_path / "pretrain_s0" / "metrics.jsonl").exists()

@@ -53,7 +53,7 @@ def test_every_block_is_run_or_says_why():
             path, name = what[3:].split("::")
             source = open(os.path.join(ROOT, path)).read()
             assert f"def {name}(" in source, f"README.md:{line}: {what} does not exist"
-            command = re.search(r"(mae_jax\.\w+|configs/\w+\.py)", code)
+            command = re.search(r"(mae_jax\.\w+|(?:configs|benchmarks)/\w+\.py)", code)
             body = source[source.index(f"def {name}("):]
             body = body[:re.search(r"\n(def |@)", body[1:]).start() + 1] if re.search(r"\n(def |@)", body[1:]) else body
             assert command and command.group(1) in body, (line, what, "the test does not run this command")
