@@ -413,3 +413,24 @@ def test_synthetic_rows_are_a_function_of_seed_batch_and_global_row(tmp_path):
     resumed = _iterator(config, batch=4, state=json.loads(json.dumps(whole.get_state())))
     np.testing.assert_array_equal(next(resumed)["images"], next(whole)["images"])
     assert _eval_images(config, 2).shape == (2, 16, 16, 3)
+
+
+def test_hflip_probability_0_never_flips_and_1_always_does():
+    """input.hflip (digits set 0): the same key gives the same crop; only the flip differs."""
+    image = np.random.default_rng(0).integers(0, 256, size=(32, 40, 3), dtype=np.uint8)
+    png = tf.io.encode_png(image)
+    for seed in range(4):
+        key = tf.constant([seed, 1], tf.int64)
+        never, always, default = (augment.preprocess_for_train(png, key, image_size=(32, 32), num_channels=3,
+                                                               hflip=p).numpy() for p in (0.0, 1.0, 0.5))
+        np.testing.assert_array_equal(always, never[:, ::-1])
+        assert np.array_equal(default, never) or np.array_equal(default, always)
+    square = image[:, :32]  # the digits' train transform: the whole image as it is
+    transform = input_pipeline.train_transform(ml_collections.ConfigDict({
+        "crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "hflip": 0.0}), (32, 32), 3)
+    for seed in range(4):
+        np.testing.assert_allclose(transform(tf.io.encode_png(square), tf.constant([seed, 1], tf.int64)).numpy(),
+                                   pixels.normalise(square / 255.0, 3), atol=1e-4)
+    with pytest.raises(input_pipeline.DataError, match="hflip"):
+        input_pipeline.train_transform(ml_collections.ConfigDict({"crop_scale": (1.0, 1.0),
+                                                                  "crop_ratio": (1.0, 1.0), "hflip": 2.0}), (32, 32), 3)
