@@ -230,18 +230,6 @@ class Classification(trainer.Task):
     def init_fn(self):
         return lambda key: _split(models.init_variables(self.model, key))
 
-    def open_input(self, config, input_state):
-        return input_pipeline.create_train_iterator(
-            config.input, image_shape=self.model.image_shape, seed=config.seed, global_batch_size=config.batch_size,
-            process_index=jax.process_index(), process_count=jax.process_count(), state=input_state)
-
-    def batches(self, data_iter, mesh):
-        sharding = parallel.batch_sharding(mesh)
-        while True:
-            local = next(data_iter)
-            batch = {"images": parallel.global_batch(local["images"], sharding),
-                     "labels": parallel.global_batch(np.asarray(local["labels"], np.int32), sharding)}
-            yield batch, data_iter.get_state()
 
     def make_optimizer(self, config, schedule):
         return make_optimizer(config, schedule, self.model)
