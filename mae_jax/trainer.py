@@ -88,8 +88,10 @@ def state_shardings(abstract: TrainState, tx: optax.GradientTransformation, mesh
     """Parameters and their optimizer moments by `parallel.FSDP_RULES`; everything else replicated."""
     replicated = parallel.replicated(mesh)
     params = parallel.param_shardings(abstract.params, mesh)
-    opt_state = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, params,
-                                      transform_non_params=lambda _: replicated)
+    # A frozen leaf's optimizer state (optimizers.freeze) is an empty MaskedNode: kept as it is.
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    opt_state = optax.tree_map_params(tx, lambda x, s: x if masked(x) else s, abstract.opt_state, params,
+                                      transform_non_params=lambda _: replicated, is_leaf=masked)
     return TrainState(step=replicated, params=params,
                       frozen=jax.tree_util.tree_map(lambda _: replicated, abstract.frozen),
                       opt_state=opt_state, rng=replicated, nonfinite_step=replicated)
