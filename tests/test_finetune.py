@@ -177,3 +177,18 @@ def test_linear_probe_recipes_validate():
     config.model.frozen_encoder = False
     with pytest.raises(trainer.ConfigError, match="set model.frozen_encoder=True and model.head_batch_norm=True"):
         finetune.validate_config(config, 1, 1)
+
+
+def test_frozen_parameters_state_initialises_sharded():
+    """The probe's optimizer (LARS on the head, optimizers.freeze elsewhere) keeps an empty MaskedNode for every
+    frozen leaf: the state's shardings follow that structure and the state initialises on an 8-device mesh."""
+    from mae_jax import optimizers, parallel
+
+    model = models.ViTClassifier(**models.classifier_fields(models.variant("test/8", image_size=(16, 16)),
+                                                            num_classes=10))
+    tx = optimizers.freeze(optimizers.lars(1e-3), lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: path[0].key == "head", params))
+    init_fn = lambda key: {"params": models.init_variables(model, key)["params"]}
+    state, shardings = trainer.create_state(init_fn, tx, 0, parallel.create_mesh(4, 2))
+    trained = jax.tree_util.tree_leaves(state.opt_state)
+    assert sum(x.size for x in trained) == sum(x.size for x in jax.tree_util.tree_leaves(state.params["head"]))
