@@ -78,20 +78,28 @@ def main(argv):
     except (ValueError, OSError, FloatingPointError) as e:  # bad settings, data or weights; a NaN stop
         if verbose:
             raise
-        sys.exit(f"{sys.argv[0]}: error: {' '.join(str(e).split())}")
+        end_process(1, f"{sys.argv[0]}: error: {' '.join(str(e).split())}")
     except KeyboardInterrupt:  # a second Ctrl-C (the first saves at the next step and exits normally)
         if verbose:
             raise
         print(f"{sys.argv[0]}: interrupted: stopped without saving; re-run to resume from the last checkpoint",
               file=sys.stderr)
         sys.exit(130)
-    # Everything is written and closed: skip the interpreter's teardown, which waits seconds for tf.data's
-    # autotuning thread and collects every object (3-40 s after the last step line otherwise).
+    end_process(0)
+
+
+def end_process(status: int, message: str | None = None) -> None:
+    """Ends the process now, after `train_and_evaluate` has written and closed everything it opened (also when it
+    raised): skips the interpreter's teardown, which waits seconds for tf.data's autotuning thread and collects
+    every object (3-40 s after the last step line otherwise), and whose collection of Orbax's and TensorStore's
+    leftovers can print tracebacks after the one-line error ("Event loop is closed")."""
+    if message is not None:
+        print(message, file=sys.stderr)
     if jax.distributed.is_initialized():
         jax.distributed.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ against our own step at mask ratio 0 (the encoder sees every patch): the speed-u
 
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -26,20 +24,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from benchmarks import common  # noqa: E402  (standard library only: JAX is imported by the JAX worker)
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/vit_base.py", "Training configuration.", lock_config=True)
-flags.DEFINE_integer("steps", 10, "Timed steps per run (after 2 warm-up steps).")
+flags.DEFINE_integer("steps", 10, "Timed steps per run (after --warmup untimed steps).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps before the timed ones (the first runs the compiled code cold).")
 flags.DEFINE_enum("compare", None, ["torch", "unmasked"],
                   "Also time the PyTorch reference (torch) or the same step at mask ratio 0 (unmasked).")
 flags.DEFINE_integer("rounds", 3, "With --compare: alternating runs of each.")
 flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: time one framework in this process.")
 
 
-def _config_overrides(argv):
-    return [a for a in argv[1:] if a.startswith("--config.")]
-
-
-def time_jax(config, steps: int) -> dict:
+def time_jax(config, steps: int, warmup: int) -> dict:
     from mae_jax import runtime
 
     # What main.py applies, except the compilation cache (compile_seconds is a cold compile).
@@ -47,7 +44,6 @@ def time_jax(config, steps: int) -> dict:
     import jax
     import numpy as np
 
-    from benchmarks import common  # jax and the project: imported by the JAX worker only
     from mae_jax import input_pipeline, parallel, train
 
     config.input.dataset = "synthetic"
@@ -62,17 +58,16 @@ def time_jax(config, steps: int) -> dict:
         config.input, image_shape=model.image_shape, seed=config.seed, global_batch_size=config.batch_size,
         process_index=0, process_count=1))["images"]
     images = parallel.global_batch(batch, parallel.batch_sharding(mesh))
-    for _ in range(2):
+    metrics = None
+
+    def one_step():
+        nonlocal state, metrics
         state, metrics = step(state, images)
-    jax.block_until_ready(state)
-    times = []
+        jax.block_until_ready(state)
+
     # The step never touches the host: any transfer inside this block would raise.
     with jax.transfer_guard("disallow_explicit"):
-        for _ in range(steps):
-            start = time.perf_counter()
-            state, metrics = step(state, images)
-            jax.block_until_ready(state)
-            times.append(time.perf_counter() - start)
+        times = common.time_calls(one_step, steps, warmup)
     loss = float(jax.device_get(metrics["loss"]))
     assert np.isfinite(loss)
     median = statistics.median(times)
@@ -80,10 +75,8 @@ def time_jax(config, steps: int) -> dict:
     peak = common.matmul_peak_flops()
     return {
         "framework": "jax",
-        "batch_size": config.batch_size,
+        **common.step_stats(times, config.batch_size),
         "devices": jax.device_count(),
-        "images_per_sec": config.batch_size / median,
-        "seconds_per_step": {"median": median, "min": min(times), "max": max(times)},
         "compile_seconds": compile_seconds,
         "flops_per_image": flops_per_step / config.batch_size,
         "achieved_flops_per_sec": flops_per_step / median,
@@ -91,7 +84,7 @@ def time_jax(config, steps: int) -> dict:
         "mfu": flops_per_step / median / peak,
         "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
         "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
-        "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_host_memory_mb": common.peak_host_memory_mb(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "host_memory": settings.host_memory,  # mae_jax/host_memory.py (MAE_JAX_KEEP_HOST_MEMORY=0: off)
         "model": {k: config.model.get(k) for k in ("embed_dim", "depth", "patch_size", "mask_ratio", "dtype",
@@ -99,7 +92,7 @@ def time_jax(config, steps: int) -> dict:
     }
 
 
-def time_torch(config, steps: int) -> dict:
+def time_torch(config, steps: int, warmup: int) -> dict:
     import torch
     import transformers
 
@@ -125,33 +118,21 @@ def time_torch(config, steps: int) -> dict:
         model(pixels).loss.backward()
         optimizer.step()
 
-    for _ in range(2):
-        one_step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        one_step()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+    times = common.time_calls(one_step, steps, warmup)
     return {
         "framework": "torch",
-        "batch_size": config.batch_size,
-        "images_per_sec": config.batch_size / median,
-        "seconds_per_step": {"median": median, "min": min(times), "max": max(times)},
+        **common.step_stats(times, config.batch_size),
         "attention": model.config._attn_implementation,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_host_memory_mb": common.peak_host_memory_mb(),
     }
 
 
 def _run_worker(framework: str, extra: tuple[str, ...] = ()) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={framework}", f"--steps={FLAGS.steps}",
-           f"--config={FLAGS['config'].config_filename}", *_config_overrides(sys.argv), *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode:
-        raise RuntimeError(f"{framework} worker failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return common.run_worker(os.path.abspath(__file__), [
+        f"--worker={framework}", f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}",
+        f"--config={FLAGS['config'].config_filename}", *common.config_overrides(sys.argv), *extra])
 
 
 # What --compare times against the project's step: (worker, extra config overrides).
@@ -161,23 +142,17 @@ BASELINES = {"torch": ("torch", ()), "unmasked": ("jax", ("--config.model.mask_r
 def main(argv):
     del argv
     if FLAGS.worker == "jax":
-        print(json.dumps(time_jax(FLAGS.config, FLAGS.steps)))
+        print(json.dumps(time_jax(FLAGS.config, FLAGS.steps, FLAGS.warmup)))
         return
     if FLAGS.worker == "torch":
-        print(json.dumps(time_torch(FLAGS.config, FLAGS.steps)))
+        print(json.dumps(time_torch(FLAGS.config, FLAGS.steps, FLAGS.warmup)))
         return
     if FLAGS.compare is None:
-        from benchmarks import common
-
         print(json.dumps({"cpu": common.cpu_info(), **_run_worker("jax")}))
         return
-    runs = {"jax": [], FLAGS.compare: []}
-    for _ in range(FLAGS.rounds):
-        runs["jax"].append(_run_worker("jax"))
-        runs[FLAGS.compare].append(_run_worker(*BASELINES[FLAGS.compare]))
-    ips = {name: statistics.median(r["images_per_sec"] for r in rs) for name, rs in runs.items()}
-    from benchmarks import common
-
+    runs = common.alternate(FLAGS.rounds, {"jax": lambda: _run_worker("jax"),
+                                           FLAGS.compare: lambda: _run_worker(*BASELINES[FLAGS.compare])})
+    ips = {name: common.median_of(rs) for name, rs in runs.items()}
     print(json.dumps({
         "cpu": common.cpu_info(),
         "jax_images_per_sec": ips["jax"],

@@ -16,8 +16,9 @@ from mae_jax import models
 
 def classifier_model(variant: str, drop_path_rate: float, **overrides) -> dict:
     """ViTClassifier fields of an MAE variant; num_classes 0: from the dataset's metadata."""
+    overrides = {"global_pool": True, **overrides}
     fields = models.classifier_fields(models.variant(variant, image_size=(224, 224)), num_classes=1000,
-                                      drop_path_rate=drop_path_rate, **{"global_pool": True, **overrides})
+                                      drop_path_rate=drop_path_rate, **overrides)
     return {**fields, "num_classes": 0}
 
 

@@ -52,6 +52,7 @@ naming the path, what was expected and what was found; the command line prints t
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import dataclasses
 import json
@@ -608,9 +609,24 @@ def _torch_load(path: str) -> Any:
                 found = f"it pickles Python objects ({unsupported.group(1)}), which are not loaded, for safety"
             elif "central directory" in message or "zip archive" in message:
                 found = "a truncated or damaged torch.save zip archive"
+            elif _text_start(path) is not None:
+                found = f"a text file (it starts {_text_start(path)!r}), not a PyTorch checkpoint"
             else:  # legacy-pickle parsing of arbitrary bytes fails in many ways, none of them informative
                 found = "not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle of tensors)"
             raise CheckpointError(f"{path}: {found}; expected a state dict saved by torch.save") from None
+
+
+def _text_start(path: str, length: int = 40) -> str | None:
+    """The first line of `path` (up to `length` characters) if the file starts as UTF-8 text, else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at 512 bytes is fine
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.strip() or any(c < " " and c not in "\t\r\n" for c in text):
+        return None
+    return text.strip().splitlines()[0][:length]
 
 
 def _read_file(path: str) -> Any:

@@ -258,6 +258,30 @@ def _split_listing(folder: str, split_dirs: dict[str, str]) -> tuple[dict[str, l
     return files, labels, combined
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def strip_png_iccp(data: bytes) -> bytes:
+    """`data` without a PNG's iCCP chunk (its embedded colour profile); anything else is returned unchanged.
+
+    TensorFlow's decoder ignores colour profiles, so the pixels are the same; but libpng prints a warning to
+    stderr ("iCCP: known incorrect sRGB profile", common in PNGs from image editors) on every decode of one.
+    """
+    if not data.startswith(_PNG_SIGNATURE) or b"iCCP" not in data:
+        return data
+    chunks, position = [data[:8]], 8
+    while position + 12 <= len(data):
+        length = int.from_bytes(data[position:position + 4], "big")
+        end = position + 12 + length  # length, type, data, crc
+        if end > len(data):
+            break  # damaged: leave the rest as it is, for the decoder to judge
+        if data[position + 4:position + 8] != b"iCCP":
+            chunks.append(data[position:end])
+        position = end
+    chunks.append(data[position:])
+    return b"".join(chunks)
+
+
 def check_image(data: bytes) -> str | None:
     """None if `data` decodes as an image with TensorFlow (as the pipeline will), else the error."""
     try:
@@ -308,7 +332,8 @@ class ImageFolder(_LocalBuilder, skip_registration=True):
             builder=self,
             description=f"Images under {self.folder}",
             features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(),  # the file's own bytes, JPEG or PNG, not re-encoded
+                "image": tfds.features.Image(),  # the file's own bytes, JPEG or PNG, not re-encoded (a PNG's
+                # colour profile, which no decoder here uses, is dropped: strip_png_iccp)
                 "label": tfds.features.ClassLabel(names=self.classes),
                 "file_name": tfds.features.Text(),
             }),
@@ -333,6 +358,7 @@ class ImageFolder(_LocalBuilder, skip_registration=True):
                     data = f.read()
             except OSError as e:
                 return relpath, None, e.strerror or str(e)
+            data = strip_png_iccp(data)  # the pixels stay the same; libpng's warnings go
             return relpath, data, check_image(data)
 
         chunk = 256  # bounds memory: files are read and checked in parallel, a chunk at a time

@@ -230,29 +230,21 @@ class Classification(trainer.Task):
     def init_fn(self):
         return lambda key: _split(models.init_variables(self.model, key))
 
-    def open_input(self, config, input_state):
-        return input_pipeline.create_train_iterator(
-            config.input, image_shape=self.model.image_shape, seed=config.seed, global_batch_size=config.batch_size,
-            process_index=jax.process_index(), process_count=jax.process_count(), state=input_state)
-
-    def batches(self, data_iter, mesh):
-        sharding = parallel.batch_sharding(mesh)
-        while True:
-            local = next(data_iter)
-            batch = {"images": parallel.global_batch(local["images"], sharding),
-                     "labels": parallel.global_batch(np.asarray(local["labels"], np.int32), sharding)}
-            yield batch, data_iter.get_state()
 
     def make_optimizer(self, config, schedule):
         return make_optimizer(config, schedule, self.model)
 
-    def compile_step(self, config, tx, schedule, mesh, shardings):
+    def lower_step(self, config, tx, schedule, mesh, shardings) -> jax.stages.Lowered:
+        """The train step lowered for the global batch (what `compile_step` compiles; its cost analysis)."""
         step = functools.partial(train_step, model=self.model, tx=tx, schedule=schedule, mix=self.mix,
                                  label_smoothing=config.label_smoothing)
         abstract = trainer.abstract_state(self.init_fn(), tx)
         batch = {"images": jax.ShapeDtypeStruct((config.batch_size, *self.model.image_shape), jnp.float32),
                  "labels": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
-        return trainer.lower_step(step, abstract, shardings, batch, mesh).compile()
+        return trainer.lower_step(step, abstract, shardings, batch, mesh)
+
+    def compile_step(self, config, tx, schedule, mesh, shardings):
+        return self.lower_step(config, tx, schedule, mesh, shardings).compile()
 
     def init_from(self, path, state, shardings):
         from mae_jax import convert  # lazy: reading PyTorch files imports torch

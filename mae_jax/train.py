@@ -162,16 +162,9 @@ class Pretraining(trainer.Task):
     def init_fn(self):
         return _init_fn(self.model)
 
-    def open_input(self, config, input_state):
-        return input_pipeline.create_train_iterator(
-            config.input, image_shape=self.model.image_shape, seed=config.seed, global_batch_size=config.batch_size,
-            process_index=jax.process_index(), process_count=jax.process_count(), state=input_state)
-
     def batches(self, data_iter, mesh):
-        sharding = parallel.batch_sharding(mesh)
-        while True:
-            local = next(data_iter)["images"]
-            yield parallel.global_batch(local, sharding), data_iter.get_state()
+        for batch, input_state in super().batches(data_iter, mesh):
+            yield batch["images"], input_state
 
     def make_optimizer(self, config, schedule):
         return make_optimizer(config, schedule)

@@ -493,7 +493,7 @@ class RunContext:
 class Task:
     """What differs between pretraining, fine-tuning and the linear probe; `run` does the rest.
 
-    Subclasses set `model` and `description`, and implement `open_input`, `make_optimizer`, `compile_step`;
+    Subclasses set `model` and `description`, and implement `init_fn`, `make_optimizer`, `compile_step`;
     the others have working defaults.
     """
 
@@ -507,7 +507,11 @@ class Task:
 
     def open_input(self, config, input_state: dict | None) -> Iterator[dict]:
         """The training input from `input_state` (None: the start); has `num_examples` and `get_state()`."""
-        raise NotImplementedError
+        from mae_jax import input_pipeline  # TensorFlow, only when a run starts
+
+        return input_pipeline.create_train_iterator(
+            config.input, image_shape=self.model.image_shape, seed=config.seed, global_batch_size=config.batch_size,
+            process_index=jax.process_index(), process_count=jax.process_count(), state=input_state)
 
     def make_optimizer(self, config, schedule: optax.Schedule) -> optax.GradientTransformation:
         raise NotImplementedError

@@ -31,9 +31,25 @@ def _wait_for_checkpoint(proc, workdir, step):
         time.sleep(0.01)
 
 
-def test_resume_after_sigkill_continues_exactly(tmp_path):
-    straight = run_main(tmp_path / "straight", *LONG)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted LONG run every interrupted one is compared with: run once per session (under xdist the
+    first worker to need it runs it, the others wait for it and read its workdir)."""
+    import filelock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    workdir = root / "straight_long_run"
+    with filelock.FileLock(str(root / "straight_long_run.lock")):
+        if not (workdir / "done").exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            result = run_main(workdir, *LONG)
+            assert result.returncode == 0, result.stderr[-3000:]
+            (workdir / "done").write_text("")
+    return workdir
+
+
+def test_resume_after_sigkill_continues_exactly(tmp_path, straight):
     proc = run_main(tmp_path / "killed", *LONG, wait=False)
     _wait_for_checkpoint(proc, tmp_path / "killed", 50)
     proc.send_signal(signal.SIGKILL)
@@ -44,7 +60,7 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     resumed = run_main(tmp_path / "killed", *LONG)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restoring step 50 from" in resumed.stdout
-    expected, got = losses(tmp_path / "straight"), losses(tmp_path / "killed")
+    expected, got = losses(straight), losses(tmp_path / "killed")
     assert sorted(got) == list(range(1, 301))
     assert got == expected  # bit for bit, every step
 
@@ -313,3 +329,24 @@ def test_metrics_history_survives_a_torn_line_and_is_rewritten_atomically(tmp_pa
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # damage in the middle is an error, not skipped
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         trainer.read_metrics(path)
+
+
+def test_recovery_from_a_damaged_latest_checkpoint_continues_exactly(tmp_path, straight):
+    """A run stopped after its step-250 save (the uninterrupted run's workdir without step 300), whose step 250
+    then took silent damage (a flipped byte): the re-run moves 250 aside, restores 200, and its metrics from then
+    on equal the uninterrupted run's, bit for bit."""
+    workdir = tmp_path / "damaged"
+    shutil.copytree(straight, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "300")
+    _flip_a_byte(workdir / "checkpoints" / "250")
+    damaged_files = _files(workdir / "checkpoints" / "250")
+    resumed = run_main(workdir, *LONG)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert f"Checkpoint {workdir / 'checkpoints' / '250'} is unusable: the restored values differ" in output
+    assert "Moved it aside to 250.corrupt-checksum-mismatch" in output and "Traceback" not in output
+    assert _files(workdir / "checkpoints" / "250.corrupt-checksum-mismatch") == damaged_files  # nothing deleted
+    expected, got = losses(straight), losses(workdir)
+    assert sorted(got) == list(range(1, 301))
+    assert got == expected  # steps 201-300 retrained, bit for bit
+    assert {"250", "300"} <= set(os.listdir(workdir / "checkpoints"))

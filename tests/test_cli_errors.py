@@ -7,6 +7,7 @@ import fractions
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -246,3 +247,74 @@ def test_visualize_cli_bad_image_is_one_line(demo_export, photo, tmp_path, kind)
                   "--output", tmp_path / "out.png")
     _assert_one_line_error(result, f"python -m mae_jax.visualize: error: {message}", path)
     assert not os.path.exists(tmp_path / "out.png")
+
+
+# --------------------------------------------------------------------------------------------------------
+# main.py: --config.init_from that cannot be used, and the NaN stop: one line each, promptly.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _other_size_sources(directory):
+    """An export and a Hugging Face directory of a tiny model with another embed_dim than configs/tiny.py's."""
+    from configs import tiny
+
+    model = models.MaskedAutoencoderViT(**dict(tiny.get_config().model, embed_dim=64))
+    variables = jax.tree_util.tree_map(np.asarray, models.init_variables(model, jax.random.key(0)))
+    checkpoints.save_variables(directory / "other_export", variables, models.constructor_fields(model))
+    convert.save_hf(variables, model, directory / "other_hf")
+    return directory / "other_export", directory / "other_hf"
+
+
+def _line_time(line):
+    from test_first_minutes import _line_time as parse
+
+    return parse(line)
+
+
+def test_main_init_from_and_nan_stop_are_one_line_each(tmp_path):
+    """Through `python main.py` (in parallel): an HF directory of another size as init_from, and a NaN stop.
+    In-process (`train.train_and_evaluate`, whose exception main.py prints as its one line): a text file,
+    random bytes, our export of another architecture."""
+    from configs import tiny
+    from mae_jax import train
+    from runs import run_main
+
+    export, hf = _other_size_sources(tmp_path)
+    fit = "does not fit the model (embed_dim=32, depth=2, patch_size=8, decoder_embed_dim=16, decoder_depth=1): " \
+          "31 shape mismatches (checkpoint vs model, torch layout): "
+    # The first update is already fatal; a step line per step, so the last one comes just before the failure.
+    nan = ("--config.total_steps=40", "--config.log_every_steps=1", "--config.checkpoint_every_steps=1",
+           "--config.warmup_epochs=0", "--config.base_lr=1e4", "--config.visualize_every_steps=0")
+    procs = {"hf": run_main(tmp_path / "w_hf", f"--config.init_from={hf}", "--config.visualize_every_steps=0",
+                            wait=False),
+             "nan": run_main(tmp_path / "w_nan", *nan, wait=False)}
+
+    text, random_pth = tmp_path / "notes.txt", tmp_path / "random.pth"
+    text.write_text("hello\nnot weights\n")
+    random_pth.write_bytes(np.random.default_rng(0).bytes(4000))
+    for path, message in [
+            (text, f"{text}: a text file (it starts 'hello'), not a PyTorch checkpoint; expected a state dict saved "
+                   "by torch.save"),
+            (random_pth, f"{random_pth}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle of "
+                         "tensors); expected a state dict saved by torch.save"),
+            (export, f"{export} (mae_jax checkpoint) {fit}cls_token [1, 1, 64] vs [1, 1, 32], ")]:
+        config = tiny.get_config()
+        config.init_from, config.visualize_every_steps = str(path), 0
+        with pytest.raises(convert.CheckpointError) as error:
+            train.train_and_evaluate(config, tmp_path / f"w_{path.name}")
+        assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
+        assert "weights_only" not in str(error.value)
+
+    expected = {"hf": f"main.py: error: {hf} (Hugging Face ViTMAE (Hub / save_pretrained names)) {fit}"
+                      "vit.embeddings.cls_token [1, 1, 64] vs [1, 1, 32], ",
+                "nan": "main.py: error: non-finite loss or gradient at step 2: stopping; the last good checkpoint "
+                       "(step 1) is intact. Lower base_lr, raise warmup_epochs or use float32 (model.dtype)"}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        end = time.time()
+        assert proc.returncode == 1, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1].startswith(expected[name]), stderr[-3000:]
+        assert len(stderr.strip().splitlines()) == 1, stderr[-3000:]  # no traceback, no advice, nothing after it
+        last_log = [line for line in stdout.splitlines() if line[:1] in "IW" and line[1:5].isdigit()][-1]
+        assert end - _line_time(last_log) < 30, (name, last_log)  # the failure comes after this line
+    assert sorted(os.listdir(tmp_path / "w_nan" / "checkpoints")) == ["1"]

@@ -95,3 +95,30 @@ def test_repaired_link_changes_the_fingerprint(linked_folder, tmp_path):
     _image(tmp_path / "nowhere.jpg", 9)  # the dangling link now points at an image
     after = datasets.ImageFolder(folder=str(linked_folder), data_dir=str(tmp_path / "tfds"))
     assert after.builder_config.name != before and "gone.jpg" in after.files
+
+
+def test_png_colour_profile_is_dropped_and_the_pixels_kept(tmp_path):
+    """A PNG carrying an ICC profile (iCCP chunk: libpng warns on each decode of one it deems an incorrect sRGB
+    profile) is stored without the chunk: the same pixels, the other chunks intact; JPEGs and PNGs without a
+    profile are returned unchanged."""
+    import io
+
+    import tensorflow as tf
+    from PIL import ImageCms
+
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 9, 3), np.uint8)
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    with_profile, plain, jpeg = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    Image.fromarray(pixels).save(with_profile, "PNG", icc_profile=profile)
+    Image.fromarray(pixels).save(plain, "PNG")
+    Image.fromarray(pixels).save(jpeg, "JPEG", icc_profile=profile)
+    data = with_profile.getvalue()
+    assert b"iCCP" in data
+    stripped = datasets.strip_png_iccp(data)
+    assert b"iCCP" not in stripped and len(data) - len(stripped) > len(profile) // 4  # compressed profile gone
+    assert "icc_profile" not in Image.open(io.BytesIO(stripped)).info
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(stripped))), pixels)  # PIL checks the CRCs
+    np.testing.assert_array_equal(tf.io.decode_image(stripped, channels=3).numpy(), pixels)
+    assert datasets.check_image(stripped) is None
+    for unchanged in (plain.getvalue(), jpeg.getvalue(), data[:60]):  # data[:60]: a PNG cut inside its iCCP
+        assert datasets.strip_png_iccp(unchanged) == unchanged

@@ -157,3 +157,38 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         finetune.train_and_evaluate(config, tmp_path)
     _, variables = checkpoints.load_variables(tmp_path)
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(variables))
+
+
+def test_linear_probe_recipes_validate():
+    from configs import linprobe_tiny, linprobe_vit_base, linprobe_vit_huge, linprobe_vit_large
+
+    for module, epochs in ((linprobe_vit_base, 90), (linprobe_vit_large, 50), (linprobe_vit_huge, 50)):
+        config = module.get_config()
+        assert finetune.validate_config(config, 8, 1) == (8, 1)
+        assert (config.task, config.batch_size, config.base_lr, config.num_epochs, config.warmup_epochs,
+                config.weight_decay, config.min_lr) == ("linprobe", 16384, 0.1, epochs, 10, 0.0, 0.0)
+        model = config.model
+        assert (model.global_pool, model.head_batch_norm, model.frozen_encoder, model.head_init_std,
+                model.drop_path_rate) == (False, True, True, 0.01, 0.0)
+        assert (config.mixup, config.cutmix, config.label_smoothing, config.input.rand_augment,
+                config.input.random_erasing, tuple(config.input.crop_scale)) == (0, 0, 0, "", 0.0, (0.08, 1.0))
+    assert finetune.validate_config(linprobe_tiny.get_config(), 1, 1) == (1, 1)
+    config = linprobe_tiny.get_config()
+    config.model.frozen_encoder = False
+    with pytest.raises(trainer.ConfigError, match="set model.frozen_encoder=True and model.head_batch_norm=True"):
+        finetune.validate_config(config, 1, 1)
+
+
+def test_frozen_parameters_state_initialises_sharded():
+    """The probe's optimizer (LARS on the head, optimizers.freeze elsewhere) keeps an empty MaskedNode for every
+    frozen leaf: the state's shardings follow that structure and the state initialises on an 8-device mesh."""
+    from mae_jax import optimizers, parallel
+
+    model = models.ViTClassifier(**models.classifier_fields(models.variant("test/8", image_size=(16, 16)),
+                                                            num_classes=10))
+    tx = optimizers.freeze(optimizers.lars(1e-3), lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: path[0].key == "head", params))
+    init_fn = lambda key: {"params": models.init_variables(model, key)["params"]}
+    state, shardings = trainer.create_state(init_fn, tx, 0, parallel.create_mesh(4, 2))
+    trained = jax.tree_util.tree_leaves(state.opt_state)
+    assert sum(x.size for x in trained) == sum(x.size for x in jax.tree_util.tree_leaves(state.params["head"]))

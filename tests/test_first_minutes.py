@@ -28,7 +28,9 @@ NOISE = (
 )
 # Measured on the 2-core test machine, alone: first step line after 45-50 s (10 s of it preparing the demo data),
 # exit 0.9-1.5 s after the last step line. Inside the suite, with the other worker busy, the exit has taken up to
-# 28 s (not yet understood: the last save and figure under contention), hence the wide margin here.
+# 28 s, hence the wide margin here. Timed on the 2-core machine at load 9-13 (the work after the last step line):
+# demo 1.2 s (final figure 0.07, final save 0.19, waiting for it to be written 0.88, TensorBoard close 0.003);
+# tiny 5.0 s (figure 0.12, final save 2.8 (it first waits for the previous save), waiting 1.3, close 0.04).
 FIRST_STEP_BOUND = 120  # seconds from the command to the first step line
 EXIT_BOUND = 60  # seconds from the last step line to the end of the process
 

@@ -234,8 +234,8 @@ def test_probe_and_finetuned_heads_do_not_mix():
 
 @SLOW
 def test_extract_keeps_masked_rows_in_order(pretrained, tmp_path):
-    """extract() over padded batches: the rows with mask True, in order, equal the classifier's features; pretraining
-    checkpoints load as cls (default) or mean pooling; written and read back as .npz."""
+    """extract() over padded batches: the rows with mask True, in order, equal the classifier's features; a
+    pretraining checkpoint loads as cls (default) or mean pooling; written and read back as .npz."""
     _, path = pretrained
     images, labels = _images(13, seed=15), np.arange(13) % 4
     batches = []
@@ -245,14 +245,15 @@ def test_extract_keeps_masked_rows_in_order(pretrained, tmp_path):
         batches.append({"images": np.concatenate([images[chunk], np.zeros((8 - n, 32, 32, 3), np.float32)]),
                         "labels": np.concatenate([labels[chunk], np.full(8 - n, -1)]),
                         "mask": np.arange(8) < n})
-    for pool in ("cls", "mean"):
-        model, variables = features.load_encoder(path, None if pool == "cls" else pool)
-        assert model.global_pool == (pool == "mean")
-        feats, got = features.extract(model, variables, iter(batches))
-        expected = model.apply(variables, images, method=model.features)
-        assert feats.shape == (13, 32) and feats.dtype == np.float32
-        np.testing.assert_allclose(feats, expected, atol=1e-5, rtol=1e-5)  # other batch sizes: other rounding
-        np.testing.assert_array_equal(got, labels)
+    assert not features.load_encoder(path)[0].global_pool  # a pretraining checkpoint: cls by default
+    model, variables = features.load_encoder(path, "mean")
+    assert model.global_pool
+    np.testing.assert_array_equal(variables["params"]["fc_norm"]["scale"], 1.0)  # fresh: no fc_norm in an MAE
+    feats, got = features.extract(model, variables, iter(batches))  # each batch over the 8 devices
+    expected = model.apply(variables, images, method=model.features)
+    assert feats.shape == (13, 32) and feats.dtype == np.float32
+    np.testing.assert_allclose(feats, expected, atol=1e-5, rtol=1e-5)  # other batch sizes: other rounding
+    np.testing.assert_array_equal(got, labels)
     features.write(tmp_path / "f", feats, got, pool="mean", checkpoint=str(path))
     with np.load(tmp_path / "f") as saved:  # exactly the name given, no ".npz" appended
         np.testing.assert_array_equal(saved["features"], feats)
@@ -264,9 +265,6 @@ def test_extract_keeps_masked_rows_in_order(pretrained, tmp_path):
 @SLOW
 def test_features_command_line(pretrained, tmp_path):
     """python -m mae_jax.features over a folder dataset of 5 images in 2 classes: every image once, labels by class."""
-    # Read, not imported: importing the pipeline (TensorFlow) takes seconds, wasted when the test skips.
-    if "def create_eval_iterator(" not in open(features.__file__.replace("features.py", "input_pipeline.py")).read():
-        pytest.skip("input_pipeline.create_eval_iterator (labelled eval batches) is not in this branch yet")
     from PIL import Image
 
     _, path = pretrained
