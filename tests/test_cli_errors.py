@@ -318,3 +318,7 @@ def test_main_init_from_and_nan_stop_are_one_line_each(tmp_path):
         last_log = [line for line in stdout.splitlines() if line[:1] in "IW" and line[1:5].isdigit()][-1]
         assert end - _line_time(last_log) < 30, (name, last_log)  # the failure comes after this line
     assert sorted(os.listdir(tmp_path / "w_nan" / "checkpoints")) == ["1"]
+    from mae_jax import checkpoints
+
+    _, variables = checkpoints.load_variables(tmp_path / "w_nan")  # the last good state, every value finite
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(variables))

@@ -36,13 +36,13 @@ def _different(a, b):
 
 def test_linear_probe_trains_the_head_only(tmp_path):
     pretrained = _export_mae(tmp_path / "mae")
-    first, probed = _run(linprobe_tiny.get_config(), tmp_path / "probe", tmp_path / "mae", steps=4)
+    first, probed = _run(linprobe_tiny.get_config(), tmp_path / "probe", tmp_path / "mae", steps=2)
     params = probed["params"]
     encoder = [k for k in params if k != "head"]
     assert sorted(encoder) == sorted([k for k in pretrained if not k.startswith("decoder") and k != "mask_token"])
     for name in encoder:  # every encoder tensor, the final norm included, bit-identical
         assert _same(params[name], pretrained[name]), name
-    assert _different(params["head"], first["params"]["head"])  # steps 2-4 trained the head
+    assert _different(params["head"], first["params"]["head"])  # step 2 trained the head
     # and updated the BatchNorm's running statistics
     assert _different(probed["frozen"]["batch_stats"], first["frozen"]["batch_stats"])
 
@@ -51,7 +51,7 @@ def test_partial_finetuning_trains_the_last_blocks_only(tmp_path):
     pretrained = _export_mae(tmp_path / "mae", depth=4)
     config = finetune_tiny.get_config()
     config.model.depth, config.trainable_blocks = 4, 2
-    first, last = (v["params"] for v in _run(config, tmp_path / "partial", tmp_path / "mae", steps=4))
+    first, last = (v["params"] for v in _run(config, tmp_path / "partial", tmp_path / "mae", steps=2))
     for name in ("patch_embed", "cls_token", "pos_embed", "blocks_0", "blocks_1"):
         assert _same(last[name], pretrained[name]), name
     for name in ("blocks_2", "blocks_3"):
