@@ -132,7 +132,7 @@ def test_eval_iterator_uses_the_eval_transform(tmp_path):
     expected = finetune_augment.preprocess_for_eval(tf.constant(photo), (24, 32), 0.8).numpy()
     np.testing.assert_allclose(image, expected, atol=1e-6)
 
-    cover_h, cover_w = int(24 / 0.8), int(32 / 0.8)  # 30 x 40: the width decides, 60 -> 40, 90 -> 60
+    cover_w = int(32 / 0.8)  # to cover 30 x 40 (24 / 0.8 x 32 / 0.8) the width decides: 60 -> 40, 90 -> 60
     pil = Image.fromarray(photo).resize((cover_w, int(cover_w * 90 / 60)), Image.BICUBIC)
     top, left = round((pil.size[1] - 24) / 2), round((pil.size[0] - 32) / 2)
     pil = np.asarray(pil.crop((left, top, left + 32, top + 24)), np.float64)
