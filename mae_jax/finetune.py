@@ -181,15 +181,13 @@ class Evaluator:
             config.input, image_shape=model.image_shape, global_batch_size=config.eval_batch_size,
             process_index=jax.process_index(), process_count=jax.process_count())
         self.sharding = parallel.batch_sharding(mesh)
-        abstract = lambda tree: jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
         batch = {"images": jax.ShapeDtypeStruct((config.eval_batch_size, *model.image_shape), jnp.float32,
                                                 sharding=self.sharding),
                  "labels": jax.ShapeDtypeStruct((config.eval_batch_size,), jnp.int32, sharding=self.sharding),
                  "mask": jax.ShapeDtypeStruct((config.eval_batch_size,), jnp.bool_, sharding=self.sharding)}
         self.step = jax.jit(functools.partial(eval_step, model=model),
                             out_shardings=parallel.replicated(mesh)).lower(
-            abstract(state.params), abstract(state.frozen), batch).compile()
+            trainer.abstract_like(state.params), trainer.abstract_like(state.frozen), batch).compile()
         self.num_examples = self.data.num_examples
 
     def __call__(self, state: TrainState) -> dict[str, float]:
@@ -221,15 +219,12 @@ class Classification(trainer.Task):
     total_steps_hint = "raise total_steps or num_epochs to train longer, or set eval_only=True to evaluate"
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
-        self.config = config
         self.model = models.ViTClassifier(**{**config.model, "num_classes": num_classes})
-        self.description = "linear probe" if config.task == "linprobe" else "fine-tuning"
         self.mix = make_mixup(config, num_classes)
         self.evaluator = None
 
     def init_fn(self):
         return lambda key: _split(models.init_variables(self.model, key))
-
 
     def make_optimizer(self, config, schedule):
         return make_optimizer(config, schedule, self.model)

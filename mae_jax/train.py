@@ -154,8 +154,6 @@ def compile_train_step(model: models.MaskedAutoencoderViT, tx: optax.GradientTra
 class Pretraining(trainer.Task):
     """MAE pretraining as a `trainer.Task`: masked-patch reconstruction on unlabelled images."""
 
-    description = "pretraining"
-
     def __init__(self, config: ml_collections.ConfigDict):
         self.model = models.MaskedAutoencoderViT(**config.model)
 
@@ -198,8 +196,7 @@ def _reconstruction_hook(config, model, mesh, workdir: epath.Path, log: trainer.
 
     images = input_pipeline.load_eval_images(config.input, image_shape=model.image_shape, seed=config.seed,
                                              num_images=config.visualize_num_images)
-    variables = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                       {"params": state.params, "frozen": state.frozen})
+    variables = trainer.abstract_like({"params": state.params, "frozen": state.frozen})
     reconstructions = visualize.TrainingReconstructions(model, images, mesh, workdir / "reconstructions",
                                                         seed=config.seed, variables=variables)
 

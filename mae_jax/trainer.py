@@ -35,7 +35,7 @@ from clu import periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mae_jax import checkpoints, parallel
+from mae_jax import checkpoints, models, parallel
 
 PyTree = Any
 StepFn = Callable[[Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
@@ -100,6 +100,11 @@ def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
     """ShapeDtypeStructs carrying their shardings (what Orbax restores into and `jit.lower` takes)."""
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
                                   shardings)
+
+
+def abstract_like(tree: PyTree) -> PyTree:
+    """ShapeDtypeStructs of the arrays in `tree`, with their shardings (to lower a function for them)."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def create_state(init_variables: InitFn, tx: optax.GradientTransformation, seed: int,
@@ -493,11 +498,10 @@ class RunContext:
 class Task:
     """What differs between pretraining, fine-tuning and the linear probe; `run` does the rest.
 
-    Subclasses set `model` and `description`, and implement `init_fn`, `make_optimizer`, `compile_step`;
+    Subclasses set `model`, and implement `init_fn`, `make_optimizer`, `compile_step`;
     the others have working defaults.
     """
 
-    description = "training"
     model: Any
     total_steps_hint = "raise total_steps or num_epochs to train longer"
 
@@ -601,8 +605,6 @@ def run(config, workdir: str | os.PathLike, task: Task, mesh_shape: tuple[int, i
         if resume_step is not None:
             stage("Restoring step %d from %s...", resume_step, manager.directory)
         else:
-            from mae_jax import models
-
             stage("Initialising %s params...", f"{models.count_params(abstract_state(task.init_fn(), tx).params):,}")
         restored_step, state, shardings = restore_or_init(manager, task.init_fn(), tx, config.seed, mesh)
         if restored_step != resume_step:  # the latest step was damaged: the input continues from the one restored
@@ -619,8 +621,6 @@ def run(config, workdir: str | os.PathLike, task: Task, mesh_shape: tuple[int, i
         stage("Compiling the train step (compilation cache: %s)...", jax.config.jax_compilation_cache_dir or "off")
         step_fn = task.compile_step(config, tx, schedule, mesh, shardings)
         hooks = task.hooks(context, state)
-        from mae_jax import models
-
         loop = Loop(
             step_fn=step_fn, batches=task.batches(data_iter, mesh), manager=manager, log=log,
             total_steps=total_steps, batch_size=config.batch_size, log_every_steps=config.log_every_steps,
