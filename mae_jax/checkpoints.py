@@ -244,6 +244,12 @@ def _summary(tree: PyTree) -> tuple[dict[str, int], dict[str, bool]]:
     return ({n: int(c) for n, c in zip(names, checksums)}, {n: bool(f) for n, f in zip(names, finite)})
 
 
+def prepare_save(state: PyTree) -> None:
+    """Compiles, by running it once, the fingerprint and finiteness check `save` computes for states like
+    `state`, so that the first save (often a run's last act) does not wait for that compilation."""
+    _summary(state)
+
+
 def nonfinite_leaves(tree: PyTree) -> list[str]:
     """Names ("params/blocks_0/attn/qkv/kernel") of the leaves of `tree` holding a NaN or an infinity."""
     return [name for name, ok in _summary(tree)[1].items() if not ok]

@@ -79,9 +79,10 @@ def configure(*, keep_host_memory: bool = True, compilation_cache: bool = True) 
 
 def _is_third_party_chatter(record: std_logging.LogRecord) -> bool:
     """Orbax's narration of every save and restore, jax's report of each accelerator it does not find, tfds's
-    narration of reading and preparing datasets, and two warnings that are not: Orbax's that a step has no
+    narration of reading and preparing datasets, clu's "Setting work unit notes" (its progress report; our step
+    lines carry the ETA), and two warnings that are not: Orbax's that a step has no
     metadata file (our exports never write one) and tfds's that a dataset being prepared has no info yet."""
-    if re.search(r"/orbax/|xla_bridge|/tensorflow_datasets/", record.pathname) is None:
+    if re.search(r"/orbax/|xla_bridge|/tensorflow_datasets/|/clu/platform/", record.pathname) is None:
         return False
     return record.levelno < std_logging.WARNING or record.getMessage().startswith(
         ("Metadata file does not exist", "Variant folder "))

@@ -14,8 +14,10 @@ never reuses one, so no two uses ever share random numbers (parameter initialisa
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import datetime
 import functools
 import json
 import os
@@ -205,7 +207,8 @@ class MetricsLog:
 
         self.writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.fspath(workdir / "tensorboard")))
 
-    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    def write(self, step: int, scalars: Mapping[str, float], eta_seconds: float | None = None) -> None:
+        """Appends a record to metrics.jsonl and TensorBoard and logs it as a step line (with the ETA, if given)."""
         if not self.active:
             return
         record = {"step": step, **{k: float(v) for k, v in scalars.items()}}
@@ -218,6 +221,8 @@ class MetricsLog:
                              else f"{k} {record[k]:.4f}" if k.startswith("eval_") else f"{k} {record[k]:.3f}"
                              for k in shown)
         speed = f" | {record['images_per_sec']:.1f} img/s" if "images_per_sec" in record else ""
+        if eta_seconds is not None and step < self.total_steps:
+            speed += f" | ETA {datetime.timedelta(seconds=round(eta_seconds))}"
         logging.info("step %d/%d | %s%s", step, self.total_steps, details, speed)
 
     def write_image(self, step: int, name: str, image: np.ndarray) -> None:
@@ -370,7 +375,7 @@ class Loop:
             scalars["lr"] = float(lr)
         scalars["param_norm"] = float(_param_norm(state.params))
         scalars["images_per_sec"] = self.batch_size * steps / seconds
-        self.log.write(step, scalars)
+        self.log.write(step, scalars, eta_seconds=(self.total_steps - step) * seconds / steps)
         return scalars
 
 
@@ -619,8 +624,12 @@ def run(config, workdir: str | os.PathLike, task: Task, mesh_shape: tuple[int, i
         if not task.before_training(context, state, resume_step):
             return {}
         stage("Compiling the train step (compilation cache: %s)...", jax.config.jax_compilation_cache_dir or "off")
+        # The checkpoint's checks compile meanwhile on another core (one process: several must stay in step).
+        pool = cleanup.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+        saving = pool.submit(checkpoints.prepare_save, state) if jax.process_count() == 1 else None
         step_fn = task.compile_step(config, tx, schedule, mesh, shardings)
         hooks = task.hooks(context, state)
+        saving.result() if saving else checkpoints.prepare_save(state)
         loop = Loop(
             step_fn=step_fn, batches=task.batches(data_iter, mesh), manager=manager, log=log,
             total_steps=total_steps, batch_size=config.batch_size, log_every_steps=config.log_every_steps,

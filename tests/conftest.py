@@ -1,15 +1,19 @@
 """Test setup, before jax is imported anywhere: 8 simulated CPU devices, and one persistent compilation
 cache for the session (in-process and subprocess runs of the same program compile it once; the cached
-executable is the one XLA would build again)."""
+executable is the one XLA would build again); LLVM at -O0 (runs.TEST_XLA_FLAGS: half the compile time)."""
 
 import atexit
 import os
 import shutil
 import tempfile
 
+from runs import TEST_XLA_FLAGS
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+if TEST_XLA_FLAGS not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + TEST_XLA_FLAGS
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mae_jax import checkpoints, trainer
-from runs import FIVE_STEPS, ROOT, losses, run_main
+from runs import FIVE_STEPS, ROOT, losses, run_main, xla_flags
 
 pytestmark = pytest.mark.slow  # end-to-end runs or PyTorch comparisons: not in the quick subset
 
@@ -266,7 +266,7 @@ def _in_mount_namespace(setup: str, command: list[str]) -> subprocess.CompletedP
     if probe.returncode != 0:
         pytest.skip(f"cannot mount in a private namespace here: {probe.stderr.decode().strip()}")
     script = f"{setup} && exec {' '.join(command)}"
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(1))
     return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=30,
                           cwd=ROOT, env=env)
 

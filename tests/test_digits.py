@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from runs import ROOT, read_metrics, run_main
+from runs import ROOT, read_metrics, run_main, xla_flags
 
 sys.path.insert(0, ROOT)
 
@@ -62,7 +62,7 @@ def _without_steps():
 @pytest.mark.slow
 def test_example_command_runs_shrunk_and_writes_the_table(tmp_path):
     """The README's command, `python benchmarks/digits.py`, at 2% of the steps and 1 seed."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     proc = subprocess.run([sys.executable, "benchmarks/digits.py", "--workdir", str(tmp_path), "--seeds", "1",
                            "--scale", "0.02"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -23,6 +23,7 @@ NOISE = (
     "Unable to initialize backend",  # jax looking for accelerators
     "Metadata file does not exist",  # Orbax
     "Variant folder",  # tfds
+    "Setting work unit notes",  # clu's progress report (our step lines carry the ETA)
     "\x1b[",  # terminal escape codes (tqdm)
     "Traceback",
 )
@@ -32,7 +33,7 @@ NOISE = (
 # demo 1.2 s (final figure 0.07, final save 0.19, waiting for it to be written 0.88, TensorBoard close 0.003);
 # tiny 5.0 s (figure 0.12, final save 2.8 (it first waits for the previous save), waiting 1.3, close 0.04).
 FIRST_STEP_BOUND = 120  # seconds from the command to the first step line
-EXIT_BOUND = 60  # seconds from the last step line to the end of the process
+EXIT_BOUND = 5  # seconds from the last step line to the end of the process (the issue's bound)
 
 
 def _line_time(line: str) -> float:
@@ -45,7 +46,8 @@ def _line_time(line: str) -> float:
 
 
 def test_readme_demo_command_is_quick_quiet_offline_and_ends_with_a_summary(tmp_path):
-    """README's `python main.py --config configs/demo.py --workdir W`, on a fresh tfds data_dir: the demo
+    """README's `python main.py --config configs/demo.py --workdir W` shortened to 3 of its 10 epochs (96 of 320
+    steps; the whole demo takes 2-3 minutes), on a fresh tfds data_dir: the demo
     photographs are prepared from scikit-image's wheel (any download attempt would fail: the proxy is a closed
     port), the first step comes within a bound, the output is our lines only, the loss falls, the process ends
     promptly with a summary; run again, the finished workdir says so without compiling."""
@@ -53,7 +55,7 @@ def test_readme_demo_command_is_quick_quiet_offline_and_ends_with_a_summary(tmp_
     closed = "http://127.0.0.1:9"
     env = dict(os.environ, TFDS_DATA_DIR=str(data_dir), HTTP_PROXY=closed, HTTPS_PROXY=closed, http_proxy=closed,
                https_proxy=closed, NO_PROXY="", no_proxy="", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    cmd = [sys.executable, "main.py", "--config", "configs/demo.py", "--workdir", str(workdir)]
+    cmd = [sys.executable, "main.py", "--config", "configs/demo.py", "--workdir", str(workdir), "--config.num_epochs=3"]
     start = time.time()
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     end = time.time()
@@ -61,8 +63,9 @@ def test_readme_demo_command_is_quick_quiet_offline_and_ends_with_a_summary(tmp_
     output = result.stdout + result.stderr
     for noise in NOISE:
         assert noise not in output, (noise, output[-3000:])
-    steps = [line for line in result.stdout.splitlines() if re.search(r"\] step \d+/320 \|", line)]
-    assert len(steps) == 16, result.stdout[-3000:]
+    steps = [line for line in result.stdout.splitlines() if re.search(r"\] step \d+/96 \|", line)]
+    assert len(steps) == 5, result.stdout[-3000:]
+    assert all(" img/s | ETA " in line for line in steps[:-1]) and "ETA" not in steps[-1], steps
     first_step, last_step = _line_time(steps[0]) - start, end - _line_time(steps[-1])
     print(f"configs/demo.py: {end - start:.0f} s wall; first step line after {first_step:.1f} s; exit "
           f"{last_step:.1f} s after the last step line; {len(output.splitlines())} lines of output")
@@ -70,18 +73,18 @@ def test_readme_demo_command_is_quick_quiet_offline_and_ends_with_a_summary(tmp_
     assert last_step < EXIT_BOUND
     # Start-up is staged, the end is a summary naming where everything is and what to run next.
     for stage in ("Opening the input (demo)", "Preparing mae_demo as TFRecords in", "Initialising",
-                  "Compiling the train step", "Training from step 0 of 320"):
+                  "Compiling the train step", "Training from step 0 of 96"):
         assert stage in result.stdout, stage
-    assert "Done: step 320/320, loss" in result.stdout
+    assert "Done: step 96/96, loss" in result.stdout
     for where in ("checkpoints", "metrics.jsonl", "reconstructions", "tensorboard --logdir",
                   "python -m mae_jax.visualize --checkpoint"):
         assert where in result.stdout, where
     # The loss falls; the data came from the wheel: a prepared demo dataset and nothing downloaded.
     metrics = read_metrics(workdir)
-    assert metrics[-1]["step"] == 320 and all(math.isfinite(m["loss"]) for m in metrics)
-    first, last = metrics[0]["loss"], np.mean([m["loss"] for m in metrics[-5:]])
-    assert last < 0.7 * first, (first, last)
-    assert "320" in os.listdir(workdir / "checkpoints")
+    assert metrics[-1]["step"] == 96 and all(math.isfinite(m["loss"]) for m in metrics)
+    first, last = metrics[0]["loss"], metrics[-1]["loss"]
+    assert last < 0.8 * first, (first, last)
+    assert "96" in os.listdir(workdir / "checkpoints")
     assert (data_dir / "mae_demo" / "1.0.0" / "dataset_info.json").exists()
     downloads = data_dir / "downloads"
     assert not downloads.exists() or not [f for _, _, files in os.walk(downloads) for f in files]

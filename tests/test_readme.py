@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from runs import ROOT
+from runs import ROOT, xla_flags
 
 pytestmark = pytest.mark.slow  # end-to-end runs or PyTorch comparisons: not in the quick subset
 
@@ -39,7 +39,7 @@ def blocks():
 
 def _run_python(code: str, cwd) -> subprocess.CompletedProcess:
     code = code.replace('"B/16"', '"test/8"')
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(1))
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 
