@@ -251,7 +251,7 @@ def hf_to_official(sd: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
                              f"{missing} missing")
         shapes = {p[1].shape for p in present}
         if len(shapes) > 1:
-            raise ValueError(f"query/key/value of different shapes in the checkpoint: "
+            raise ValueError("query/key/value of different shapes in the checkpoint: "
                              + ", ".join(f"{k} {list(v.shape)}" for k, v in present))
         out[target] = np.concatenate([p[1] for p in present], axis=0)
         origin[target] = label

@@ -21,3 +21,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests of a minute or more (marked `long`) first: the two workers of `-n 2` then end on short tests
+    together, rather than one finishing a long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

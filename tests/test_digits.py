@@ -60,6 +60,7 @@ def _without_steps():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_example_command_runs_shrunk_and_writes_the_table(tmp_path):
     """The README's command, `python benchmarks/digits.py`, at 2% of the steps and 1 seed."""
     env = dict(os.environ, XLA_FLAGS=xla_flags(1))
@@ -86,12 +87,17 @@ def test_example_command_runs_shrunk_and_writes_the_table(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_main_commands_of_the_digits_configs(tmp_path):
-    """The README's single-run commands: configs/digits_pretrain.py, then configs/digits_finetune.py and
-    configs/digits_linprobe.py from its workdir (a few steps each)."""
+    """The README's single-run commands: configs/digits_pretrain.py (in-process), then configs/digits_finetune.py
+    and configs/digits_linprobe.py from its workdir with main.py (a few steps each)."""
     few = ("--config.total_steps=3", "--config.log_every_steps=1")
-    pretrain = run_main(tmp_path / "pt", *few, config="configs/digits_pretrain.py")
-    assert pretrain.returncode == 0, pretrain.stderr[-3000:]
+    from configs import digits_pretrain
+    from mae_jax import train
+
+    config = digits_pretrain.get_config()  # in-process: the first command, shortened as the others
+    config.total_steps, config.log_every_steps = 3, 1
+    train.train_and_evaluate(config, tmp_path / "pt")
     for config in ("configs/digits_finetune.py", "configs/digits_linprobe.py"):
         proc = run_main(tmp_path / os.path.basename(config), *few, f"--config.init_from={tmp_path / 'pt'}",
                         "--config.input.train_split=train[:10%]", config=config)

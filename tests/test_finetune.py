@@ -30,6 +30,7 @@ def _assert_close(a, b, keys, atol):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_resume_devices_and_evaluation(tmp_path):
     """One uninterrupted 12-step run on 1 device; the same on 8 devices; a copy of the first resumed from its
     step-6 checkpoint. Training and eval metrics agree (exactly on resume, 1e-6 over devices), and the
@@ -62,6 +63,7 @@ def test_resume_devices_and_evaluation(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_init_from_pretraining_then_eval_only(tmp_path):
     """README's commands, shortened: pretrain configs/tiny.py, fine-tune configs/finetune_tiny.py from that
     workdir (encoder loaded, decoder and norm dropped, head and fc_norm new), eval_only on the fine-tuned

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from runs import ROOT, read_metrics
@@ -45,6 +44,7 @@ def _line_time(line: str) -> float:
     return stamp.timestamp() + float(second)
 
 
+@pytest.mark.long
 def test_readme_demo_command_is_quick_quiet_offline_and_ends_with_a_summary(tmp_path):
     """README's `python main.py --config configs/demo.py --workdir W` shortened to 3 of its 10 epochs (96 of 320
     steps; the whole demo takes 2-3 minutes), on a fresh tfds data_dir: the demo

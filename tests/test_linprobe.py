@@ -47,6 +47,7 @@ def test_linear_probe_trains_the_head_only(tmp_path):
     assert _different(probed["frozen"]["batch_stats"], first["frozen"]["batch_stats"])
 
 
+@pytest.mark.long
 def test_partial_finetuning_trains_the_last_blocks_only(tmp_path):
     pretrained = _export_mae(tmp_path / "mae", depth=4)
     config = finetune_tiny.get_config()

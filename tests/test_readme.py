@@ -93,6 +93,7 @@ def _convert(cwd, *args) -> str:
     return result.stdout + result.stderr
 
 
+@pytest.mark.long
 def test_convert_commands(tmp_path):
     """The README's conversion commands, as written, on tiny models saved under the names they use."""
     pytest.importorskip("torch", reason="writing and reading .pth files needs torch")
