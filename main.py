@@ -21,7 +21,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mae_jax import config_lib, finetune, train  # noqa: E402
+from mae_jax import config_lib  # noqa: E402  (the tasks import TensorFlow: in main(), after the flags are read)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -73,7 +73,10 @@ def main(argv):
     verbose = runtime.quiet_logs()  # Orbax's narration of every save, jax's search for accelerators
     logging.info("Process settings: %s.", SETTINGS)
     try:
-        task = train if "task" not in FLAGS.config else finetune  # pretraining configs have no task
+        if "task" not in FLAGS.config:  # pretraining configs have no task
+            from mae_jax import train as task
+        else:
+            from mae_jax import finetune as task
         task.train_and_evaluate(FLAGS.config, FLAGS.workdir)  # closes everything it opened before returning
     except (ValueError, OSError, FloatingPointError) as e:  # bad settings, data or weights; a NaN stop
         if verbose:

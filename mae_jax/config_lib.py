@@ -53,7 +53,8 @@ def input_config() -> ml_collections.ConfigDict:
     c.rand_augment = ""  # timm RandAugment config string, e.g. "rand-m9-mstd0.5-inc1" ("" off)
     c.random_erasing = 0.0  # probability, timm RandomErasing mode "pixel" after normalisation
     c.eval_crop_pct = 224 / 256  # eval: resize shorter side to size / crop_pct, center crop
-    c.prefetch_batches = 2  # batches prepared ahead of the trainer on each host (-1: tf.data autotune)
+    c.prefetch_batches = 2  # batches prepared ahead of the trainer on each host (-1: tf.data autotune, which
+    # also tunes the parallelism; its thread can hold the end of a run for tens of seconds, see input_pipeline)
     c.threads = 0  # threads decoding and augmenting on each host (0: tf.data's default, one per core)
     return c
 

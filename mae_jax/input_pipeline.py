@@ -54,6 +54,7 @@ a single host's full ImageNet (~140 GB), seconds on a pod where each host holds 
 
 from __future__ import annotations
 
+import os
 import math
 import re
 from typing import Callable, Iterator, Sequence
@@ -191,9 +192,23 @@ def _keep_tf_off_accelerators() -> None:
         pass
 
 
-def _options(threads: int) -> tf.data.Options:
+def _parallelism(threads: int, prefetch_batches: int) -> int:
+    """The parallel maps' `num_parallel_calls`: `threads` (or one per usable core), or tf.data's autotune when
+    `prefetch_batches` asks for it (-1)."""
+    if prefetch_batches < 0:
+        return tf.data.AUTOTUNE
+    return threads if threads > 0 else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1
+
+
+def _options(threads: int, prefetch_batches: int) -> tf.data.Options:
+    """Deterministic; tf.data's autotune only with `prefetch_batches=-1`. Its optimisation thread can miss the
+    wake-up when an iterator is deleted: the deletion then holds the GIL until the thread's next round (20-40 s
+    measured at the end of a run on a busy 2-core machine, longer in long runs), so by default the parallelism
+    is fixed instead (`_parallelism`)."""
     options = tf.data.Options()
     options.deterministic = True
+    options.autotune.enabled = prefetch_batches < 0
     options.threading.max_intra_op_parallelism = 1  # parallelism comes from the parallel map, not from ops
     if threads > 0:
         options.threading.private_threadpool_size = threads
@@ -220,6 +235,7 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split, *, seed: int, start:
     num_local = sum(take for _, _, take, _ in files)
     if num_local == 0:
         raise DataError(f"split {split} of {builder.name} is empty")
+    parallel = _parallelism(threads, prefetch_batches)
     filenames, skips, takes, first_ids = (tf.constant(list(column)) for column in zip(*files))
     skips, takes, first_ids = (tf.cast(t, tf.int64) for t in (skips, takes, first_ids))
     image_key = _image_key(builder)
@@ -245,7 +261,7 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split, *, seed: int, start:
                                                                                      first_ids)))
         ds = ds.interleave(read_file, cycle_length=min(len(files), 16), block_length=1,
                            num_parallel_calls=min(len(files), 16), deterministic=True)
-        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(parse, num_parallel_calls=parallel, deterministic=True)
         if shuffle_buffer > 1:
             shuffle_seed = tf.random.stateless_uniform([], seed=order_key, minval=None, maxval=None,
                                                        dtype=tf.int64, alg="philox")
@@ -264,10 +280,10 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split, *, seed: int, start:
         batch = {"images": image, "epoch": epoch, "example_id": example_id}
         return {**batch, "labels": label} if label_key else batch
 
-    ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(augment, num_parallel_calls=parallel, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.prefetch(tf.data.AUTOTUNE if prefetch_batches < 0 else prefetch_batches)
-    return ds.with_options(_options(threads))
+    return ds.with_options(_options(threads, prefetch_batches))
 
 
 class TfdsIterator(Iterator[dict]):
@@ -462,10 +478,11 @@ def eval_dataset(builder: tfds.core.DatasetBuilder, split, *, batch_size: int, n
                                                       tf.constant(takes, tf.int64)))
         records = records.flat_map(lambda filename, skip, take: tf.data.TFRecordDataset(
             filename, buffer_size=1 << 20).skip(skip).take(take))
-        ds = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).concatenate(ds)
+        ds = records.map(decode, num_parallel_calls=_parallelism(threads, prefetch_batches),
+                         deterministic=True).concatenate(ds)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.prefetch(tf.data.AUTOTUNE if prefetch_batches < 0 else prefetch_batches)
-    return ds.with_options(_options(threads))
+    return ds.with_options(_options(threads, prefetch_batches))
 
 
 def _synthetic_eval(config, *, image_shape, local_batch_size: int, process_index: int,

@@ -12,7 +12,11 @@ What it sets, each with its opt-out:
     XLA:CPU's temporaries are not page-faulted in again on every step. `keep_host_memory=False` or the
     environment `MAE_JAX_KEEP_HOST_MEMORY=0` leaves malloc alone.
   - TensorFlow's C++ INFO lines (tf.data is the input pipeline) are hidden: `TF_CPP_MIN_LOG_LEVEL=1` unless
-    the environment sets it.
+    the environment sets it. TensorFlow's oneDNN custom kernels are off (`TF_ENABLE_ONEDNN_OPTS=0` unless the
+    environment sets it): TensorFlow only decodes and augments images here, and on CPUs where oneDNN is on by
+    default it announces itself at import with two lines that no log level hides ("oneDNN custom operations
+    are on ... slightly different numerical results"), besides making the augmentation's round-off depend on
+    the CPU.
   - JAX's persistent compilation cache, so that a restarted run skips compilation: `JAX_COMPILATION_CACHE_DIR`
     if set, else `$MAE_JAX_COMPILATION_CACHE`, else `~/.cache/mae_jax/jax_compilation_cache`;
     `MAE_JAX_COMPILATION_CACHE=0` (or `compilation_cache=False`) turns it off.
@@ -60,6 +64,7 @@ def configure(*, keep_host_memory: bool = True, compilation_cache: bool = True) 
     Idempotent. Returns what was applied.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     if not keep_host_memory:
         memory = "system malloc settings (keep_host_memory=False)"
     elif host_memory.keep_freed_memory():

@@ -434,3 +434,16 @@ def test_hflip_probability_0_never_flips_and_1_always_does():
     with pytest.raises(input_pipeline.DataError, match="hflip"):
         input_pipeline.train_transform(ml_collections.ConfigDict({"crop_scale": (1.0, 1.0),
                                                                   "crop_ratio": (1.0, 1.0), "hflip": 2.0}), (32, 32), 3)
+
+
+def test_autotune_only_when_asked_and_the_batches_do_not_depend_on_it(sharded):
+    # tf.data's autotuning thread can hold the GIL for tens of seconds when an iterator is deleted (the end of a
+    # run, every evaluation): off by default, with one parallel call per core (or config.input.threads).
+    assert not input_pipeline._options(0, 2).autotune.enabled and input_pipeline._options(0, -1).autotune.enabled
+    assert input_pipeline._parallelism(3, 2) == 3 and input_pipeline._parallelism(0, 2) == len(os.sched_getaffinity(0))
+    default = [next(it)["images"] for it in [_iterator(sharded)] for _ in range(3)]
+    tuned_config = ml_collections.ConfigDict(sharded.to_dict())
+    tuned_config.input.prefetch_batches, tuned_config.input.threads = -1, 1
+    tuned = [next(it)["images"] for it in [_iterator(tuned_config)] for _ in range(3)]
+    for a, b in zip(default, tuned):
+        np.testing.assert_array_equal(a, b)
