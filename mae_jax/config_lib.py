@@ -55,7 +55,7 @@ def input_config() -> ml_collections.ConfigDict:
     c.eval_crop_pct = 224 / 256  # eval: resize shorter side to size / crop_pct, center crop
     c.prefetch_batches = 2  # batches prepared ahead of the trainer on each host (-1: tf.data autotune, which
     # also tunes the parallelism; its thread can hold the end of a run for tens of seconds, see input_pipeline)
-    c.threads = 0  # threads decoding and augmenting on each host (0: tf.data's default, one per core)
+    c.threads = 0  # threads decoding and augmenting on each host (0: one per usable core)
     return c
 
 

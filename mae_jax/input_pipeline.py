@@ -54,8 +54,8 @@ a single host's full ImageNet (~140 GB), seconds on a pod where each host holds 
 
 from __future__ import annotations
 
-import os
 import math
+import os
 import re
 from typing import Callable, Iterator, Sequence
 
@@ -197,8 +197,17 @@ def _parallelism(threads: int, prefetch_batches: int) -> int:
     `prefetch_batches` asks for it (-1)."""
     if prefetch_batches < 0:
         return tf.data.AUTOTUNE
-    return threads if threads > 0 else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-        else os.cpu_count() or 1
+    if threads > 0:
+        return threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _batch_and_prefetch(ds: tf.data.Dataset, batch_size: int, prefetch_batches: int,
+                        threads: int) -> tf.data.Dataset:
+    """Batches `ds`, prefetches `prefetch_batches` batches (-1: autotuned) and applies `_options`."""
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.prefetch(tf.data.AUTOTUNE if prefetch_batches < 0 else prefetch_batches)
+    return ds.with_options(_options(threads, prefetch_batches))
 
 
 def _options(threads: int, prefetch_batches: int) -> tf.data.Options:
@@ -281,9 +290,7 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split, *, seed: int, start:
         return {**batch, "labels": label} if label_key else batch
 
     ds = ds.map(augment, num_parallel_calls=parallel, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.prefetch(tf.data.AUTOTUNE if prefetch_batches < 0 else prefetch_batches)
-    return ds.with_options(_options(threads, prefetch_batches))
+    return _batch_and_prefetch(ds, batch_size, prefetch_batches, threads)
 
 
 class TfdsIterator(Iterator[dict]):
@@ -480,9 +487,7 @@ def eval_dataset(builder: tfds.core.DatasetBuilder, split, *, batch_size: int, n
             filename, buffer_size=1 << 20).skip(skip).take(take))
         ds = records.map(decode, num_parallel_calls=_parallelism(threads, prefetch_batches),
                          deterministic=True).concatenate(ds)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.prefetch(tf.data.AUTOTUNE if prefetch_batches < 0 else prefetch_batches)
-    return ds.with_options(_options(threads, prefetch_batches))
+    return _batch_and_prefetch(ds, batch_size, prefetch_batches, threads)
 
 
 def _synthetic_eval(config, *, image_shape, local_batch_size: int, process_index: int,

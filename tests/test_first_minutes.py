@@ -27,13 +27,13 @@ NOISE = (
     "\x1b[",  # terminal escape codes (tqdm)
     "Traceback",
 )
-# The exit used to take 10-40 s inside the suite: deleting the tf.data iterator waited, holding the GIL, for
-# the autotuning thread's next round (seen with py-spy and gdb; reproduced with a disk writer running beside the
-# demo); autotune is now off by default (input_pipeline._options). Measured on the 2-core test machine, alone: first step line after 45-50 s (10 s of it preparing the demo data),
-# exit 0.9-1.5 s after the last step line. Inside the suite, with the other worker busy, the exit has taken up to
-# 28 s, hence the wide margin here. Timed on the 2-core machine at load 9-13 (the work after the last step line):
-# demo 1.2 s (final figure 0.07, final save 0.19, waiting for it to be written 0.88, TensorBoard close 0.003);
-# tiny 5.0 s (figure 0.12, final save 2.8 (it first waits for the previous save), waiting 1.3, close 0.04).
+# Measured on the 2-core test machine, alone: first step line after 35-50 s (3-10 s of it preparing the demo data),
+# exit 0.3-1.5 s after the last step line. Inside the suite the exit used to take 10-40 s: deleting the tf.data
+# iterator waited, holding the GIL, for tf.data's autotuning thread's next round (seen with py-spy and gdb,
+# reproduced with a disk writer beside the demo); autotune is off by default since (input_pipeline._options), and
+# beside the same writer the exit took 0.4-0.8 s. Timed on the 2-core machine at load 9-13 (the work after the last
+# step line): demo 1.2 s (final figure 0.07, final save 0.19, waiting for it to be written 0.88, TensorBoard close
+# 0.003); tiny 5.0 s (figure 0.12, final save 2.8 (it first waits for the previous save), waiting 1.3, close 0.04).
 FIRST_STEP_BOUND = 120  # seconds from the command to the first step line
 EXIT_BOUND = 5  # seconds from the last step line to the end of the process (the bound)
 

@@ -47,8 +47,8 @@ print(json.dumps({"environ_changed": changed, "mmapped": mmapped,
 """
 glibc_only = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
                                 reason="mallinfo2 and mallopt are glibc's")
-DROPPED = ("XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "JAX_COMPILATION_CACHE_DIR", "MAE_JAX_KEEP_HOST_MEMORY",
-           runtime.CACHE_ENV)
+DROPPED = ("XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "JAX_COMPILATION_CACHE_DIR",
+           "MAE_JAX_KEEP_HOST_MEMORY", runtime.CACHE_ENV)
 
 
 def run_program(tmp_path, **env_overrides) -> dict:
