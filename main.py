@@ -4,13 +4,15 @@ r"""Pretrains, fine-tunes or linearly probes an MAE:
   python main.py --config configs/finetune_vit_base.py --workdir DIR --config.init_from=PRETRAINED  # fine-tuning
   python main.py --config configs/linprobe_vit_base.py --workdir DIR --config.init_from=PRETRAINED  # linear probe
 
-Flags only. The logic lives in the importable library (`mae_jax.train` for pretraining, `mae_jax.finetune`
-for configs with `task = "finetune"` or `"linprobe"`) so that it can be tested and used from a notebook. Re-running the same command resumes from the latest checkpoint in DIR. The config fields,
+Flags only. The logic lives in the importable library (`mae_jax.trainer.train_and_evaluate`, which runs the task
+that `config.task` names) so that it can be tested and used from a notebook. Re-running the same command resumes from the latest checkpoint in DIR. The config fields,
 their defaults and meanings are in configs/vit_base.py (and README.md, "Pretraining"). Errors are one line;
 `-v 1` also shows their traceback and third-party INFO logs.
 """
 
+import errno
 import os
+import shlex
 import sys
 
 from mae_jax import runtime
@@ -21,7 +23,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mae_jax import config_lib  # noqa: E402  (the tasks import TensorFlow: in main(), after the flags are read)
+from mae_jax import config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -63,7 +65,7 @@ def main(argv):
         config_file = FLAGS["config"].config_filename.split(":", 1)[0]
         configs_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
         bases = [os.path.join(configs_dir, "vit_base.py")]
-        if "task" in FLAGS.config:
+        if FLAGS.config.get("task", "pretrain") != "pretrain":
             bases.append(os.path.join(configs_dir, "finetune_vit_base.py"))
         print(config_lib.describe(FLAGS.config, [*bases, config_file]))
         return
@@ -71,24 +73,44 @@ def main(argv):
         raise app.UsageError("--workdir is required: the directory for checkpoints, metrics and TensorBoard events")
     logging.get_absl_handler().python_handler.stream = sys.stdout  # progress goes to stdout
     verbose = runtime.quiet_logs()  # Orbax's narration of every save, jax's search for accelerators
+    problem = workdir_problem(FLAGS.workdir)
+    if problem:
+        end_process(1, f"{sys.argv[0]}: error: --workdir {FLAGS.workdir}: {problem}")
     logging.info("Process settings: %s.", SETTINGS)
+    from mae_jax import trainer  # TensorFlow and the tasks: after the flags are read
+
     try:
-        if "task" not in FLAGS.config:  # pretraining configs have no task
-            from mae_jax import train as task
-        else:
-            from mae_jax import finetune as task
-        task.train_and_evaluate(FLAGS.config, FLAGS.workdir)  # closes everything it opened before returning
+        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, command=shlex.join(["python", *sys.argv]))
     except (ValueError, OSError, FloatingPointError) as e:  # bad settings, data or weights; a NaN stop
         if verbose:
             raise
         end_process(1, f"{sys.argv[0]}: error: {' '.join(str(e).split())}")
-    except KeyboardInterrupt:  # a second Ctrl-C (the first saves at the next step and exits normally)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started (the first in training saves)
         if verbose:
             raise
-        print(f"{sys.argv[0]}: interrupted: stopped without saving; re-run to resume from the last checkpoint",
-              file=sys.stderr)
-        sys.exit(130)
+        from mae_jax import checkpoints
+
+        latest = checkpoints.latest_step(os.path.join(FLAGS.workdir, "checkpoints"))
+        end_process(130, f"{sys.argv[0]}: interrupted before anything was saved; re-running the same command starts "
+                    "again" if latest is None else f"{sys.argv[0]}: interrupted: stopped without saving; re-run the "
+                    f"same command to resume from the last checkpoint (step {latest})")
     end_process(0)
+
+
+def workdir_problem(path: str) -> str | None:
+    """Why `path` cannot be this run's workdir (it cannot be created, or written to), or None."""
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    try:
+        if "://" in path:  # gs://, s3://: checked when the run opens it
+            return None
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        os.unlink(probe)
+    except OSError as e:
+        where = f" at {e.filename}" if e.filename and e.filename not in (path, probe) else ""
+        return f"{e.strerror or e} ({errno.errorcode.get(e.errno, '?')}){where}: use a directory you can create and write"
+    return None
 
 
 def end_process(status: int, message: str | None = None) -> None:

@@ -27,16 +27,18 @@ CONFIGS = {"B/16": lambda: _config("vit_base"), "L/16": lambda: _config("vit_lar
            "H/14": lambda: _config("vit_huge")}
 
 
-def setup(config):
-    """What `train.train_and_evaluate` builds before compiling: (model, mesh, schedule, optimizer)."""
-    from mae_jax import config_lib, models, parallel, train
+def build(config):
+    """What `trainer.train_and_evaluate` builds before compiling, on this process's devices, for a run of 1,000
+    steps an epoch (the schedule's length does not change the step): the `trainer.Setup`."""
     import jax
 
+    from mae_jax import config_lib, trainer
+
     config_lib.resolve(config)
-    data, fsdp = train.validate_config(config, jax.device_count(), jax.process_count())
-    schedule = train.learning_rate_schedule(config, 1000, 100_000)
-    return (models.MaskedAutoencoderViT(**config.model), parallel.create_mesh(data, fsdp), schedule,
-            train.make_optimizer(config, schedule))
+    cls = trainer.task_class(config)
+    cls.validate(config, jax.device_count(), jax.process_count())
+    task = cls(config, platform=jax.devices()[0].platform)
+    return trainer.build(config, task, jax.devices(), num_examples=1000 * config.batch_size)
 
 
 def lowered_flops(lowered) -> float:
@@ -46,19 +48,21 @@ def lowered_flops(lowered) -> float:
     return float(cost["flops"])
 
 
-def model_flops_per_step(config, tx, schedule, mesh) -> float:
-    """FLOPs of one train step as written (no rematerialisation), from XLA's cost analysis.
+def model_flops_per_step(config, program: str = "train_step") -> float:
+    """FLOPs of one step as written (no rematerialisation), from XLA's cost analysis.
 
     Taken from the lowered step without scans (blocks unrolled, no gradient accumulation): XLA's figure
     counts a loop body once, and rematerialisation adds work that MFU does not count. The lowered module
     is the global (unpartitioned) program, so the figure is for the whole batch on any mesh. Lowering is
     cheap (no compilation).
     """
-    from mae_jax import models, train
+    import copy
 
-    model = models.MaskedAutoencoderViT(**dict(config.model, scan_blocks=False, remat="none"))
-    shardings = train.state_shardings(train.abstract_train_state(model, tx), tx, mesh)
-    return lowered_flops(train.lower_train_step(model, tx, schedule, mesh, shardings, batch_size=config.batch_size))
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.model.update(scan_blocks=False, remat="none")
+        config.grad_accum_steps = 1
+    return lowered_flops(build(config).programs[program].lower())
 
 
 def matmul_peak_flops() -> float:

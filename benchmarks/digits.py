@@ -57,13 +57,13 @@ def _scaled(config: ml_collections.ConfigDict, scale: float) -> ml_collections.C
 def pretrain(workdir: str, seed: int, scale: float = 1.0, overrides: dict | None = None) -> str:
     """Pretrains configs/digits_pretrain.py (seed `seed`) in workdir/pretrain_s{seed}; returns that workdir."""
     from configs import digits_pretrain
-    from mae_jax import train
+    from mae_jax import trainer
 
     config = _scaled(digits_pretrain.get_config(), scale)
     config.seed = seed
     config.update_from_flattened_dict(overrides or {})
     path = os.path.join(workdir, f"pretrain_s{seed}")
-    train.train_and_evaluate(config, path)
+    trainer.train_and_evaluate(config, path)
     return path
 
 
@@ -72,15 +72,15 @@ def classify(workdir: str, task: str, seed: int, labels: str, init_from: str | N
     """Fine-tunes (task "finetune") or probes ("linprobe") in `workdir` with the train split of `labels` (a key
     of LABELS), from `init_from` or a random initialisation; returns the test top-1."""
     from configs import digits_finetune, digits_linprobe
-    from mae_jax import finetune, trainer
+    from mae_jax import loop, trainer
 
     config = _scaled((digits_finetune if task == "finetune" else digits_linprobe).get_config(), scale)
     config.seed = seed
     config.input.train_split = LABELS[labels]
     config.init_from = init_from or ""
     config.update_from_flattened_dict(overrides or {})
-    finetune.train_and_evaluate(config, workdir)
-    evals = [r for r in trainer.read_metrics(trainer.epath.Path(workdir) / "metrics.jsonl") if "eval_top1" in r]
+    trainer.train_and_evaluate(config, workdir)
+    evals = [r for r in loop.read_metrics(os.path.join(workdir, "metrics.jsonl")) if "eval_top1" in r]
     return float(evals[-1]["eval_top1"])
 
 

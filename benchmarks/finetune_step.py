@@ -5,8 +5,8 @@ r"""Times the fine-tuning train step and the evaluation step (and, with --compar
   python benchmarks/finetune_step.py --config configs/finetune_vit_base.py --config.batch_size=8 --task linprobe
 
 The JAX side is what `main.py` compiles for a fine-tuning config (`mae_jax/finetune.py`):
-`Classification(config, num_classes).compile_step(...)` on the state of `trainer.create_state`, with random
-images and labels (`--num_classes`, 1000), and the compiled `eval_step` of `finetune.Evaluator` on a batch of
+the "train_step" and "eval_step" programs of `trainer.build` (`finetune.Classification`), compiled, on a fresh
+state, with random uint8 images and labels (`--num_classes`, 1000), the evaluation on a batch of
 `--eval_batch_size` (64). The PyTorch side is `transformers.ViTForImageClassification` of the same shapes
 (exact GELU, the config's LayerNorm eps, dropout 0) + `torch.optim.AdamW` (the config's peak lr, betas and
 weight decay; no decay on biases, norms, cls token and position table), cross-entropy with the config's label
@@ -23,14 +23,11 @@ peak measured in the same process (a 2048^3 `jnp.dot`) and MFU, memory.
 
 `--task linprobe` times the linear probe's step instead (`config.task = "linprobe"`, the encoder frozen, a
 BatchNorm + linear head trained with LARS) and reports its FLOPs per image next to the fine-tuning step's and
-the forward's: the probe should cost about a forward (no encoder backward). It needs the model fields
-`frozen_encoder` and `head_batch_norm`; without them it prints a `skipped` line. A config with
+the forward's: the probe should cost about a forward (no encoder backward). A config with
 `task = "linprobe"` (configs/linprobe_*.py) is taken as the probe as it is.
 """
 
 import copy
-import dataclasses
-import functools
 import json
 import os
 import sys
@@ -65,17 +62,6 @@ PROBE_FIELDS = ("frozen_encoder", "head_batch_norm")  # ViTClassifier fields the
 # -------------------------------------------------------------------------------------------------------
 
 
-def probe_unavailable() -> str | None:
-    """Why the linear probe cannot be built here, or None."""
-    from mae_jax import models
-
-    missing = set(PROBE_FIELDS) - {f.name for f in dataclasses.fields(models.ViTClassifier)}
-    if missing:
-        return (f"models.ViTClassifier has no {sorted(missing)} fields yet (the linear-probe model); "
-                "the probe step cannot be built")
-    return None
-
-
 def task_config(config, task: str):
     """`config` (a fine-tuning or probe config) as the fine-tuning step or as the linear probe of its encoder;
     the probe as configs/linprobe_*.py sets it (cls token, BatchNorm head, LARS, no smoothing or mixing)."""
@@ -97,30 +83,19 @@ def task_config(config, task: str):
 # -------------------------------------------------------------------------------------------------------
 
 
-def _classification(config, num_classes: int):
-    """(task, mesh, schedule, optimizer) as `finetune.train_and_evaluate` and `trainer.run` build them."""
-    import jax
-
-    from mae_jax import config_lib, finetune, parallel, trainer
-
-    config_lib.resolve(config)
-    mesh = parallel.create_mesh(*finetune.validate_config(config, jax.device_count(), jax.process_count()))
-    schedule = trainer.learning_rate_schedule(config, 1000, 100_000)
-    task = finetune.Classification(config, num_classes)
-    return task, mesh, schedule, task.make_optimizer(config, schedule)
+def _build(config, num_classes: int):
+    """`common.build` of the classification task with `num_classes` classes."""
+    with config.unlocked():
+        config.model.num_classes = num_classes
+    return common.build(config)
 
 
-def step_flops(config, num_classes: int) -> float:
-    """FLOPs of one train step as written, from XLA's cost analysis of the lowered step with blocks unrolled
-    and no remat (as `common.model_flops_per_step`: a scan's body counts once, remat adds uncounted work)."""
-    from mae_jax import trainer
-
+def step_flops(config, num_classes: int, program: str = "train_step") -> float:
+    """FLOPs of one step as written (`common.model_flops_per_step`), of the task with `num_classes` classes."""
     config = copy.deepcopy(config)
     with config.unlocked():
-        config.model.update(scan_blocks=False, remat="none")
-    task, mesh, schedule, tx = _classification(config, num_classes)
-    shardings = trainer.state_shardings(trainer.abstract_state(task.init_fn(), tx), tx, mesh)
-    return common.lowered_flops(task.lower_step(config, tx, schedule, mesh, shardings))
+        config.model.num_classes = num_classes
+    return common.model_flops_per_step(config, program)
 
 
 def time_jax(config, task_name: str, num_classes: int, steps: int, eval_steps: int, warmup: int) -> dict:
@@ -131,22 +106,22 @@ def time_jax(config, task_name: str, num_classes: int, steps: int, eval_steps: i
     import jax
     import numpy as np
 
-    from mae_jax import finetune, parallel, trainer
+    from mae_jax import parallel
 
-    config.input.dataset = "synthetic"  # the Evaluator opens it; the timed batches are random arrays
-    task, mesh, schedule, tx = _classification(config, num_classes)
-    model = task.model
-    state, shardings = trainer.create_state(task.init_fn(), tx, config.seed, mesh)
+    config.input.dataset = "synthetic"  # the timed batches are random arrays
+    setup = _build(config, num_classes)
+    model = setup.task.model
+    state = setup.init_state()
     start = time.perf_counter()
-    step = task.compile_step(config, tx, schedule, mesh, shardings)
+    step = setup.programs["train_step"].lower().compile()
     compile_seconds = time.perf_counter() - start
     memory = step.memory_analysis()
 
     rng = np.random.default_rng(config.seed)
-    sharding = parallel.batch_sharding(mesh)
+    sharding = parallel.batch_sharding(setup.mesh)
 
     def random_batch(size: int) -> dict:
-        return {"images": parallel.global_batch(rng.standard_normal((size, *model.image_shape), np.float32), sharding),
+        return {"images": parallel.global_batch(rng.integers(0, 256, (size, *model.image_shape), np.uint8), sharding),
                 "labels": parallel.global_batch(rng.integers(0, num_classes, size, dtype=np.int32), sharding)}
 
     batch = random_batch(config.batch_size)
@@ -164,7 +139,7 @@ def time_jax(config, task_name: str, num_classes: int, steps: int, eval_steps: i
     assert np.isfinite(loss), loss
 
     start = time.perf_counter()
-    evaluator = finetune.Evaluator(config, model, mesh, state)  # compiles eval_step as a run does
+    evaluate = setup.programs["eval_step"].lower().compile()  # as a run compiles it
     eval_compile_seconds = time.perf_counter() - start
     eval_batch = {**random_batch(config.eval_batch_size),
                   "mask": parallel.global_batch(np.ones(config.eval_batch_size, np.bool_), sharding)}
@@ -172,7 +147,7 @@ def time_jax(config, task_name: str, num_classes: int, steps: int, eval_steps: i
 
     def eval_step():
         nonlocal sums
-        sums = jax.block_until_ready(evaluator.step(state.params, state.frozen, eval_batch))
+        sums = jax.block_until_ready(evaluate(state.variables, eval_batch))
 
     with jax.transfer_guard("disallow_explicit"):
         eval_times = common.time_calls(eval_step, eval_steps, warmup)
@@ -180,8 +155,7 @@ def time_jax(config, task_name: str, num_classes: int, steps: int, eval_steps: i
 
     # FLOPs (lowering only, nothing compiled) and the peak, measured after the timed steps.
     train_flops = step_flops(config, num_classes) / config.batch_size
-    forward = jax.jit(functools.partial(finetune.eval_step, model=model)).lower(state.params, state.frozen, eval_batch)
-    forward_flops = common.lowered_flops(forward) / config.eval_batch_size
+    forward_flops = step_flops(config, num_classes, "eval_step") / config.eval_batch_size
     peak = common.matmul_peak_flops()
     train = common.step_stats(train_times, config.batch_size)
     evaluation = common.step_stats(eval_times, config.eval_batch_size)
@@ -326,9 +300,6 @@ def main(argv):
                                     train=FLAGS.task == "finetune")))
         return
     name = f"{FLAGS.task}_train_step"
-    if FLAGS.task == "linprobe" and (reason := probe_unavailable()):
-        print(json.dumps({"cpu": common.cpu_info(), "benchmark": name, "skipped": reason}))
-        return
     if FLAGS.compare == "torch":
         extras = {k: v for k, v in (("model.drop_path_rate", config.model.drop_path_rate), ("mixup", config.mixup),
                                     ("cutmix", config.cutmix)) if v}

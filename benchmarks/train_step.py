@@ -44,20 +44,20 @@ def time_jax(config, steps: int, warmup: int) -> dict:
     import jax
     import numpy as np
 
-    from mae_jax import input_pipeline, parallel, train
+    from mae_jax import input_pipeline, parallel
 
     config.input.dataset = "synthetic"
-    model, mesh, schedule, tx = common.setup(config)
-    state, shardings = train.create_train_state(model, tx, config.seed, mesh)
+    setup = common.build(config)
+    model, program = setup.task.model, setup.programs["train_step"]
+    state = setup.init_state()
     start = time.perf_counter()
-    step = train.compile_train_step(model, tx, schedule, mesh, shardings, batch_size=config.batch_size,
-                                    grad_accum_steps=config.grad_accum_steps)
+    step = program.lower().compile()
     compile_seconds = time.perf_counter() - start
     memory = step.memory_analysis()
     batch = next(input_pipeline.create_train_iterator(
         config.input, image_shape=model.image_shape, seed=config.seed, global_batch_size=config.batch_size,
-        process_index=0, process_count=1))["images"]
-    images = parallel.global_batch(batch, parallel.batch_sharding(mesh))
+        process_index=0, process_count=1))
+    images = {"images": parallel.global_batch(batch["images"], parallel.batch_sharding(setup.mesh))}
     metrics = None
 
     def one_step():
@@ -71,7 +71,7 @@ def time_jax(config, steps: int, warmup: int) -> dict:
     loss = float(jax.device_get(metrics["loss"]))
     assert np.isfinite(loss)
     median = statistics.median(times)
-    flops_per_step = common.model_flops_per_step(config, tx, schedule, mesh)
+    flops_per_step = common.model_flops_per_step(config)
     peak = common.matmul_peak_flops()
     return {
         "framework": "jax",

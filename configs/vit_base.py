@@ -15,6 +15,7 @@ from mae_jax import config_lib, models
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    config.task = "pretrain"  # what main.py runs: "pretrain", "finetune" or "linprobe" (mae_jax/trainer.py TASKS)
 
     # Model: constructor fields of models.MaskedAutoencoderViT, nothing else.
     config.model = models.variant("B/16", image_size=(224, 224), mask_ratio=0.75, norm_pix_loss=True)

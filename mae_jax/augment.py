@@ -2,8 +2,10 @@
 
 RandomResizedCrop(scale=(0.2, 1.0), ratio=(3/4, 4/3)) with torchvision's box sampling (`crop_box_from_uniforms`),
 cropped while decoding JPEGs, resized bicubic with antialiasing (PIL's bicubic, which torchvision applies to
-PIL images, within 0.3/255 on average); horizontal flip with p = 0.5; ImageNet mean/std normalisation.
-Randomness comes from a stateless key, so the same key always gives the same image.
+PIL images, within 0.3/255 on average) and held as uint8 as PIL holds it; horizontal flip with p = 0.5. The
+ImageNet mean/std normalisation happens on the device, in the compiled step (`pixels.model_input`): uint8
+batches are a quarter of float32's bytes from host to device. Randomness comes from a stateless key, so the same
+key always gives the same image.
 """
 
 from __future__ import annotations
@@ -65,6 +67,14 @@ def _normalise(image: tf.Tensor, num_channels: int) -> tf.Tensor:
     return pixels.normalise(tf.clip_by_value(image, 0.0, 255.0) / 255.0, num_channels)
 
 
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+    """[H, W, C] uint8, or float in 0..255 (rounded and clipped, as Pillow would hold it) -> uint8."""
+    image = tf.convert_to_tensor(image)
+    if image.dtype == tf.uint8:
+        return image
+    return tf.cast(tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0.0, 255.0), tf.uint8)
+
+
 def resize_bicubic(image: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
     """[h, w, C] -> [H, W, C] float32, bicubic with antialiasing (PIL's). A crop already of the output size is
     only cast: the resize is exactly the identity there (each output pixel's kernel weights are 1 on its own
@@ -80,7 +90,7 @@ def resize_bicubic(image: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
 def preprocess_for_train(encoded: tf.Tensor, key: tf.Tensor, *, image_size: tuple[int, int], num_channels: int,
                          scale: Sequence[float] = (0.2, 1.0),
                          ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF/BMP -> RandomResizedCrop, random horizontal flip, normalise: [H, W, C] float32.
+    """Encoded JPEG/PNG/GIF/BMP -> RandomResizedCrop, random horizontal flip: [H, W, C] uint8.
 
     `hflip` is the flip's probability (the paper's 0.5; 0 for images that are not mirror-symmetric, e.g. digits).
 
@@ -110,7 +120,7 @@ def preprocess_for_train(encoded: tf.Tensor, key: tf.Tensor, *, image_size: tupl
     if hflip > 0:  # (with hflip <= 0 the draw below is never under it: skipping it changes nothing)
         flip = tf.random.stateless_uniform([], seed=flip_key, alg="philox") < hflip
         image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
-    image = _normalise(image, num_channels)
+    image = to_uint8(image)
     image.set_shape([*image_size, num_channels])
     return image
 

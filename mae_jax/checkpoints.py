@@ -2,8 +2,9 @@
 
 Layout (one format for both, so that anything that reads weights reads either):
 
-    <root>/<step>/state        PyTree: training state {"step", "params", "frozen", "opt_state", "rng"},
-                               or only {"params", "frozen"} in a weights export
+    <root>/<step>/state        PyTree: training state (`train_state.TrainState`: "step", "params",
+                               "constants", "batch_stats", "opt_state", "rng", "nonfinite_step"), or only the
+                               model's variables ({"params", "constants"?, "batch_stats"?}) in a weights export
     <root>/<step>/model        JSON: the model's constructor fields (enough to rebuild the architecture)
     <root>/<step>/input        JSON: the input pipeline's position (training checkpoints only)
     <root>/<step>/fingerprint  JSON: a uint32 checksum of every leaf of `state`, verified after restoring
@@ -43,6 +44,8 @@ from etils import epath
 
 PyTree = Any
 STATE, MODEL, INPUT, FINGERPRINT = "state", "model", "input", "fingerprint"
+VARIABLES = ("params", "constants", "batch_stats")  # the collections of a model's variables (train_state)
+LEGACY_COLLECTION = "frozen"  # before 0.2.0: the constants, or {"batch_stats": ...} of a classifier
 CORRUPT_MARK = ".corrupt-"  # <step>.corrupt-<reason>: a step moved aside by restore_latest
 
 
@@ -500,7 +503,8 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def load_variables(path: str | os.PathLike) -> tuple[dict | None, dict]:
-    """Reads {"params", "frozen"} as host numpy arrays, and the model fields if recorded.
+    """Reads the model's variables ({"params", "constants"?, "batch_stats"?}) as host numpy arrays, and the
+    model fields if recorded.
 
     `path` may be a workdir, its `checkpoints` directory (latest step), a step directory, or an export
     written by `save_variables`. The optimizer state is not read.
@@ -512,7 +516,7 @@ def load_variables(path: str | os.PathLike) -> tuple[dict | None, dict]:
     if not isinstance(tree, dict):
         raise ValueError(f"checkpoint {step_dir / STATE} has no readable Orbax metadata: expected a complete "
                          "checkpoint written by mae_jax (an interrupted copy?)")
-    wanted = {k: tree[k] for k in ("params", "frozen") if k in tree}
+    wanted = {k: tree[k] for k in (*VARIABLES, LEGACY_COLLECTION) if tree.get(k)}
     if "params" not in wanted:
         raise ValueError(f"checkpoint {step_dir} holds no 'params' (it has {sorted(tree)})")
     restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
@@ -526,14 +530,23 @@ def load_variables(path: str | os.PathLike) -> tuple[dict | None, dict]:
         if isinstance(fields.get("image_size"), list):
             fields["image_size"] = tuple(fields["image_size"])
     logging.info("Loaded weights from %s", step_dir)
-    return fields, variables
+    return fields, _from_legacy(variables)
+
+
+def _from_legacy(variables: dict) -> dict:
+    """Variables as written before 0.2.0, when a classifier's batch_stats and the MAE's constants were both kept
+    under "frozen", in today's collections."""
+    legacy = variables.pop(LEGACY_COLLECTION, None)
+    if legacy:
+        variables.update({"batch_stats": legacy["batch_stats"]} if "batch_stats" in legacy else {"constants": legacy})
+    return variables
 
 
 def save_variables(directory: str | os.PathLike, variables: PyTree, model_fields: Mapping[str, Any],
                    step: int = 0) -> epath.Path:
-    """Writes a weights export ({"params", "frozen"} + model fields) that `load_variables` and
+    """Writes a weights export (the model's variables + model fields) that `load_variables` and
     `config.init_from` read. Returns the step directory."""
-    variables = {k: variables[k] for k in ("params", "frozen") if k in variables}
+    variables = {k: variables[k] for k in VARIABLES if variables.get(k)}
     variables = jax.tree_util.tree_map(np.asarray, variables)
     with make_manager(directory, max_to_keep=None, enable_async=False) as manager:
         save(manager, step, variables, model_fields)

@@ -5,16 +5,18 @@ torch layouts, float32 numpy; the names and layouts live in `mae_jax.torch_layou
 against the model: unknown keys, missing keys and shape mismatches are one error naming the keys and both
 shapes. An encoder-only checkpoint keeps the decoder of the base variables (or of a fresh init), and says so.
 
-Position tables. `from_torch` returns `params` only, what an optimizer trains. The two fixed sin-cos tables
-(the `frozen` collection) travel separately:
-  - `from_torch_variables` and `load_variables` return {"params", "frozen"}: the checkpoint's tables, checked
+Variables are flax's dict, as `model.apply` takes them (see `mae_jax.train_state`): {"params", "constants"} for a
+MaskedAutoencoderViT, {"params"} for a ViTClassifier, {"params", "batch_stats"} for a linear probe's.
+
+Position tables. `from_torch` returns `params` only, what an optimizer trains. The MAE's two fixed sin-cos tables
+(the `constants` collection) travel separately:
+  - `from_torch_variables` and `load_variables` return {"params", "constants"}: the checkpoint's tables, checked
     against the formula (a warning if they differ) and bicubically interpolated when the checkpoint's grid
     differs from the model's (as the official fine-tuning code does);
-  - `default_frozen(model)` gives the formula tables that `model.init` creates: with `load_hf`, use
-    `{"params": params, "frozen": convert.default_frozen(model)}`;
-  - `to_torch` and `save_hf` accept params (tables from the formula) or full variables (tables as given).
+  - `default_constants(model)` gives the formula tables that `model.init` creates;
+  - `to_torch` and `save_hf` accept params (tables from the formula) or variables (tables as given).
 
-Fine-tuning (`models.ViTClassifier`, official `models_vit` keys; its `pos_embed` is a parameter, no "frozen"):
+Fine-tuning (`models.ViTClassifier`, official `models_vit` keys; its `pos_embed` is a parameter, no constants):
 an official fine-tuned classifier (`mae_finetuned_vit_*.pth`) loads strictly; any pretraining source loads its
 encoder strictly, drops its decoder (and, with global pool, its `norm`) and takes `head` / `fc_norm` from the
 base variables or a fresh init (logged), as main_finetune.py does; `to_torch(..., format="official")` and
@@ -22,9 +24,7 @@ base variables or a fresh init (logged), as main_finetune.py does; `to_torch(...
 
 Linear probing (`ViTClassifier(head_batch_norm=True)`, main_linprobe.py's head `Sequential(BatchNorm1d, Linear)`:
 keys `head.0.running_mean`, `head.0.running_var`, `head.0.num_batches_tracked`, `head.1.{weight,bias}`): its
-variables are {"params", "batch_stats"} (flax) or, as a trainer's checkpoint holds them, {"params", "frozen":
-{"batch_stats": ...}}; every function here takes either and returns the flax form (`flax_variables`,
-`checkpoint_variables` convert). An official linear-probe checkpoint loads strictly and `load_model` infers
+variables are {"params", "batch_stats"}. An official linear-probe checkpoint loads strictly and `load_model` infers
 head_batch_norm from its keys; a pretraining checkpoint gets a fresh head and fresh statistics (logged).
 
 Usage:
@@ -71,7 +71,7 @@ from mae_jax import checkpoints, models, runtime, torch_layout
 PyTree = Any
 FORMATS = ("official", "hf", "hf_t5")
 MODEL_FIELDS_KEY = "mae_jax_model"  # our official-format exports: the constructor fields, beside "model"
-FROZEN_KEYS = torch_layout.FROZEN_KEYS
+POSITION_TABLES = torch_layout.POSITION_TABLES
 _CLASSIFIER_FIELDS = ("num_classes", "global_pool", "head_batch_norm")  # what a classifier's keys tell
 Model = torch_layout.Model
 SHOW = torch_layout.SHOW
@@ -80,46 +80,17 @@ SHOW = torch_layout.SHOW
 CheckpointError = checkpoints.CheckpointError  # what every reader raises: a one-line message naming the path
 
 
-def default_frozen(model: models.MaskedAutoencoderViT) -> dict[str, np.ndarray]:
+def default_constants(model: models.MaskedAutoencoderViT) -> dict[str, np.ndarray]:
     """The position tables `model.init` creates: {"pos_embed" [1, 1+L, D], "decoder_pos_embed" [1, 1+L, Dd]}."""
     return {"pos_embed": models.get_2d_sincos_pos_embed(model.embed_dim, model.grid_size, True)[None],
             "decoder_pos_embed": models.get_2d_sincos_pos_embed(model.decoder_embed_dim, model.grid_size,
                                                                 True)[None]}
 
 
-def _split_variables(tree: Mapping) -> tuple[Mapping, Mapping | None, Mapping | None]:
-    """Accepts params, {"params", "frozen"}, {"params", "batch_stats"} (flax) or {"params", "frozen":
-    {"batch_stats": ...}} (a trainer's state: non-param collections under "frozen"); returns (params, the
-    MAE's frozen position tables or None, batch_stats or None)."""
-    if "params" not in tree or "patch_embed" in tree:
-        return tree, None, None
-    frozen, batch_stats = tree.get("frozen"), tree.get("batch_stats")
-    if isinstance(frozen, Mapping) and "batch_stats" in frozen:
-        batch_stats = frozen["batch_stats"] if batch_stats is None else batch_stats
-        frozen = {k: v for k, v in frozen.items() if k != "batch_stats"} or None
-    return tree["params"], frozen or None, batch_stats
-
-
-def flax_variables(variables: Mapping) -> dict:
-    """Variables in the form `model.apply` takes: {"params", "frozen"} (MAE), {"params"} or {"params",
-    "batch_stats"} (a ViTClassifier with head_batch_norm), from any form `to_torch` accepts, e.g. a probe
-    checkpoint's {"params", "frozen": {"batch_stats": ...}}."""
-    params, frozen, batch_stats = _split_variables(variables)
-    out = {"params": params}
-    if frozen is not None:
-        out["frozen"] = frozen
-    if batch_stats is not None:
-        out["batch_stats"] = batch_stats
-    return out
-
-
-def checkpoint_variables(variables: Mapping) -> dict:
-    """The inverse of `flax_variables` for our checkpoints (`checkpoints.save_variables`), which hold
-    {"params", "frozen"}: a classifier's batch_stats go under "frozen", as the trainer's state keeps them."""
-    variables = flax_variables(variables)
-    if "batch_stats" in variables:
-        return {"params": variables["params"], "frozen": {"batch_stats": variables["batch_stats"]}}
-    return variables
+def as_variables(tree: Mapping) -> Mapping:
+    """`tree` as variables: itself if it holds "params", else {"params": tree} (a params tree never has a
+    "params" entry)."""
+    return tree if "params" in tree else {"params": tree}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,15 +129,15 @@ def _check(sd: Mapping, origin: Mapping, model: Model, strict: bool,
         if key not in sd:
             continue
         shape, want = tuple(sd[key].shape), expected[key]
-        if key in FROZEN_KEYS:  # another grid is fine (interpolated); the width is not
+        if key in POSITION_TABLES:  # another grid is fine (interpolated); the width is not
             ok = len(shape) == 3 and shape[0] == 1 and shape[2] == want[2]
         else:
             ok = shape == want
         if not ok:
             mismatched.append(key)
-    missing = [k for k in expected if k not in sd and k not in FROZEN_KEYS and k not in new_keys]
+    missing = [k for k in expected if k not in sd and k not in POSITION_TABLES and k not in new_keys]
     encoder_only = bool(missing) and all(torch_layout.is_decoder(k) for k in missing) and \
-        not any(torch_layout.is_decoder(k) for k in sd if k not in FROZEN_KEYS)
+        not any(torch_layout.is_decoder(k) for k in sd if k not in POSITION_TABLES)
     def listed(keys, describe):
         return ", ".join(describe(k) for k in keys[:SHOW]) + (f" and {len(keys) - SHOW} more"
                                                                if len(keys) > SHOW else "")
@@ -296,7 +267,7 @@ def _variables_from_official(sd: Mapping, origin: Mapping, model: Model,
     fill, encoder_only = _check(sd, origin, model, strict, description, new_keys)
     layout = torch_layout.official_layout(model)
     stats_layout = torch_layout.batch_stats_layout(model)
-    tables = {name: _position_table(sd[name], name, model) for name in FROZEN_KEYS if name in sd}
+    tables = {name: _position_table(sd[name], name, model) for name in POSITION_TABLES if name in sd}
     params, batch_stats = {}, {}
     for key, (path, kind) in layout.items():
         if key in sd:
@@ -305,17 +276,16 @@ def _variables_from_official(sd: Mapping, origin: Mapping, model: Model,
     for key, path in stats_layout.items():
         if key in sd:
             torch_layout.set_path(batch_stats, path, _stat(key, sd[key]))
-    frozen = {name: table for name, table in tables.items() if name not in layout}
-    absent_tables = [] if classifier else [name for name in FROZEN_KEYS if name not in sd]
+    constants = {name: table for name, table in tables.items() if name not in layout}
+    absent_tables = [] if classifier else [name for name in POSITION_TABLES if name not in sd]
     if fill or absent_tables:
         if base_variables is None:
             base_variables = jax.jit(models.init_variables, static_argnums=0)(model, jax.random.key(0))
             base_name = "a fresh initialisation (models.init_variables, seed 0)"
         else:
             base_name = "the base variables"
-        base_params, base_frozen, base_stats = _split_variables(jax.tree_util.tree_map(np.asarray,
-                                                                                        dict(base_variables)))
-        base_params = torch_layout.unscan(base_params)
+        base = jax.tree_util.tree_map(np.asarray, dict(as_variables(base_variables)))
+        base_params, base_stats = torch_layout.unscan(base["params"]), base.get("batch_stats")
         for key in fill:
             if key in stats_layout:  # a base without statistics (params only): BatchNorm1d's initial ones
                 value = _initial_stat(model, key) if base_stats is None else \
@@ -324,9 +294,9 @@ def _variables_from_official(sd: Mapping, origin: Mapping, model: Model,
             else:
                 torch_layout.set_path(params, layout[key][0], torch_layout.get(base_params, layout[key][0]))
         if absent_tables:
-            base_frozen = base_frozen or default_frozen(model)
+            base_constants = base.get("constants") or default_constants(model)
             for name in absent_tables:
-                frozen[name] = base_frozen[name]
+                constants[name] = base_constants[name]
             logging.info("%s has no %s: taken from %s", description, absent_tables, base_name)
         if encoder_only:
             logging.info("%s holds the encoder only: the decoder (%d tensors) is kept from %s", description,
@@ -337,7 +307,7 @@ def _variables_from_official(sd: Mapping, origin: Mapping, model: Model,
     params = torch_layout.scan(params, model)
     if classifier:
         return {"params": params, "batch_stats": batch_stats} if stats_layout else {"params": params}
-    return {"params": params, "frozen": {k: np.array(v, np.float32) for k, v in frozen.items()}}
+    return {"params": params, "constants": {k: np.array(v, np.float32) for k, v in constants.items()}}
 
 
 def _stat(key: str, value: np.ndarray) -> np.ndarray:
@@ -357,7 +327,7 @@ def _initial_stat(model: Model, key: str) -> np.ndarray:
 
 def from_torch_variables(state_dict: Mapping[str, Any], model: Model,
                          base_variables: PyTree | None = None, strict: bool = True) -> dict:
-    """A PyTorch state dict -> {"params", "frozen"} (a ViTClassifier: {"params"}, with head_batch_norm {"params",
+    """A PyTorch state dict -> {"params", "constants"} (a ViTClassifier: {"params"}, with head_batch_norm {"params",
     "batch_stats"}) of numpy arrays for `model`.
 
     `state_dict` maps names to numpy arrays or torch tensors: official MAE (encoder-only, full, or a
@@ -383,12 +353,11 @@ def from_torch(state_dict: Mapping[str, Any], model: Model,
     return from_torch_variables(state_dict, model, base, strict)["params"]
 
 
-def to_torch(params: PyTree, model: Model,
+def to_torch(variables: PyTree, model: Model,
              format: str = "official") -> dict[str, np.ndarray]:
-    """`params` (or {"params", "frozen"}) -> a state dict of float32 numpy arrays in torch layouts.
+    """Variables (or `params` alone) -> a state dict of float32 numpy arrays in torch layouts.
 
-    A ViTClassifier with head_batch_norm needs its statistics: {"params", "batch_stats"} or a checkpoint's
-    {"params", "frozen": {"batch_stats": ...}}; it exports main_linprobe.py's `head.0.running_mean`,
+    A ViTClassifier with head_batch_norm needs its statistics, {"params", "batch_stats"}; it exports main_linprobe.py's `head.0.running_mean`,
     `head.0.running_var`, `head.0.num_batches_tracked` (int64: the count of train-mode batches that updated
     the statistics, which HeadBatchNorm tracks) and `head.1.{weight,bias}`.
 
@@ -396,15 +365,15 @@ def to_torch(params: PyTree, model: Model,
     `models_vit.VisionTransformer` for a ViTClassifier, the only format it has);
     "hf": Hugging Face ViTMAEForPreTraining with the Hub's (transformers 4) names, which transformers 4 and
     5 both load with `from_pretrained`; "hf_t5": transformers 5's in-memory names, for `load_state_dict`.
-    Without "frozen", the MAE's position tables are the formula's for the model's grid.
+    Without "constants", the MAE's position tables are the formula's for the model's grid.
     """
     if format not in FORMATS:
         raise ValueError(f"format {format!r} is not one of {FORMATS}")
     classifier = isinstance(model, models.ViTClassifier)
     if classifier and format != "official":
         raise ValueError(f"format {format!r}: a ViTClassifier exports to 'official' (models_vit) only")
-    params, frozen, batch_stats = _split_variables(params)
-    params = torch_layout.unscan(params)
+    variables = as_variables(variables)
+    params, batch_stats = torch_layout.unscan(variables["params"]), variables.get("batch_stats")
     sd = {}
     for key, (path, kind) in torch_layout.official_layout(model).items():
         value = np.asarray(torch_layout.get(params, path), np.float32)
@@ -412,15 +381,14 @@ def to_torch(params: PyTree, model: Model,
     stats_layout = torch_layout.batch_stats_layout(model)
     if stats_layout and batch_stats is None:
         raise ValueError("a ViTClassifier with head_batch_norm exports its BatchNorm running statistics: pass "
-                         "{'params', 'batch_stats'} (or a checkpoint's {'params', 'frozen': {'batch_stats'}}), "
-                         "not params alone")
+                         "{'params', 'batch_stats'}, not params alone")
     for key, path in stats_layout.items():
         counter = key.endswith(torch_layout.COUNTER_SUFFIX)
         sd[key] = np.array(torch_layout.get(batch_stats, path), np.int64 if counter else np.float32)
     if not classifier:  # the classifier's pos_embed is a parameter, in the layout
-        frozen = frozen if frozen is not None else default_frozen(model)
-        for key in FROZEN_KEYS:
-            sd[key] = np.array(frozen[key], np.float32)
+        constants = variables.get("constants") or default_constants(model)
+        for key in POSITION_TABLES:
+            sd[key] = np.array(constants[key], np.float32)
     expected = torch_layout.expected_shapes(model)
     wrong = [k for k in sd if tuple(sd[k].shape) != expected[k]]
     if wrong:
@@ -724,7 +692,7 @@ def _reading(path: str | os.PathLike) -> Iterator[None]:
 
 def load_variables(path: str | os.PathLike, model: Model,
                    base_variables: PyTree | None = None, strict: bool = True) -> dict:
-    """Reads any supported checkpoint into {"params", "frozen"} (numpy) shaped for `model`; for a ViTClassifier
+    """Reads any supported checkpoint into {"params", "constants"} (numpy) shaped for `model`; for a ViTClassifier
     {"params"}, with head_batch_norm {"params", "batch_stats"} (what `model.apply` takes).
 
     `path`: an official `.pth` (bare state dict or a training checkpoint), a `.safetensors` file, a Hugging
@@ -820,7 +788,7 @@ def _model_fields(source: dict, variant: str | None, image_size: int | None) -> 
 
 def load_model(path: str | os.PathLike, variant: str | None = None,
                **overrides: Any) -> tuple[Model, dict]:
-    """(model, {"params", "frozen"}; a classifier's variables as `load_variables`) from any supported checkpoint,
+    """(model, {"params", "constants"}; a classifier's variables as `load_variables`) from any supported checkpoint,
     the architecture read from its config, its recorded fields or its shapes (`variant`, e.g. "B/16", where they
     cannot tell).
 
@@ -864,7 +832,7 @@ def main(args: argparse.Namespace) -> None:
         model, variables = load_model(args.input, args.variant, **overrides)
         to = args.to or ("official" if args.output.endswith((".pth", ".pt")) else "flax")
         if to == "flax":
-            step_dir = checkpoints.save_variables(args.output, checkpoint_variables(variables),
+            step_dir = checkpoints.save_variables(args.output, variables,
                                                   models.constructor_fields(model))
             logging.info("Wrote our checkpoint to %s", step_dir)
         elif to == "official":

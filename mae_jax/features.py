@@ -31,7 +31,7 @@ from absl import app, logging
 from absl.flags import argparse_flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mae_jax import config_lib, convert, models, runtime
+from mae_jax import config_lib, convert, models, pixels, runtime
 
 POOLS = ("cls", "mean")
 LOG_EVERY_SECONDS = 30.0
@@ -72,9 +72,9 @@ def extract(model: models.ViTClassifier, variables: dict, batches: Iterable[dict
     devices = devices or jax.local_devices()
     mesh = Mesh(np.asarray(devices), ("data",))
     rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    variables = jax.device_put(convert.flax_variables(variables), replicated)
-    features_fn = jax.jit(lambda v, x: model.apply(v, x, method=model.features).astype(np.float32),
-                          out_shardings=replicated)
+    variables = jax.device_put(variables, replicated)
+    features_fn = jax.jit(lambda v, x: model.apply(v, pixels.model_input(x), method=model.features).astype(
+        np.float32), out_shardings=replicated)
     features, labels = [], []
     pending, done, start, last_log = None, 0, time.time(), time.time()
 
@@ -86,7 +86,7 @@ def extract(model: models.ViTClassifier, variables: dict, batches: Iterable[dict
         return int(keep.sum())
 
     for batch in batches:
-        images = np.asarray(batch["images"], np.float32)
+        images = np.asarray(batch["images"])  # uint8 pixels: normalised on the device
         if images.shape[0] % len(devices):
             raise ValueError(f"batch of {images.shape[0]} images does not split over {len(devices)} devices: use "
                              f"a batch size that is a multiple of {len(devices)}")

@@ -10,11 +10,13 @@ Semantics are those of timm 0.3.2 as the official MAE fine-tuning uses it (`util
     Every op reproduces Pillow's arithmetic on uint8 images (its affine sampler is cubic convolution with
     a = -1 and truncates, blends truncate in float32, Equalize/AutoContrast are Pillow's lookup tables),
     and, as Pillow does, every op returns uint8.
-  - RandomErasing (`random_erasing`): probability 0.25, mode 'pixel', on the normalised [H, W, C] image.
+  - RandomErasing (`random_erasing`): probability 0.25, mode 'pixel', on the normalised [H, W, C] image; the
+    input pipeline draws its boxes here (`random_erasing_boxes`) and the device fills them after normalising.
   - Evaluation (`preprocess_for_eval`): Resize(int(size / crop_pct), bicubic) of the shorter side, then
-    CenterCrop(size), normalised; crop_pct = 224 / 256 (MAE uses 1.0 for input sizes above 224).
+    CenterCrop(size), as uint8; crop_pct = 224 / 256 (MAE uses 1.0 for input sizes above 224).
   - The whole training transform (`preprocess_for_finetune_train`): RandomResizedCrop(scale (0.08, 1)) and
-    flip from `mae_jax.augment`, RandAugment, normalisation, RandomErasing.
+    flip from `mae_jax.augment`, RandAugment, as uint8, and RandomErasing's boxes (normalisation and the
+    erasing's noise follow on the device).
 Pixel ops are functions of (image, argument) (`posterize(image, bits)`, `color(image, factor)`, ...); the
 geometric ones are `geometric_op(name, image, argument)`; `apply_op(name, image, magnitude, negate)` maps a
 magnitude to the argument as timm does.
@@ -29,8 +31,8 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from mae_jax import pixels
-from mae_jax.augment import _normalise, preprocess_for_train
+from mae_jax import augment, pixels
+from mae_jax.augment import preprocess_for_train
 
 # Everything here is plain TensorFlow with no tensor-dependent Python control flow: AutoGraph's conversion
 # (in tf.function and tf.data map) would only add work, ~10 s of tracing for rand_augment.
@@ -53,13 +55,7 @@ DEFAULT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Sol
 # ---------------------------------------------------------------------------------------------------------
 
 
-@_graph_only
-def to_uint8(image: tf.Tensor) -> tf.Tensor:
-    """[H, W, C] uint8, or float in 0..255 (rounded and clipped, as Pillow would hold it) -> uint8."""
-    image = tf.convert_to_tensor(image)
-    if image.dtype == tf.uint8:
-        return image
-    return tf.cast(tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0.0, 255.0), tf.uint8)
+to_uint8 = _graph_only(augment.to_uint8)
 
 
 def _float64(value) -> tf.Tensor:
@@ -497,35 +493,34 @@ def rand_augment(image: tf.Tensor, key: tf.Tensor, num_ops: int = 2, magnitude: 
 ERASE_ATTEMPTS = 10  # timm's RandomErasing tries 10 boxes per erasure, then gives up
 
 
+def _erasing_keys(key: tf.Tensor, max_count: int) -> tf.Tensor:
+    return tf.random.experimental.stateless_split(key, 1 + 2 * max_count, alg="philox")  # [0]; boxes; noise
+
+
 @_graph_only
-def random_erasing(image: tf.Tensor, key: tf.Tensor, probability: float = 0.25, min_area: float = 0.02,
-                   max_area: float = 1 / 3, min_aspect: float = 0.3, max_aspect: float | None = None,
-                   mode: str = "pixel", min_count: int = 1, max_count: int | None = None) -> tf.Tensor:
-    """timm's RandomErasing of one normalised float [H, W, C] image (defaults: MAE's reprob 0.25, 'pixel').
+def random_erasing_boxes(key: tf.Tensor, height, width, probability: float = 0.25, min_area: float = 0.02,
+                         max_area: float = 1 / 3, min_aspect: float = 0.3, max_aspect: float | None = None,
+                         min_count: int = 1, max_count: int | None = None) -> tf.Tensor:
+    """The boxes timm's RandomErasing erases in an image of `height` x `width`: [max_count, 4] int32 rows (top,
+    left, box height, box width), a row of zeros for a box not drawn (defaults: MAE's reprob 0.25).
 
     With probability `probability`: count ~ U{min_count..max_count} boxes; each tries up to 10 times a box of
     area U(min_area, max_area) * H * W / count and log-uniform aspect (height / width) in
     [min_aspect, max_aspect or 1 / min_aspect], h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)),
-    kept if h < H and w < W, at a uniform position; it is filled with N(0, 1) per pixel ('pixel'), per channel
-    ('rand') or zeros ('const').
+    kept if h < H and w < W, at a uniform position. `random_erasing` fills them; the fine-tuning input hands them
+    to the device, which fills them there (`mixup.fill_erased`), after the normalisation.
     """
-    mode = mode.lower()
-    if mode not in ("pixel", "rand", "const", ""):
-        raise ValueError(f"mode={mode!r}; allowed: 'pixel', 'rand', 'const'")
     max_count = max_count or min_count
     if not 1 <= min_count <= max_count:
         raise ValueError(f"min_count={min_count}, max_count={max_count}: need 1 <= min_count <= max_count")
     max_aspect = max_aspect or 1.0 / min_aspect
-    image = tf.convert_to_tensor(image, tf.float32)
-    shape = tf.shape(image)
-    height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
-    keys = tf.random.experimental.stateless_split(key, 1 + 2 * max_count, alg="philox")  # [0]; boxes; noise
+    height, width = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    keys = _erasing_keys(key, max_count)
     u = tf.random.stateless_uniform([2], seed=keys[0], dtype=tf.float64, alg="philox")
     erase = u[0] < probability  # timm skips when random() > probability
     count = min_count + tf.minimum(tf.cast(u[1] * (max_count - min_count + 1), tf.int32), max_count - min_count)
-    rows = tf.range(shape[0])[:, None, None]
-    columns = tf.range(shape[1])[None, :, None]
     log_lo, log_hi = math.log(min_aspect), math.log(max_aspect)
+    boxes = []
     for i in range(max_count):
         draws = tf.random.stateless_uniform([2 * ERASE_ATTEMPTS + 2], seed=keys[1 + i], dtype=tf.float64,
                                             alg="philox")
@@ -537,18 +532,43 @@ def random_erasing(image: tf.Tensor, key: tf.Tensor, probability: float = 0.25, 
         fits = (w < width) & (h < height)
         first = tf.argmax(tf.cast(fits, tf.int32))
         box_h, box_w = h[first], w[first]
-        top = tf.cast(tf.floor(draws[-2] * (height - box_h + 1)), tf.int32)  # randint(0, H - h)
-        left = tf.cast(tf.floor(draws[-1] * (width - box_w + 1)), tf.int32)
-        box_h, box_w = tf.cast(box_h, tf.int32), tf.cast(box_w, tf.int32)
-        inside = (rows >= top) & (rows < top + box_h) & (columns >= left) & (columns < left + box_w)
-        inside &= erase & tf.reduce_any(fits) & (i < count)
+        top = tf.floor(draws[-2] * (height - box_h + 1))  # randint(0, H - h)
+        left = tf.floor(draws[-1] * (width - box_w + 1))
+        drawn = erase & tf.reduce_any(fits) & (i < count)
+        boxes.append(tf.where(drawn, tf.cast(tf.stack([top, left, box_h, box_w]), tf.int32), tf.zeros([4], tf.int32)))
+    return tf.stack(boxes)
+
+
+def box_mask(box: tf.Tensor, height, width) -> tf.Tensor:
+    """[H, W, 1] bool: the pixels of `box` (top, left, height, width)."""
+    rows = tf.range(height)[:, None, None]
+    columns = tf.range(width)[None, :, None]
+    return (rows >= box[0]) & (rows < box[0] + box[2]) & (columns >= box[1]) & (columns < box[1] + box[3])
+
+
+@_graph_only
+def random_erasing(image: tf.Tensor, key: tf.Tensor, probability: float = 0.25, min_area: float = 0.02,
+                   max_area: float = 1 / 3, min_aspect: float = 0.3, max_aspect: float | None = None,
+                   mode: str = "pixel", min_count: int = 1, max_count: int | None = None) -> tf.Tensor:
+    """timm's RandomErasing of one normalised float [H, W, C] image: the boxes of `random_erasing_boxes`, each
+    filled with N(0, 1) per pixel ('pixel'), per channel ('rand') or zeros ('const')."""
+    mode = mode.lower()
+    if mode not in ("pixel", "rand", "const", ""):
+        raise ValueError(f"mode={mode!r}; allowed: 'pixel', 'rand', 'const'")
+    max_count = max_count or min_count
+    image = tf.convert_to_tensor(image, tf.float32)
+    shape = tf.shape(image)
+    boxes = random_erasing_boxes(key, shape[0], shape[1], probability, min_area, max_area, min_aspect, max_aspect,
+                                 min_count, max_count)
+    keys = _erasing_keys(key, max_count)
+    for i in range(max_count):
         if mode == "pixel":
             noise = tf.random.stateless_normal(shape, seed=keys[1 + max_count + i], alg="philox")
         elif mode == "rand":
             noise = tf.random.stateless_normal([1, 1, shape[2]], seed=keys[1 + max_count + i], alg="philox")
         else:
             noise = tf.zeros([1, 1, shape[2]])
-        image = tf.where(inside, noise, image)
+        image = tf.where(box_mask(boxes[i], shape[0], shape[1]), noise, image)
     return image
 
 
@@ -572,7 +592,7 @@ def resize_bicubic_like_pil(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
 def preprocess_for_eval(image: tf.Tensor, image_size: int | Sequence[int] = 224,
                         crop_pct: float = 224 / 256) -> tf.Tensor:
     """MAE's eval transform of a uint8 [h, w, C] image: Resize(int(image_size / crop_pct), bicubic) of the
-    shorter side, CenterCrop(image_size), ToTensor, Normalize: [H, W, C] float32.
+    shorter side, CenterCrop(image_size): [H, W, C] uint8 (ToTensor and Normalize follow on the device).
 
     Sizes and offsets follow torchvision: the longer side becomes int(size * long / short); the crop starts at
     int(round((side - image_size) / 2)). Resizing is PIL's bicubic (`resize_bicubic_like_pil`).
@@ -603,28 +623,29 @@ def preprocess_for_eval(image: tf.Tensor, image_size: int | Sequence[int] = 224,
     left = tf.cast(tf.round(tf.cast(new_width - out_w, tf.float64) / 2.0), tf.int32)
     crop = resized[top:top + out_h, left:left + out_w]
     num_channels = image.shape[-1] or 3
-    crop = tf.ensure_shape(crop, [out_h, out_w, num_channels])
-    return _normalise(crop, num_channels)
+    return tf.ensure_shape(to_uint8(crop), [out_h, out_w, num_channels])
 
 
 @_graph_only
 def preprocess_for_finetune_train(encoded: tf.Tensor, key: tf.Tensor, *, image_size: tuple[int, int],
                                   scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
                                   rand_augment_kwargs: dict | None = None,
-                                  erase_probability: float = 0.25, hflip: float = 0.5) -> tf.Tensor:
-    """MAE's fine-tuning transform of an encoded RGB image: [H, W, 3] normalised float32.
+                                  erase_probability: float = 0.25, hflip: float = 0.5) -> dict[str, tf.Tensor]:
+    """MAE's fine-tuning transform of an encoded RGB image: {"images": [H, W, 3] uint8} and, with
+    `erase_probability` > 0, "erase_boxes": [1, 4] int32.
 
     timm's transforms_imagenet_train as build_transform configures it: RandomResizedCrop(scale (0.08, 1),
-    bicubic) and horizontal flip (probability `hflip`; `augment.preprocess_for_train`), held as uint8 as PIL holds it, RandAugment
-    (`rand_augment`, default rand-m9-mstd0.5-inc1), ToTensor + Normalize, RandomErasing('pixel',
-    `erase_probability`). The same key gives the same image.
+    bicubic) and horizontal flip (probability `hflip`; `augment.preprocess_for_train`), held as uint8 as PIL holds
+    it, RandAugment (`rand_augment`, default rand-m9-mstd0.5-inc1); then ToTensor + Normalize and
+    RandomErasing('pixel', `erase_probability`), which follow on the device: the box comes from here
+    (`random_erasing_boxes`), its N(0, 1) pixels from the step's random stream (`mixup.fill_erased`). The same
+    key gives the same image and box.
     """
     crop_key, augment_key, erase_key = tf.unstack(tf.random.experimental.stateless_split(key, 3, alg="philox"))
     cropped = preprocess_for_train(encoded, crop_key, image_size=image_size, num_channels=3, scale=scale,
                                    ratio=ratio, hflip=hflip)
-    levels = to_uint8(pixels.denormalise(cropped, 3) * 255.0)  # undo the normalisation, PIL's uint8
-    augmented = rand_augment(levels, augment_key, **(rand_augment_kwargs or {}))
-    image = _normalise(tf.cast(augmented, tf.float32), 3)
-    if erase_probability > 0:
-        image = random_erasing(image, erase_key, probability=erase_probability)
-    return image
+    image = tf.ensure_shape(rand_augment(cropped, augment_key, **(rand_augment_kwargs or {})), [*image_size, 3])
+    if erase_probability <= 0:
+        return {"images": image}
+    return {"images": image, "erase_boxes": random_erasing_boxes(erase_key, image_size[0], image_size[1],
+                                                                  probability=erase_probability)}

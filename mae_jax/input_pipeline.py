@@ -1,11 +1,11 @@
-"""Input pipelines: per-process batches of augmented, normalised images.
+"""Input pipelines: per-process batches of augmented images, as uint8 pixels (normalised on the device).
 
 Interface used by the trainer (`mae_jax.train`):
 
     it = create_train_iterator(config.input, image_shape=(H, W, C), seed=..., global_batch_size=...,
                                process_index=..., process_count=..., state=None)
     it.num_examples          # examples in the training split (for steps per epoch)
-    batch = next(it)         # {"images": np.ndarray [global_batch_size // process_count, H, W, C] float32}
+    batch = next(it)         # {"images": np.ndarray [global_batch_size // process_count, H, W, C] uint8}
     it.get_state()           # JSON-able position after the last batch returned; pass it back as `state`
                              # to continue exactly where it stopped
 
@@ -17,12 +17,13 @@ dataset's ClassLabel feature "label"), which travel with their examples through 
                                       process_index=..., process_count=...)
     evaluation.num_examples, evaluation.num_batches    # whole config.eval_split; batches per pass, every process
     for batch in evaluation:  # a fresh, identical pass each time
-        batch["images"], batch["labels"], batch["mask"]   # [local_b, H, W, C] float32, [local_b] int32, bool
+        batch["images"], batch["labels"], batch["mask"]   # [local_b, H, W, C] uint8, [local_b] int32, bool
 
 covers every example of `config.eval_split` exactly once over all processes and batches; rows with mask False
 are padding. Eval transform: resize the shorter side to size / `config.eval_crop_pct` (bicubic), center crop.
 Train transform: the fine-tuning recipe (RandomResizedCrop, flip, RandAugment `config.rand_augment`,
-normalise, RandomErasing `config.random_erasing`; `mae_jax.finetune_augment`) when either of those is set,
+and the boxes of RandomErasing `config.random_erasing` as "erase_boxes" [local_b, 1, 4] int32, filled on the
+device; `mae_jax.finetune_augment`) when either of those is set,
 else the pretraining one below (the linear probe: crop_scale (0.08, 1)).
 
 `config` is the `config.input` group of a training config (data and augmentation settings, see
@@ -32,8 +33,9 @@ image dataset by name ("imagenet2012"), "digits" (scikit-learn's, labelled, offl
 images (center crops) for reconstructions.
 
 Augmentation (`mae_jax.augment`), the official recipe: RandomResizedCrop(scale=(0.2, 1.0), ratio=(3/4, 4/3)),
-torchvision's box sampling, cropped while decoding JPEGs, bicubic; horizontal flip; ImageNet mean/std; NHWC
-float32. Non-square `model.image_size` (H, W) works.
+torchvision's box sampling, cropped while decoding JPEGs, bicubic; horizontal flip; NHWC uint8 (the ImageNet
+mean/std normalisation runs in the compiled step, `pixels.model_input`: a quarter of float32's bytes travel from
+host to device). Non-square `model.image_size` (H, W) works.
 
 Determinism and resume. Each process reads its own sub-split (`tfds.split_for_jax_process`: disjoint, together
 the whole split) as one endless stream of epochs. Epoch e of a process is a pure function of (seed, e):
@@ -73,8 +75,13 @@ _SYNTHETIC_EVAL_BATCH = 2**40  # a batch index that no synthetic training run re
 _SYNTHETIC_EVAL_SEED = 0  # the labelled held-out stream is the same whatever the run's seed
 
 
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """[..., C] pixels in [0, 1] -> uint8 levels (rounded)."""
+    return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+
+
 class SyntheticIterator(Iterator[dict]):
-    """Smooth random images, normalised like ImageNet photographs.
+    """Smooth random images, as uint8 pixels.
 
     The image at global row r of batch b is a pure function of (seed, b, r), so a batch is the same
     however it is split over processes, and any position can be resumed exactly. Low-frequency content
@@ -100,12 +107,12 @@ class SyntheticIterator(Iterator[dict]):
         rows = np.arange(self.row_offset, self.row_offset + self.local_batch_size)
         batch_index, self.batch_index = self.batch_index, self.batch_index + 1
         if self.num_classes is None:
-            return {"images": np.stack([self._image(batch_index, r) for r in rows])}
-        images, labels = zip(*(self.labelled_image(batch_index, r) for r in rows))
-        return {"images": np.stack(images), "labels": np.array(labels, np.int32)}
+            return {"images": _to_uint8(np.stack([self._pixels(batch_index, r) for r in rows]))}
+        images, labels = zip(*(self.labelled_pixels(batch_index, r) for r in rows))
+        return {"images": _to_uint8(np.stack(images)), "labels": np.array(labels, np.int32)}
 
-    def labelled_image(self, batch_index: int, row: int) -> tuple[np.ndarray, int]:
-        """(image [H, W, C] float32 normalised, label) of row `row` of batch `batch_index`.
+    def labelled_pixels(self, batch_index: int, row: int) -> tuple[np.ndarray, int]:
+        """(image [H, W, C] float32 pixels in [0, 1], label) of row `row` of batch `batch_index`.
 
         Class c of K: a wave at angle pi * c / K with 1.5 + (c % 3) / 2 cycles over the image, its phase
         jittered by up to +-0.5 rad and its amplitude per channel in [0.6, 1], over a weaker random smooth
@@ -119,17 +126,16 @@ class SyntheticIterator(Iterator[dict]):
         phase = rng.uniform(-0.5, 0.5)
         amplitude = rng.uniform(0.6, 1.0, size=self.num_channels).astype(np.float32)
         wave = np.cos(2 * np.pi * cycles * (x * np.cos(angle) + y * np.sin(angle)) + phase)
-        nuisance = pixels.denormalise(self._image(batch_index, row), self.num_channels) - 0.5  # in (-0.4, 0.4)
+        nuisance = self._pixels(batch_index, row) - 0.5  # in (-0.4, 0.4)
         image = 0.5 + 0.28 * amplitude * wave + 0.3 * nuisance  # in (0.1, 0.9)
-        return pixels.normalise(image, self.num_channels).astype(np.float32), label
+        return image.astype(np.float32), label
 
-    def _image(self, batch_index: int, row: int) -> np.ndarray:
+    def _pixels(self, batch_index: int, row: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, batch_index, row])
         y = np.linspace(0.0, 1.0, self.height, dtype=np.float32)[:, None, None]
         x = np.linspace(0.0, 1.0, self.width, dtype=np.float32)[None, :, None]
         fy, fx, py, px = rng.uniform(0.5, 3.0, size=(4, self.num_channels)).astype(np.float32) * [[6], [6], [1], [1]]
-        image = 0.5 + 0.4 * np.sin(fy * y + py) * np.cos(fx * x + px)  # [H, W, C] in (0.1, 0.9)
-        return pixels.normalise(image, self.num_channels).astype(np.float32)
+        return 0.5 + 0.4 * np.sin(fy * y + py) * np.cos(fx * x + px)  # [H, W, C] in (0.1, 0.9)
 
     def get_state(self) -> dict:
         return {"batch_index": self.batch_index}
@@ -231,9 +237,10 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split, *, seed: int, start:
                   label_key: str | None = None) -> tf.data.Dataset:
     """The endless, batched training stream of (sub-)split `split`, from its `start`-th example.
 
-    Elements: {"images" [B, H, W, C] float32, "epoch" [B] int64, "example_id" [B] int64}, and "labels" [B]
+    Elements: {"images" [B, H, W, C] uint8, "epoch" [B] int64, "example_id" [B] int64}, and "labels" [B]
     int32 (the `label_key` feature) when given. `preprocess(encoded, key)` replaces the pretraining transform
-    (`augment.preprocess_for_train` with crop_scale and crop_ratio). See the module docstring for the order,
+    (`augment.preprocess_for_train` with crop_scale and crop_ratio); it returns the image, or a dict of the image
+    ("images") and more per-example tensors (e.g. "erase_boxes") that the batches carry. See the module docstring for the order,
     the keys and resuming.
     """
     file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
@@ -285,8 +292,8 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split, *, seed: int, start:
                                         scale=crop_scale, ratio=crop_ratio)
 
     def augment(epoch, example_id, encoded, label):
-        image = preprocess(encoded, example_key(seed, epoch, example_id))
-        batch = {"images": image, "epoch": epoch, "example_id": example_id}
+        out = preprocess(encoded, example_key(seed, epoch, example_id))
+        batch = {**(out if isinstance(out, dict) else {"images": out}), "epoch": epoch, "example_id": example_id}
         return {**batch, "labels": label} if label_key else batch
 
     ds = ds.map(augment, num_parallel_calls=parallel, deterministic=True)
@@ -354,7 +361,7 @@ class TfdsIterator(Iterator[dict]):
         batch = next(self._iterator)
         self.examples_consumed += self.local_batch_size
         self.last_epochs, self.last_example_ids = batch["epoch"], batch["example_id"]
-        return {k: batch[k] for k in ("images", "labels") if k in batch}
+        return {k: v for k, v in batch.items() if k not in ("epoch", "example_id")}
 
     def get_state(self) -> dict:
         return {"examples_per_process": self.examples_consumed, "process_count": self.process_count,
@@ -415,7 +422,7 @@ def parse_rand_augment(config_str: str) -> dict:
 
 def train_transform(config, image_size: tuple[int, int], num_channels: int) -> Callable[[tf.Tensor, tf.Tensor],
                                                                                         tf.Tensor]:
-    """(encoded image, key [2]) -> [H, W, C] float32: the fine-tuning recipe
+    """(encoded image, key [2]) -> [H, W, C] uint8 (or a dict of it and "erase_boxes"): the fine-tuning recipe
     (`finetune_augment.preprocess_for_finetune_train`) when `config.rand_augment` or `config.random_erasing`
     is set, else the pretraining / linear-probe crop and flip (`augment.preprocess_for_train`); both with
     `config.crop_scale`, `config.crop_ratio` and the flip probability `config.hflip`. `config` is `config.input`."""
@@ -444,7 +451,7 @@ class EvalIterator:
 
     `num_examples`: examples in the split; `local_num_examples`: this process's share; `num_batches`: the
     batches of every pass, the same on every process (the largest share, rounded up to whole batches).
-    Batches: {"images" [b, H, W, C] float32, "labels" [b] int32, "mask" [b] bool}, b = global batch /
+    Batches: {"images" [b, H, W, C] uint8, "labels" [b] int32, "mask" [b] bool}, b = global batch /
     process count; rows past the share are padding (zeros, label 0) with mask False.
     """
 
@@ -475,7 +482,7 @@ def eval_dataset(builder: tfds.core.DatasetBuilder, split, *, batch_size: int, n
         return {"images": finetune_augment.preprocess_for_eval(image, image_size, crop_pct),
                 "labels": tf.cast(example[label_key], tf.int32), "mask": tf.constant(True)}
 
-    padding = {"images": tf.zeros([*image_size, num_channels]), "labels": tf.constant(0, tf.int32),
+    padding = {"images": tf.zeros([*image_size, num_channels], tf.uint8), "labels": tf.constant(0, tf.int32),
                "mask": tf.constant(False)}
     num_local = sum(take for _, _, take, _ in files)
     ds = tf.data.Dataset.from_tensors(padding).repeat(num_batches * batch_size - num_local)
@@ -505,11 +512,11 @@ def _synthetic_eval(config, *, image_shape, local_batch_size: int, process_index
     def batches():
         for b in range(num_batches):
             rows = range(start + b * local_batch_size, start + min(share, (b + 1) * local_batch_size))
-            examples = [source.labelled_image(_SYNTHETIC_EVAL_BATCH, r) for r in rows]
-            images = np.zeros((local_batch_size, *image_shape), np.float32)
+            examples = [source.labelled_pixels(_SYNTHETIC_EVAL_BATCH, r) for r in rows]
+            images = np.zeros((local_batch_size, *image_shape), np.uint8)
             labels = np.zeros(local_batch_size, np.int32)
             if examples:
-                images[:len(examples)] = np.stack([image for image, _ in examples])
+                images[:len(examples)] = _to_uint8(np.stack([image for image, _ in examples]))
                 labels[:len(examples)] = [label for _, label in examples]
             yield {"images": images, "labels": labels, "mask": np.arange(local_batch_size) < len(examples)}
 
@@ -536,6 +543,17 @@ def create_train_iterator(config, *, image_shape: Sequence[int], seed: int, glob
     return TfdsIterator(datasets.get_builder(config), config, image_shape=tuple(image_shape), seed=seed,
                         global_batch_size=global_batch_size, process_index=process_index,
                         process_count=process_count, state=state)
+
+
+def num_train_examples(config) -> int:
+    """Examples in `config.train_split`, from the dataset's metadata (no pipeline is built; a folder or the demo
+    is prepared on first use). `config` is `config.input`."""
+    if config.dataset == "synthetic":
+        return int(config.synthetic_num_examples)
+    _keep_tf_off_accelerators()
+    builder = datasets.get_builder(config)
+    _check_split(builder, config.train_split, "train_split")
+    return builder.info.splits[config.train_split].num_examples
 
 
 def num_classes(config) -> int:
@@ -589,9 +607,10 @@ def load_eval_images(config, *, image_shape: Sequence[int], seed: int, num_image
     call. `config` is `config.input`."""
     image_size, num_channels = tuple(image_shape[:2]), image_shape[2]
     if config.dataset == "synthetic":
-        return SyntheticIterator(seed=seed, image_size=image_size, num_channels=num_channels,
-                                 global_batch_size=num_images, process_index=0, process_count=1, num_examples=0,
-                                 state={"batch_index": _SYNTHETIC_EVAL_BATCH}).__next__()["images"]
+        images = SyntheticIterator(seed=seed, image_size=image_size, num_channels=num_channels,
+                                   global_batch_size=num_images, process_index=0, process_count=1, num_examples=0,
+                                   state={"batch_index": _SYNTHETIC_EVAL_BATCH}).__next__()["images"]
+        return pixels.model_input(images).astype(np.float32)
     _keep_tf_off_accelerators()
     builder = datasets.get_builder(config)
     split = config.eval_split

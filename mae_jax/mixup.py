@@ -1,4 +1,5 @@
-"""Mixup / CutMix in batch mode, as timm 0.3.2 `timm.data.mixup.Mixup` (the official fine-tuning recipe), in JAX.
+"""Mixup / CutMix in batch mode, as timm 0.3.2 `timm.data.mixup.Mixup` (the official fine-tuning recipe), in JAX;
+and RandomErasing's fill (`fill_erased`): the batch augmentations of fine-tuning that run on the device.
 
 One draw per global batch from a JAX key: with probability `prob` the batch is mixed at all; with both
 alphas > 0, CutMix with probability `switch_prob`, else Mixup; lam ~ Beta(alpha, alpha). The batch is mixed
@@ -126,3 +127,24 @@ class Mixup:
 def soft_target_cross_entropy(logits: Array, targets: Array) -> Array:
     """timm `SoftTargetCrossEntropy`: mean over the batch of sum(-targets * log_softmax(logits))."""
     return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def fill_erased(images: Array, boxes: Array, key: Array) -> Array:
+    """RandomErasing's 'pixel' mode on the device: each box's pixels of the normalised `images` [N, H, W, C]
+    become N(0, 1) noise. `boxes` [N, K, 4] int32 are (top, left, height, width), zeros for none: the input
+    pipeline's draws (`finetune_augment.random_erasing_boxes`, timm's sampling). Example i's noise comes from
+    fold_in(key, i), box k's from fold_in of that with k: a function of the global batch, not of the devices."""
+    _, height, width, _ = images.shape
+    rows = jnp.arange(height)[:, None, None]
+    columns = jnp.arange(width)[None, :, None]
+
+    def erase(index, image, boxes):
+        key_i = jax.random.fold_in(key, index)
+        for k in range(boxes.shape[0]):
+            top, left, h, w = boxes[k]
+            inside = (rows >= top) & (rows < top + h) & (columns >= left) & (columns < left + w)
+            noise = jax.random.normal(jax.random.fold_in(key_i, k), image.shape, jnp.float32).astype(image.dtype)
+            image = jnp.where(inside, noise, image)
+        return image
+
+    return jax.vmap(erase)(jnp.arange(images.shape[0]), images, boxes)

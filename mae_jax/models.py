@@ -6,7 +6,7 @@ ports it). Parameter names follow the official PyTorch module names (`patch_embe
 
 Variables of a `MaskedAutoencoderViT`:
   params: everything the optimizer trains.
-  frozen: the two fixed sin-cos position tables, `pos_embed` [1, 1 + L, D] and `decoder_pos_embed`
+  constants: the two fixed sin-cos position tables, `pos_embed` [1, 1 + L, D] and `decoder_pos_embed`
     [1, 1 + L, D_dec]. They live outside `params` so that no optimizer can ever update them; checkpoints
     carry them so that interpolated or converted tables survive.
 
@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import xla_cpu
+from mae_jax import parallel, xla_cpu
 
 Array = jax.Array
 PyTree = Any
@@ -242,11 +242,68 @@ def uniform_bias_init(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
-def resolve_ops(ops: str) -> str:
-    """"auto" -> "xla_cpu" when JAX's default backend is the CPU, else "generic"; other values unchanged."""
+def resolve_ops(ops: str, platform: str | None = None) -> str:
+    """"auto" -> "xla_cpu" for programs compiled for the CPU, else "generic"; other values unchanged.
+
+    `platform` is the one the program is compiled for ("cpu", "tpu", "gpu"; the trainer passes its mesh's, which
+    may be a TPU topology compiled on a CPU host); None: JAX's default backend, for a model called directly.
+    """
     if ops == "auto":
-        return "xla_cpu" if jax.default_backend() == "cpu" else "generic"
+        return "xla_cpu" if (platform or jax.default_backend()) == "cpu" else "generic"
     return ops
+
+
+def _matmul_dimensions(ndim: int) -> tuple:
+    return (((ndim - 1,), (0,)), ((), ()))
+
+
+@jax.custom_vjp
+def _low_precision_matmul(x: Array, kernel: Array) -> Array:
+    return jax.lax.dot_general(x, kernel.astype(x.dtype), _matmul_dimensions(x.ndim))
+
+
+def _low_precision_matmul_fwd(x, kernel):
+    return _low_precision_matmul(x, kernel), (x, kernel)  # the float32 kernel: under FSDP a shard, not a copy
+
+
+def _low_precision_matmul_bwd(residuals, g):
+    x, kernel = residuals
+    dx = jax.lax.dot_general(g, kernel.astype(g.dtype), (((g.ndim - 1,), (1,)), ((), ())))
+    rows = tuple(range(x.ndim - 1))
+    # The kernel's gradient contracts the batch: accumulated and returned in float32, so the sum over the
+    # devices' batch shards that XLA appends to it (all-reduce, or reduce-scatter under FSDP) runs in float32.
+    dkernel = jax.lax.dot_general(x, g, ((rows, rows), ((), ())), preferred_element_type=jnp.float32)
+    return dx, dkernel
+
+
+_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
+class Dense(nn.Module):
+    """`nn.Dense` (same parameters, initialisers and float32 arithmetic) that keeps gradients in float32 when it
+    computes in a 16-bit `dtype`: the mixed precision of the reference (PyTorch AMP + DDP sums float32
+    gradients), where flax's Dense casts the float32 kernel and bias to 16 bits, so their gradients, and the
+    sums over devices of them, come out in 16 bits.
+
+    16-bit: x @ kernel in `dtype` (the MXU's bfloat16), the kernel's gradient accumulated in float32
+    (`_low_precision_matmul`), the bias added in float32 before the output is rounded to `dtype`.
+    """
+
+    features: int
+    dtype: Any = jnp.float32  # compute dtype; parameters are float32
+    kernel_init: nn.initializers.Initializer = xavier_uniform
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = parallel.sharded_gradient(self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
+                                                      jnp.float32))
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        dtype = jnp.dtype(self.dtype)
+        if dtype == jnp.float32:  # flax's nn.Dense, operation for operation
+            y = jax.lax.dot_general(jnp.asarray(x, dtype), kernel, _matmul_dimensions(x.ndim))
+            return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return (_low_precision_matmul(jnp.asarray(x, dtype), kernel) + bias).astype(dtype)
 
 
 class Attention(nn.Module):
@@ -261,7 +318,7 @@ class Attention(nn.Module):
     def __call__(self, x: Array) -> Array:
         n, t, d = x.shape
         head_dim = d // self.num_heads
-        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=xavier_uniform)
+        dense = functools.partial(Dense, dtype=self.dtype, kernel_init=xavier_uniform)
         qkv = dense(3 * d, name="qkv")(x).reshape(n, t, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, T, H, Dh]
         if self.implementation == "custom_vjp" or (self.implementation == "auto"
@@ -286,7 +343,7 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=xavier_uniform)
+        dense = functools.partial(Dense, dtype=self.dtype, kernel_init=xavier_uniform)
         if resolve_ops(self.ops) == "xla_cpu":
             gelu = xla_cpu.gelu
         else:
@@ -346,7 +403,7 @@ class Block(nn.Module):
 
 
 def _scan_body(block: Block, x: Array, drop_path_rate: Array, train: bool) -> tuple[Array, None]:
-    return block(x, drop_path_rate, train), None
+    return block(parallel.constrain_batch(x), drop_path_rate, train), None
 
 
 class Encoder(nn.Module):
@@ -402,7 +459,7 @@ class Encoder(nn.Module):
                            split_rngs={"params": True, "drop_path": True}, length=self.depth)
             return scan(self.blocks, x, jnp.asarray(rates))[0]
         for block, rate in zip(self.blocks, rates):
-            x = block(x, float(rate), train)
+            x = block(parallel.constrain_batch(x), float(rate), train)
         return x
 
 
@@ -524,7 +581,7 @@ class _ViT(nn.Module):
         # patch. Official init: xavier on its flattened [D, p*p*C] weight; the bias keeps PyTorch's Conv2d
         # default, U(+-1/sqrt(p*p*C)).
         patch_dim = self.patch_size**2 * self.num_channels
-        self.patch_embed = nn.Dense(self.embed_dim, dtype=self.compute_dtype, kernel_init=xavier_uniform,
+        self.patch_embed = Dense(self.embed_dim, dtype=self.compute_dtype, kernel_init=xavier_uniform,
                                     bias_init=uniform_bias_init(patch_dim))
         self.cls_token = self.param("cls_token", token_init, (1, 1, self.embed_dim))
         self.pos_embed = self.variable(
@@ -535,12 +592,14 @@ class _ViT(nn.Module):
         """[N, H, W, C] -> patch tokens [N, L, D] with position embeddings (no cls)."""
         self._check_images(images)
         x = self.patch_embed(patchify(images.astype(self.compute_dtype), self.patch_size))
-        return x + self.pos_embed.value[:, 1:, :].astype(x.dtype)
+        # Added in float32, then rounded: a trainable table's gradient (ViTClassifier) is summed in float32.
+        return (x + self.pos_embed.value[:, 1:, :]).astype(x.dtype)
 
     def _prepend_cls(self, x: Array) -> Array:
         """[N, T, D] -> [N, 1 + T, D] with cls + pos[0] first."""
-        cls = (self.cls_token + self.pos_embed.value[:, :1, :]).astype(x.dtype)
-        return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
+        # Broadcast, then rounded: the token's gradient is summed over the batch in float32.
+        cls = jnp.broadcast_to(self.cls_token + self.pos_embed.value[:, :1, :], (x.shape[0], 1, x.shape[2]))
+        return jnp.concatenate([cls.astype(x.dtype), x], axis=1)
 
 
 class MaskedAutoencoderViT(_ViT):
@@ -581,19 +640,19 @@ class MaskedAutoencoderViT(_ViT):
 
     def setup(self):
         # Encoder.
-        self._setup_embedding("frozen")
+        self._setup_embedding("constants")
         self.encoder = self._blocks(self.depth, self.num_heads, "blocks")
         self.norm = self._norm()
         # Decoder.
-        self.decoder_embed = nn.Dense(self.decoder_embed_dim, dtype=self.compute_dtype, kernel_init=xavier_uniform)
+        self.decoder_embed = Dense(self.decoder_embed_dim, dtype=self.compute_dtype, kernel_init=xavier_uniform)
         self.mask_token = self.param("mask_token", token_init, (1, 1, self.decoder_embed_dim))
         self.decoder_pos_embed = self.variable(
-            "frozen", "decoder_pos_embed",
+            "constants", "decoder_pos_embed",
             lambda: jnp.asarray(get_2d_sincos_pos_embed(self.decoder_embed_dim, self.grid_size,
                                                         cls_token=True))[None])
         self.decoder = self._blocks(self.decoder_depth, self.decoder_num_heads, "decoder_blocks")
         self.decoder_norm = self._norm()
-        self.decoder_pred = nn.Dense(self.patch_size**2 * self.num_channels, dtype=self.compute_dtype,
+        self.decoder_pred = Dense(self.patch_size**2 * self.num_channels, dtype=self.compute_dtype,
                                      kernel_init=xavier_uniform)
 
     # -- forward -----------------------------------------------------------------------------------------
@@ -625,7 +684,7 @@ class MaskedAutoencoderViT(_ViT):
         """latent [N, 1 + len_keep, D] -> predicted patches [N, L, p*p*C] (float32)."""
         x = self.decoder_embed(latent)
         n, length = ids_restore.shape
-        mask_tokens = jnp.broadcast_to(self.mask_token.astype(x.dtype), (n, length + 1 - x.shape[1], x.shape[2]))
+        mask_tokens = jnp.broadcast_to(self.mask_token, (n, length + 1 - x.shape[1], x.shape[2])).astype(x.dtype)
         tokens = jnp.concatenate([x[:, 1:, :], mask_tokens], axis=1)
         tokens = jnp.take_along_axis(tokens, ids_restore[:, :, None], axis=1)  # unshuffle
         x = jnp.concatenate([x[:, :1, :], tokens], axis=1)
@@ -764,7 +823,7 @@ class ViTClassifier(_ViT):
         if self.head_batch_norm:
             self.head_bn = HeadBatchNorm(epsilon=1e-6)
         # main_finetune.py: trunc_normal_(head.weight, std=2e-5), main_linprobe.py: std=0.01; timm's zero bias.
-        self.head = nn.Dense(self.num_classes, dtype=self.compute_dtype,
+        self.head = Dense(self.num_classes, dtype=self.compute_dtype,
                              kernel_init=torch_trunc_normal(float(self.head_init_std)),
                              bias_init=nn.initializers.zeros)
 
@@ -804,7 +863,7 @@ def classifier_fields(mae_fields: Mapping[str, Any], **overrides: Any) -> dict[s
 
 
 def init_variables(model: MaskedAutoencoderViT | ViTClassifier, rng: Array, batch_size: int = 1) -> PyTree:
-    """Initialises the variables from `rng` with a dummy batch (no data needed): {"params", "frozen"} for
+    """Initialises the variables from `rng` with a dummy batch (no data needed): {"params", "constants"} for
     MaskedAutoencoderViT, {"params"} for ViTClassifier ({"params", "batch_stats"} with `head_batch_norm`)."""
     images = jnp.zeros((batch_size, *model.image_shape), jnp.float32)
     params_rng, masking_rng = jax.random.split(rng)

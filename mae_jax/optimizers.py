@@ -5,7 +5,7 @@
 - AdamW with that decay and the official weight-decay groups (`finetune_optimizer`), equal to
   `torch.optim.AdamW(param_groups_lrd(...))` with each group's lr = schedule lr * lr_scale.
 - LARS exactly as `util/lars.py` (`lars`).
-- Partial fine-tuning (`trainable_mask`, `freeze`): train the last k blocks and the head; the rest gets a
+- Partial fine-tuning (`trainable_mask`, `train_only`): train the last k blocks and the head; the rest gets a
   zero update, weight decay included.
 
 Paths are those of the classifier's params dict (not wrapped in {"params": ...}): official names
@@ -107,7 +107,7 @@ def finetune_optimizer(learning_rate: optax.ScalarOrSchedule, *, depth: int, lay
     )
     if trainable_blocks is None or trainable_blocks < 0:
         return tx
-    return freeze(tx, functools.partial(trainable_mask, depth=depth, trainable_blocks=trainable_blocks))
+    return train_only(tx, functools.partial(trainable_mask, depth=depth, trainable_blocks=trainable_blocks))
 
 
 def lars(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0, momentum: float = 0.9,
@@ -148,13 +148,14 @@ def trainable_mask(params: PyTree, depth: int, trainable_blocks: int | None) -> 
     return jax.tree_util.tree_map_with_path(trainable, params)
 
 
-def freeze(tx: optax.GradientTransformation,
-           mask: PyTree | Callable[[PyTree], PyTree]) -> optax.GradientTransformation:
-    """`tx` on the leaves where `mask` (a bool tree or a function of params) is True, a zero update (no
+def train_only(tx: optax.GradientTransformation,
+               trainable: PyTree | Callable[[PyTree], PyTree]) -> optax.GradientTransformation:
+    """`tx` on the leaves where `trainable` (a bool tree or a function of params) is True, a zero update (no
     weight decay, no optimizer state) elsewhere."""
-    labels = (lambda params: _labels(mask(params))) if callable(mask) else _labels(mask)
+    labels = (lambda params: _labels(trainable(params))) if callable(trainable) else _labels(trainable)
+    # The labels name the optimizer state's subtrees in checkpoints: kept as they were written.
     return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def _labels(mask: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda t: "trainable" if t else "frozen", mask)
+def _labels(trainable: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda t: "trainable" if t else "frozen", trainable)

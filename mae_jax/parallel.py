@@ -7,6 +7,7 @@ are replicated over "data" and, when `mesh.fsdp` > 1, sharded over "fsdp" by the
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Any, Sequence
@@ -83,10 +84,56 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
     return data, fsdp
 
 
-def create_mesh(data: int, fsdp: int) -> Mesh:
-    """A ("data", "fsdp") mesh over all devices of all processes."""
-    shape = mesh_shape(data, fsdp, jax.device_count())
-    return Mesh(mesh_utils.create_device_mesh(shape, allow_split_physical_axes=True), MESH_AXES)
+def create_mesh(devices: Sequence[jax.Device], data: int, fsdp: int) -> Mesh:
+    """A ("data", "fsdp") mesh over `devices`: a process's real devices (`jax.devices()`) or the compile-only
+    devices of a TPU topology (`jax.experimental.topologies`), which need not exist on this machine.
+
+    The batch is split over the flattened mesh, so row block k lives on `mesh.devices.flat[k]`. The devices are
+    laid out process by process, so that every process's devices hold one contiguous block of the batch rows,
+    in process order: the block its input pipeline reads (`process_batch_rows`). Within a process they follow
+    the physical layout (`mesh_utils.create_device_mesh`), so an fsdp group that fits in one host is made of
+    neighbouring chips; a larger one spans consecutive hosts.
+    """
+    data, fsdp = mesh_shape(data, fsdp, len(devices))
+    groups: dict[int, list] = {}
+    for device in devices:
+        groups.setdefault(device.process_index, []).append(device)
+    local = {len(g) for g in groups.values()}
+    if len(local) != 1:
+        raise ValueError(f"processes hold different numbers of devices ({sorted(local)}): every host of a run must "
+                         "have the same devices")
+    (local,) = local
+    if local % fsdp == 0:
+        array = mesh_utils.create_hybrid_device_mesh(
+            (local // fsdp, fsdp), (len(groups), 1), devices, process_is_granule=True,
+            allow_split_physical_axes=True) if _physical_layout_known(devices) else None
+    else:
+        array = None
+    if array is None:
+        ordered = [d for p in sorted(groups) for d in _physical_order(groups[p])]
+        array = np.array(ordered, dtype=object).reshape(data, fsdp)
+    return Mesh(array, MESH_AXES)
+
+
+def _physical_layout_known(devices: Sequence[jax.Device]) -> bool:
+    """Whether `mesh_utils.create_device_mesh` can lay these devices out (it refuses e.g. TPU v4 TensorCores
+    listed one by one instead of one device per megacore chip)."""
+    try:
+        mesh_utils.create_device_mesh((len(devices),), devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        return False
+    return True
+
+
+def _physical_order(devices: list) -> list:
+    if _physical_layout_known(devices):
+        return list(mesh_utils.create_device_mesh((len(devices),), devices, allow_split_physical_axes=True).flat)
+    return sorted(devices, key=lambda d: d.id)
+
+
+def platform(mesh: Mesh) -> str:
+    """The platform of the mesh's devices ("cpu", "tpu", "gpu"), which the compiled programs are for."""
+    return mesh.devices.flat[0].platform
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -102,12 +149,14 @@ def _path_str(path) -> str:
 
 
 def param_partition_spec(path: str, shape: Sequence[int], fsdp_size: int) -> P:
-    """PartitionSpec of one parameter under FSDP_RULES (replicated when fsdp_size == 1)."""
-    if fsdp_size == 1 or int(np.prod(shape)) < FSDP_MIN_SIZE:
+    """PartitionSpec of one parameter under FSDP_RULES (replicated when fsdp_size == 1). A kernel's size is that
+    of one matrix (its last two dimensions), so a stacked (scanned) kernel shards as each of its blocks would."""
+    if fsdp_size == 1:
         return P()
     for pattern, dim in FSDP_RULES:
         if re.search(pattern, path):
-            if dim is None or len(shape) < -dim or shape[dim] % fsdp_size:
+            if dim is None or len(shape) < -dim or shape[dim] % fsdp_size or \
+                    int(np.prod(shape[-2:])) < FSDP_MIN_SIZE:
                 return P()
             spec = [None] * len(shape)
             spec[len(shape) + dim] = "fsdp"
@@ -123,22 +172,74 @@ def param_shardings(abstract_params: PyTree, mesh: Mesh) -> PyTree:
         abstract_params)
 
 
-def process_batch_rows(sharding: NamedSharding, global_batch_size: int) -> tuple[int, int]:
-    """[start, stop) of the global batch rows that this process feeds.
+def process_batch_rows(sharding: NamedSharding, global_batch_size: int,
+                       process_index: int | None = None) -> tuple[int, int]:
+    """[start, stop) of the global batch rows that process `process_index` (default: this one) feeds.
 
     The data pipelines hand each process one contiguous block of rows, in process order; this checks that
-    the mesh places exactly that block on this process's devices.
+    the sharding places exactly that block on the process's devices (any process: it needs no device of it).
     """
-    local_rows = set()
-    for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
-        local_rows.update(range(*index[0].indices(global_batch_size)))
-    start, stop = min(local_rows), max(local_rows) + 1
-    expected = global_batch_size // jax.process_count()
-    if stop - start != len(local_rows) or len(local_rows) != expected or start != jax.process_index() * expected:
-        raise ValueError(f"the mesh places batch rows {sorted(local_rows)[:4]}... on process "
-                         f"{jax.process_index()}; expected the contiguous block starting at "
-                         f"{jax.process_index() * expected}")
-    return start, stop
+    process_index = jax.process_index() if process_index is None else process_index
+    indices = sharding.devices_indices_map((global_batch_size,))
+    process_count = len({device.process_index for device in indices})
+    rows = set()
+    for device, index in indices.items():
+        if device.process_index == process_index:
+            rows.update(range(*index[0].indices(global_batch_size)))
+    expected = global_batch_size // process_count
+    start = process_index * expected
+    if rows != set(range(start, start + expected)):
+        shown = sorted(rows)
+        raise ValueError(f"the mesh places batch rows {shown[:4]}{'...' if len(shown) > 4 else ''} on process "
+                         f"{process_index} of {process_count}; its input pipeline reads rows [{start}, "
+                         f"{start + expected})")
+    return start, start + expected
+
+
+def check_batch_layout(mesh: Mesh, global_batch_size: int) -> None:
+    """`process_batch_rows` for every process of the mesh (a ValueError names the first that fails)."""
+    sharding = batch_sharding(mesh)
+    for process_index in sorted({device.process_index for device in mesh.devices.flat}):
+        process_batch_rows(sharding, global_batch_size, process_index)
+
+
+def sharded_gradient(kernel: jax.Array) -> jax.Array:
+    """`kernel` [in, out] itself, whose gradient is pinned to the kernel's FSDP sharding (`param_partition_spec`)
+    in the mesh the program is lowered under: XLA then sums it over the devices with a reduce-scatter into each
+    device's shard, also inside a scan's body, where the sharding of the stacked parameters does not reach (it
+    all-reduced the whole gradient there). Outside such a mesh, or without FSDP, nothing is added."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
+        return kernel
+    spec = param_partition_spec("kernel", kernel.shape, mesh.shape["fsdp"])
+    return kernel if spec == P() else _pin_cotangent(kernel, spec)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _pin_cotangent(x: jax.Array, spec: P) -> jax.Array:
+    return x
+
+
+def _pin_cotangent_fwd(x, spec):
+    return x, None
+
+
+def _pin_cotangent_bwd(spec, _, g):
+    return (jax.lax.with_sharding_constraint(g, spec),)
+
+
+_pin_cotangent.defvjp(_pin_cotangent_fwd, _pin_cotangent_bwd)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """`x` [N, ...] pinned to the batch sharding of the mesh the program is lowered under (`jax.set_mesh`, as
+    `trainer.Program.lower` does); x itself outside one. Inside the blocks, this keeps XLA from re-sharding
+    activations over the fsdp axis (all-to-alls) where it cannot see the batch layout, e.g. in a scan's body:
+    under FSDP the parameters are gathered instead, as intended."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 
 
 def global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:

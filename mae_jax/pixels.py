@@ -30,3 +30,12 @@ def denormalise(images, num_channels: int):
     """The inverse of `normalise`: [..., C] model inputs -> pixels in [0, 1] (not clipped)."""
     mean, std = mean_std(num_channels)
     return images * std + mean
+
+
+def model_input(images):
+    """The model's input from a batch's images [..., C]: uint8 pixels (what the input pipelines deliver: a quarter
+    of float32's bytes from host to device) are normalised here, in the compiled step; floating-point images are
+    taken as normalised already."""
+    if images.dtype == np.uint8:
+        return normalise(images.astype(np.float32) / np.float32(255.0), images.shape[-1])
+    return images

@@ -8,6 +8,10 @@ Importing `mae_jax` changes nothing in the process. The entry points (`main.py`,
     logging.info("%s", settings)
 
 What it sets, each with its opt-out:
+  - JAX's platform on a machine without a TPU where libtpu is installed (`pip install -e ".[tpu]"` for
+    `mae_jax.plan`): `JAX_PLATFORMS=cpu`, so that JAX does not start libtpu, which looks for TPU chips and
+    metadata servers and prints its start-up warnings. Set `JAX_PLATFORMS` yourself to choose otherwise; on a
+    TPU machine (a Google TPU on the PCI bus) nothing is changed.
   - host memory (`mae_jax/host_memory.py`): glibc keeps freed memory for reuse when JAX runs on the CPU, so
     XLA:CPU's temporaries are not page-faulted in again on every step. `keep_host_memory=False` or the
     environment `MAE_JAX_KEEP_HOST_MEMORY=0` leaves malloc alone.
@@ -44,9 +48,11 @@ class Settings:
 
     host_memory: str  # "kept for reuse" or why malloc was left alone
     compilation_cache: str  # the cache directory, or why there is none
+    platforms: str = ""  # what was set about JAX's platforms, if anything
 
     def __str__(self) -> str:
-        return f"host memory: {self.host_memory}; compilation cache: {self.compilation_cache}"
+        platforms = f"; {self.platforms}" if self.platforms else ""
+        return f"host memory: {self.host_memory}; compilation cache: {self.compilation_cache}{platforms}"
 
 
 def _compilation_cache_dir(environ=os.environ) -> str | None:
@@ -58,6 +64,39 @@ def _compilation_cache_dir(environ=os.environ) -> str | None:
     return os.path.expanduser(value or DEFAULT_CACHE_DIR)
 
 
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips on the PCI bus (what JAX itself looks for)
+
+
+def has_tpu(pci_devices: str = "/sys/bus/pci/devices") -> bool:
+    """Whether this machine has TPU chips (a Google device on its PCI bus)."""
+    try:
+        entries = os.listdir(pci_devices)
+    except OSError:
+        return False
+    for entry in entries:
+        try:
+            with open(os.path.join(pci_devices, entry, "vendor")) as f:
+                if f.read().strip() == _GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _choose_platform(environ=os.environ) -> str:
+    """JAX_PLATFORMS=cpu where libtpu is installed, the machine has no TPU and no other accelerator plugin is
+    installed; returns what it did ("" if nothing)."""
+    import importlib.metadata
+    import importlib.util
+
+    if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
+        return ""
+    if has_tpu() or any(ep.name != "tpu" for ep in importlib.metadata.entry_points(group="jax_plugins")):
+        return ""
+    environ["JAX_PLATFORMS"] = "cpu"
+    return "JAX_PLATFORMS=cpu (libtpu is installed, this machine has no TPU)"
+
+
 def configure(*, keep_host_memory: bool = True, compilation_cache: bool = True) -> Settings:
     """Applies the process-wide settings of the module docstring; call before JAX and TensorFlow start.
 
@@ -65,6 +104,7 @@ def configure(*, keep_host_memory: bool = True, compilation_cache: bool = True) 
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    platforms = _choose_platform()
     if not keep_host_memory:
         memory = "system malloc settings (keep_host_memory=False)"
     elif host_memory.keep_freed_memory():
@@ -79,7 +119,7 @@ def configure(*, keep_host_memory: bool = True, compilation_cache: bool = True) 
 
         jax.config.update("jax_compilation_cache_dir", cache_dir)
         cache = cache_dir
-    return Settings(host_memory=memory, compilation_cache=cache)
+    return Settings(host_memory=memory, compilation_cache=cache, platforms=platforms)
 
 
 def _is_third_party_chatter(record: std_logging.LogRecord) -> bool:

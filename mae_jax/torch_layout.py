@@ -24,7 +24,7 @@ from absl import logging
 from mae_jax import models
 
 Model = models.MaskedAutoencoderViT | models.ViTClassifier
-FROZEN_KEYS = ("pos_embed", "decoder_pos_embed")  # MaskedAutoencoderViT's "frozen" tables (a ViTClassifier trains
+POSITION_TABLES = ("pos_embed", "decoder_pos_embed")  # MaskedAutoencoderViT's "constants" tables (a ViTClassifier trains
 # its pos_embed); in either model these are the tables that may come from another grid (interpolated)
 CLASSIFIER_KEYS = ("head", "fc_norm")  # first name components only a fine-tuned classifier checkpoint has
 SHOW = 8  # how many offending keys an error names per kind
@@ -38,7 +38,7 @@ COUNTER_SUFFIX = ".num_batches_tracked"  # torch BatchNorm's int64 counter: the 
 def official_layout(model: Model) -> dict[str, tuple[tuple[str, ...], str]]:
     """Official key -> (path in the unscanned params, kind); kind "conv", "linear" (transpose) or "copy".
 
-    MaskedAutoencoderViT: `models_mae` keys without the frozen position tables. ViTClassifier: `models_vit`
+    MaskedAutoencoderViT: `models_mae` keys without the fixed position tables. ViTClassifier: `models_vit`
     keys, its trainable `pos_embed` included, `fc_norm` (global pool) or `norm`, and `head`.
     """
     out = {}
@@ -136,7 +136,7 @@ def expected_shapes(model: Model) -> dict[str, tuple[int, ...]]:
         elif kind == "conv":
             shape = (shape[1], model.num_channels, model.patch_size, model.patch_size)
         shapes[key] = shape
-    for key, table in abstract.get("frozen", {}).items():
+    for key, table in abstract.get("constants", {}).items():
         shapes[key] = tuple(table.shape)
     for key, path in batch_stats_layout(model).items():
         shapes[key] = tuple(get(abstract["batch_stats"], path).shape)

@@ -1,14 +1,13 @@
-"""MAE pretraining: config checks, the lr schedule, AdamW, the pure train step, and `train_and_evaluate`.
+"""MAE pretraining as a `trainer.Task`: config checks, AdamW, the pure train step, reconstructions.
 
-`train_and_evaluate(config, workdir)` is everything `main.py` runs. Re-running the same command resumes
-from the latest checkpoint in `workdir/checkpoints` and continues exactly as if it had never stopped. The
-state, its sharded initialisation, compilation and the loop are the shared skeleton in `mae_jax/trainer.py`.
+`python main.py --config configs/vit_base.py --workdir DIR` runs it (`trainer.train_and_evaluate`);
+re-running the same command resumes from the latest checkpoint in `DIR/checkpoints` and continues exactly as
+if it had never stopped. The mesh, state, compilation and loop are the shared skeleton (`mae_jax/trainer.py`).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
@@ -16,31 +15,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from etils import epath
 
-from mae_jax import config_lib, input_pipeline, models, parallel, trainer
-from mae_jax.trainer import TrainState
+from mae_jax import models, pixels, trainer
+from mae_jax.train_state import TrainState, apply_gradients, rng_stream
 
 PyTree = Any
-
-
-# -------------------------------------------------------------------------------------------------------
-# Configuration checks, schedule, optimizer.
-# -------------------------------------------------------------------------------------------------------
-
-
-ConfigError = trainer.ConfigError
-learning_rate_schedule = trainer.learning_rate_schedule
-
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> tuple[int, int]:
-    """One-line ConfigErrors for impossible settings, before anything is compiled. Returns the mesh shape."""
-    data, fsdp = trainer.validate_common(config, num_devices, process_count)
-    try:
-        models.MaskedAutoencoderViT(**config.model)  # the model checks its own fields
-    except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
-    return data, fsdp
 
 
 def weight_decay_mask(params: PyTree) -> PyTree:
@@ -51,6 +30,7 @@ def weight_decay_mask(params: PyTree) -> PyTree:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW as PRETRAIN.md: betas (b1, b2), eps 1e-8, decoupled weight decay on `weight_decay_mask`."""
     return optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=1e-8, weight_decay=config.weight_decay,
                        mask=weight_decay_mask)
 
@@ -60,9 +40,9 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) 
 # -------------------------------------------------------------------------------------------------------
 
 
-def loss_fn(params: PyTree, frozen: PyTree, model: models.MaskedAutoencoderViT, images: jax.Array,
+def loss_fn(params: PyTree, constants: PyTree, model: models.MaskedAutoencoderViT, images: jax.Array,
             noise: jax.Array) -> jax.Array:
-    return model.apply({"params": params, "frozen": frozen}, images, noise=noise).loss
+    return model.apply({"params": params, "constants": constants}, images, noise=noise).loss
 
 
 def _microbatches(x: jax.Array, accum: int, num_shards: int) -> jax.Array:
@@ -73,144 +53,153 @@ def _microbatches(x: jax.Array, accum: int, num_shards: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(accum, b // accum, *x.shape[3:])
 
 
-def train_step(state: TrainState, images: jax.Array, *, model: models.MaskedAutoencoderViT,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum_steps: int,
-               num_batch_shards: int) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One AdamW step on the global batch `images` [B, H, W, C]. Pure; jit it with the state donated.
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.MaskedAutoencoderViT,
+               tx: optax.GradientTransformation, grad_accum_steps: int = 1, num_batch_shards: int = 1,
+               param_shardings: PyTree | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One AdamW step on the global batch {"images" [B, H, W, C]}: uint8 pixels (the input pipelines'; normalised
+    here, on the device) or images already normalised (float). Pure; jit it with the state donated.
 
     Masking noise: example i of the batch at step s draws from fold_in(rng_stream(rng, "masking", s), i), so
-    losses do not depend on devices, mesh shape, processes or gradient accumulation.
+    losses do not depend on devices, mesh shape, processes or gradient accumulation. `param_shardings`: see
+    `train_state.apply_gradients`.
     """
-    rng = trainer.rng_stream(jax.random.wrap_key_data(state.rng), "masking", state.step)
+    images = pixels.model_input(batch["images"])
+    rng = rng_stream(jax.random.wrap_key_data(state.rng), "masking", state.step)
     noise = models.per_example_uniform(rng, images.shape[0], model.num_patches)
     grad_fn = jax.value_and_grad(loss_fn)
     if grad_accum_steps == 1:
-        loss, grads = grad_fn(state.params, state.frozen, model, images, noise)
+        loss, grads = grad_fn(state.params, state.constants, model, images, noise)
     else:
         micro = (_microbatches(images, grad_accum_steps, num_batch_shards),
                  _microbatches(noise, grad_accum_steps, num_batch_shards))
 
         def accumulate(carry, batch):
-            loss, grads = grad_fn(state.params, state.frozen, model, *batch)
+            loss, grads = grad_fn(state.params, state.constants, model, *batch)
             return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state.params))
         (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
         loss, grads = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, (loss, grads))
 
-    new_state, grad_norm = trainer.apply_gradients(state, loss, grads, tx)
+    new_state, grad_norm = apply_gradients(state, loss, grads, tx, param_shardings)
     # Only what is cheap: a norm lowers to a reduction over every parameter, and on the CPU each costs as
-    # much as a tenth of the ViT-B step. The loop adds param_norm on logging steps only.
-    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": grad_norm}
-    return new_state, metrics
+    # much as a tenth of the ViT-B step. The loop measures param_norm on logging steps only.
+    return new_state, {"loss": loss, "grad_norm": grad_norm}
 
 
 # -------------------------------------------------------------------------------------------------------
-# State and compiled step of the MAE.
-# -------------------------------------------------------------------------------------------------------
-
-
-def _init_fn(model: models.MaskedAutoencoderViT):
-    return functools.partial(models.init_variables, model)
-
-
-def abstract_train_state(model: models.MaskedAutoencoderViT, tx: optax.GradientTransformation) -> TrainState:
-    """Shapes and dtypes of the state (`jax.ShapeDtypeStruct`s); nothing is allocated."""
-    return trainer.abstract_state(_init_fn(model), tx)
-
-
-def create_train_state(model: models.MaskedAutoencoderViT, tx: optax.GradientTransformation, seed: int,
-                       mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState]:
-    """Initialises the state directly into its shardings. Returns (state, its shardings)."""
-    return trainer.create_state(_init_fn(model), tx, seed, mesh)
-
-
-state_shardings = trainer.state_shardings
-
-
-def lower_train_step(model: models.MaskedAutoencoderViT, tx: optax.GradientTransformation,
-                     schedule: optax.Schedule, mesh: jax.sharding.Mesh, shardings: TrainState, *,
-                     batch_size: int, grad_accum_steps: int = 1) -> jax.stages.Lowered:
-    """`train_step` jitted for the global batch, the state donated, lowered but not compiled."""
-    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, grad_accum_steps=grad_accum_steps,
-                             num_batch_shards=mesh.shape["data"] * mesh.shape["fsdp"])
-    return trainer.lower_step(step, abstract_train_state(model, tx), shardings, (batch_size, *model.image_shape),
-                              mesh)
-
-
-def compile_train_step(model: models.MaskedAutoencoderViT, tx: optax.GradientTransformation,
-                       schedule: optax.Schedule, mesh: jax.sharding.Mesh, shardings: TrainState, *,
-                       batch_size: int, grad_accum_steps: int = 1) -> jax.stages.Compiled:
-    """`lower_train_step(...).compile()`: called with exactly these shapes and shardings, never recompiled."""
-    return lower_train_step(model, tx, schedule, mesh, shardings, batch_size=batch_size,
-                            grad_accum_steps=grad_accum_steps).compile()
-
-
-# -------------------------------------------------------------------------------------------------------
-# The run.
+# The task.
 # -------------------------------------------------------------------------------------------------------
 
 
 class Pretraining(trainer.Task):
-    """MAE pretraining as a `trainer.Task`: masked-patch reconstruction on unlabelled images."""
+    """MAE pretraining: masked-patch reconstruction on unlabelled images."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
-        self.model = models.MaskedAutoencoderViT(**config.model)
+    def __init__(self, config: ml_collections.ConfigDict, platform: str):
+        self.model_fields = dict(config.model)
+        self.model = models.MaskedAutoencoderViT(
+            **{**self.model_fields, "ops": models.resolve_ops(config.model.ops, platform)})
 
-    def init_fn(self):
-        return _init_fn(self.model)
+    @classmethod
+    def validate(cls, config, num_devices, process_count):
+        mesh_shape = trainer.validate_common(config, num_devices, process_count)
+        try:
+            models.MaskedAutoencoderViT(**config.model)  # the model checks its own fields
+        except ValueError as e:
+            raise trainer.ConfigError(f"model: {e}") from None
+        return mesh_shape
 
-    def batches(self, data_iter, mesh):
-        for batch, input_state in super().batches(data_iter, mesh):
-            yield batch["images"], input_state
+    def init_variables(self, rng):
+        return models.init_variables(self.model, rng)
 
     def make_optimizer(self, config, schedule):
         return make_optimizer(config, schedule)
 
-    def compile_step(self, config, tx, schedule, mesh, shardings):
-        return compile_train_step(self.model, tx, schedule, mesh, shardings, batch_size=config.batch_size,
-                                  grad_accum_steps=config.grad_accum_steps)
+    def batch_spec(self, config):
+        return {"images": jax.ShapeDtypeStruct((config.batch_size, *self.model.image_shape), jnp.uint8)}
 
-    def hooks(self, context: trainer.RunContext, state: TrainState) -> list[trainer.Hook]:
+    def train_step(self, setup):
+        mesh = setup.mesh
+        return functools.partial(train_step, model=self.model, tx=setup.tx,
+                                 grad_accum_steps=setup.config.grad_accum_steps,
+                                 num_batch_shards=mesh.shape["data"] * mesh.shape["fsdp"],
+                                 param_shardings=setup.shardings.params)
+
+    def programs(self, setup):
+        config = setup.config
+        if not config.visualize_every_steps:
+            return {}
+        from mae_jax import visualize  # PIL
+
+        images = jax.ShapeDtypeStruct((config.visualize_num_images, *self.model.image_shape), jnp.float32,
+                                      sharding=setup.replicated)
+        noise = jax.ShapeDtypeStruct((config.visualize_num_images, self.model.num_patches), jnp.float32,
+                                     sharding=setup.replicated)
+        return {"reconstructions": trainer.Program(
+            f"the reconstructions of {config.visualize_num_images} held-out images", setup.mesh,
+            functools.partial(visualize.reconstruct, self.model), (setup.abstract.variables, images, noise),
+            out_shardings=setup.replicated)}
+
+    def hooks(self, context):
         config = context.config
         if not config.visualize_every_steps:
             return []
-        context.stage("Compiling the reconstructions of %d held-out images...", config.visualize_num_images)
-        return [_reconstruction_hook(config, self.model, context.mesh, context.workdir, context.log,
-                                     context.total_steps, state)]
+        from mae_jax import input_pipeline, visualize  # TensorFlow, PIL
 
-    def summary(self, context: trainer.RunContext, last: dict[str, float]) -> None:
-        if context.config.visualize_every_steps:
-            logging.info("  reconstructions: %s", context.workdir / "reconstructions")
+        images = input_pipeline.load_eval_images(config.input, image_shape=self.model.image_shape, seed=config.seed,
+                                                 num_images=config.visualize_num_images)
+        reconstructions = visualize.TrainingReconstructions(
+            self.model, images, context.setup.mesh, context.workdir / "reconstructions", seed=config.seed,
+            compiled=context.compiled["reconstructions"])
+
+        def hook(step: int, state: TrainState) -> None:
+            if trainer.loop.itstime(step, config.visualize_every_steps, context.setup.total_steps):
+                context.log.write_image(step, "reconstructions", reconstructions(step, state.variables))
+
+        return [hook]
+
+    def summary(self, context, last):
+        config, workdir = context.config, context.workdir
+        if config.visualize_every_steps:
+            logging.info("  reconstructions: %s", workdir / "reconstructions")
         logging.info("  next: python -m mae_jax.visualize --checkpoint %s --image YOUR_IMAGE.jpg --output out.png",
-                     context.workdir)
-        logging.info("  or fine-tune: python main.py --config configs/finetune_vit_base.py --workdir FT_DIR "
-                     "--config.init_from=%s", context.workdir)
+                     workdir)
+        logging.info("  or fine-tune: %s", finetune_command(config, workdir))
 
 
-def _reconstruction_hook(config, model, mesh, workdir: epath.Path, log: trainer.MetricsLog, total_steps: int,
-                         state: TrainState):
-    """Reconstructions of held-out images every visualize_every_steps and at the end (PNG + TensorBoard),
-    compiled now, so that the last one does not delay the end of the run."""
-    from mae_jax import visualize  # PIL, only when asked for
-
-    images = input_pipeline.load_eval_images(config.input, image_shape=model.image_shape, seed=config.seed,
-                                             num_images=config.visualize_num_images)
-    variables = trainer.abstract_like({"params": state.params, "frozen": state.frozen})
-    reconstructions = visualize.TrainingReconstructions(model, images, mesh, workdir / "reconstructions",
-                                                        seed=config.seed, variables=variables)
-
-    def hook(step: int, state: TrainState) -> None:
-        if step % config.visualize_every_steps == 0 or step == total_steps:
-            log.write_image(step, "reconstructions", reconstructions(step, {"params": state.params,
-                                                                            "frozen": state.frozen}))
-
-    return hook
+# Shipped fine-tuning configs whose encoder is a shipped pretraining config's, on data this machine has:
+# (dataset, image size, embed_dim) of the pretraining config -> the fine-tuning config.
+_FINETUNE_CONFIGS = {
+    ("synthetic", (32, 32), 32): "configs/finetune_tiny.py",
+    ("demo", (64, 64), 128): "configs/demo_finetune.py",
+    ("digits", (32, 32), 96): "configs/digits_finetune.py",
+}
+_RECIPES = {768: "B", 1024: "L", 1280: "H"}  # embed_dim -> the paper's fine-tuning recipes (configs/finetune_vit_*)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
-    """Pretrains (or resumes) in `workdir`. Returns the last logged metrics."""
-    config_lib.resolve(config)
-    parallel.maybe_initialize_distributed()
-    mesh_shape = validate_config(config, jax.device_count(), jax.process_count())
-    return trainer.run(config, workdir, Pretraining(config), mesh_shape)
+def finetune_command(config, workdir) -> str:
+    """The fine-tuning command that loads this pretraining's encoder: a shipped config made for it (the tiny,
+    demo and digits models), else the paper's recipe of the nearest size with the encoder fields that differ
+    from it, on ImageNet for ImageNet runs, on the same folder for a folder of class folders, else on a
+    labelled folder of the user's."""
+    model = config.model
+    shipped = _FINETUNE_CONFIGS.get((config.input.dataset, tuple(model.image_size), model.embed_dim))
+    command = "python main.py --config {} --workdir FT_DIR --config.init_from=" + str(workdir)
+    if shipped:
+        return command.format(shipped)
+    size = _RECIPES.get(model.embed_dim, "B")
+    recipe = models.variant(f"{size}/{16 if size != 'H' else 14}", image_size=(224, 224))
+    fields = set(models.classifier_fields(recipe)) - {"dtype", "attention", "ops", "remat", "scan_blocks"}
+    overrides = [f"--config.model.{k}={_flag_value(model[k])}" for k in sorted(fields)
+                 if k in model and _flag_value(model[k]) != _flag_value(recipe[k])]
+    if config.input.dataset != "imagenet2012":
+        folder = config.input.image_folder if config.input.dataset == "folder" else "LABELLED_FOLDER"
+        overrides += ["--config.input.dataset=folder", f"--config.input.image_folder={folder}"]
+    name = {"B": "base", "L": "large", "H": "huge"}[size]
+    return " ".join([command.format(f"configs/finetune_vit_{name}.py"), *overrides])
+
+
+def _flag_value(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return str(value[0]) if len(set(value)) == 1 else ",".join(map(str, value))
+    return str(value)

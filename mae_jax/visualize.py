@@ -125,9 +125,9 @@ class TrainingReconstructions:
     """
 
     def __init__(self, model: models.MaskedAutoencoderViT, images: np.ndarray, mesh: jax.sharding.Mesh,
-                 directory, seed: int = 0, variables=None):
-        """`variables`: the shapes and shardings of {"params", "frozen"} (ShapeDtypeStructs), if known: the
-        reconstruction is then compiled here, ahead of time, rather than at its first use."""
+                 directory, seed: int = 0, compiled: jax.stages.Compiled | None = None):
+        """`compiled`: `reconstruct` for this model, compiled ahead of time for the run's variables and these
+        images (the trainer's "reconstructions" program); else it is compiled at its first use."""
         self.model = model
         self.directory = directory
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -135,9 +135,7 @@ class TrainingReconstructions:
         noise = np.asarray(models.per_example_uniform(jax.random.key(seed), len(images), model.num_patches))
         self.inputs = tuple(jax.make_array_from_callback(x.shape, replicated, lambda index, x=x: x[index])
                             for x in (images, noise))
-        self.reconstruct = jax.jit(functools.partial(reconstruct, model), out_shardings=replicated)
-        if variables is not None:
-            self.reconstruct = self.reconstruct.lower(variables, *self.inputs).compile()
+        self.reconstruct = compiled or jax.jit(functools.partial(reconstruct, model), out_shardings=replicated)
 
     def __call__(self, step: int, variables) -> np.ndarray:
         panels = np.asarray(self.reconstruct(variables, *self.inputs))

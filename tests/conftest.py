@@ -14,6 +14,7 @@ if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 if TEST_XLA_FLAGS not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " " + TEST_XLA_FLAGS
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu may be installed (tests/test_plan.py): no TPU probing
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

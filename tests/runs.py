@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -51,3 +52,39 @@ def free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def tiny_setup(config, devices: int = 8, num_examples: int | None = None):
+    """`trainer.build` of `config`'s task on the first `devices` CPU devices, without data (the schedule over
+    `num_examples`, default the synthetic dataset's): what a run compiles, for tests that step it themselves."""
+    import jax
+
+    from mae_jax import config_lib, trainer
+
+    config_lib.resolve(config)
+    cls = trainer.task_class(config)
+    cls.validate(config, devices, 1)
+    task = cls(config, platform="cpu")
+    return trainer.build(config, task, jax.devices()[:devices], num_examples or config.input.synthetic_num_examples)
+
+
+def count_cpu_only_barriers(hlo_text: str) -> int:
+    """How many `exponential(multiply(x, 0))` (xla_cpu._keep's `x * exp(0 * x)`) a StableHLO module holds."""
+    count = 0
+    for function in hlo_text.split("func.func")[1:]:  # SSA names are local to a function
+        zeros, times_zero = set(), set()
+        for line in function.splitlines():
+            match = re.match(r"\s*(%[\w#]+) = (\S+) (.*)", line)
+            if not match:
+                continue
+            name, op, rest = match.groups()
+            operands = set(re.findall(r"%[\w#]+", rest.split(":")[0]))
+            if op == "stablehlo.constant" and re.match(r"dense<-?0\.0+e[+-]00>", rest):
+                zeros.add(name)
+            elif op == "stablehlo.broadcast_in_dim" and operands & zeros:
+                zeros.add(name)
+            elif op == "stablehlo.multiply" and operands & zeros:
+                times_zero.add(name)
+            elif op == "stablehlo.exponential" and operands & times_zero:
+                count += 1
+    return count

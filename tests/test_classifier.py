@@ -214,7 +214,7 @@ def test_pretrained_mae_into_classifier(pretrained, global_pool, caplog):
     encoder = ["patch_embed", "cls_token", "blocks_0", "blocks_1"] + ([] if global_pool else ["norm"])
     for name in encoder:
         jax.tree_util.tree_map(np.testing.assert_array_equal, params[name], mae_params[name])
-    np.testing.assert_array_equal(params["pos_embed"], mae_variables["frozen"]["pos_embed"])
+    np.testing.assert_array_equal(params["pos_embed"], mae_variables["constants"]["pos_embed"])
     new = ["head"] + (["fc_norm"] if global_pool else [])
     for name in new:  # from the base variables (the caller's init)
         jax.tree_util.tree_map(np.testing.assert_array_equal, params[name], base["params"][name])

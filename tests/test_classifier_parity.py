@@ -233,7 +233,7 @@ def test_linprobe_train_mode_equals_official():
 
 @pytest.mark.parametrize("global_pool", [False, True])
 def test_linprobe_export_loads_strictly_into_official(global_pool, tmp_path):
-    """A probe as the trainer checkpoints it ({"params", "frozen": {"batch_stats"}}) -> to_torch and `--to
+    """A probe as the trainer checkpoints it ({"params", "batch_stats"}) -> to_torch and `--to
     official` (cls token only) -> main_linprobe.py's model with strict=True -> equal eval logits; and back."""
     classifier = _probe(global_pool, scan_blocks=True)
     variables = models.init_variables(classifier, jax.random.key(18))
@@ -243,7 +243,7 @@ def test_linprobe_export_loads_strictly_into_official(global_pool, tmp_path):
     stats = {"head_bn": {"mean": rng.normal(size=32).astype(np.float32),
                          "var": rng.uniform(0.5, 2.0, size=32).astype(np.float32),
                          "num_batches_tracked": np.int32(5)}}
-    trained = {"params": params, "frozen": {"batch_stats": stats}}
+    trained = {"params": params, "batch_stats": stats}
     images = _images(2, 32, seed=20)
     ours = np.asarray(classifier.apply({"params": params, "batch_stats": stats}, images))
     sd = convert.to_torch(trained, classifier, format="official")

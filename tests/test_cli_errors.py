@@ -273,10 +273,10 @@ def _line_time(line):
 
 def test_main_init_from_and_nan_stop_are_one_line_each(tmp_path):
     """Through `python main.py` (in parallel): an HF directory of another size as init_from, and a NaN stop.
-    In-process (`train.train_and_evaluate`, whose exception main.py prints as its one line): a text file,
+    In-process (`trainer.train_and_evaluate`, whose exception main.py prints as its one line): a text file,
     random bytes, our export of another architecture."""
     from configs import tiny
-    from mae_jax import train
+    from mae_jax import trainer
     from runs import run_main
 
     export, hf = _other_size_sources(tmp_path)
@@ -301,7 +301,7 @@ def test_main_init_from_and_nan_stop_are_one_line_each(tmp_path):
         config = tiny.get_config()
         config.init_from, config.visualize_every_steps = str(path), 0
         with pytest.raises(convert.CheckpointError) as error:
-            train.train_and_evaluate(config, tmp_path / f"w_{path.name}")
+            trainer.train_and_evaluate(config, tmp_path / f"w_{path.name}")
         assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
         assert "weights_only" not in str(error.value)
 

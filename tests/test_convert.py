@@ -72,7 +72,7 @@ def _random_variables(model, seed=0):
     leaves = [(rng.normal(size=x.shape) * 0.05).astype(np.float32) + (1 if x.ndim == 1 and np.all(x == 1) else 0)
               for x in leaves]
     return {"params": jax.tree_util.tree_unflatten(treedef, leaves),
-            "frozen": jax.tree_util.tree_map(np.asarray, variables["frozen"])}
+            "constants": jax.tree_util.tree_map(np.asarray, variables["constants"])}
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +101,13 @@ def test_load_hf_tiny_matches_transformers(tiny_hf, tiny_model, tiny_apply, tmp_
     assert model == tiny_model
     _assert_trees_equal(params, torch_reference.hf_to_flax(tiny_hf)["params"])
     images, noise = _images(3, 32), _noise(3, 16)
-    out = tiny_apply({"params": params, "frozen": convert.default_frozen(model)}, images, noise)
+    out = tiny_apply({"params": params, "constants": convert.default_constants(model)}, images, noise)
     errors = _assert_matches_hf(out, _hf_forward(tiny_hf, images, noise))
     print(f"tiny load_hf: max |pred - hf| {errors[0]:.2e}, |loss - hf| {errors[1]:.2e}")
     # load_variables reads the same directory with its tables.
     variables = convert.load_variables(tmp_path, model)
     _assert_trees_equal(variables["params"], params)
-    np.testing.assert_array_equal(variables["frozen"]["pos_embed"],
+    np.testing.assert_array_equal(variables["constants"]["pos_embed"],
                                   tiny_hf.vit.embeddings.position_embeddings.detach().numpy())
 
 
@@ -116,7 +116,7 @@ def test_official_full_tiny_matches_transformers(tiny_hf, tiny_model, tiny_apply
     params = convert.from_torch(official, tiny_model)
     _assert_trees_equal(params, torch_reference.hf_to_flax(tiny_hf)["params"])
     images, noise = _images(2, 32, 5), _noise(2, 16, 6)
-    out = tiny_apply({"params": params, "frozen": convert.default_frozen(tiny_model)}, images, noise)
+    out = tiny_apply({"params": params, "constants": convert.default_constants(tiny_model)}, images, noise)
     _assert_matches_hf(out, _hf_forward(tiny_hf, images, noise))
     # Torch tensors in, same numbers out.
     _assert_trees_equal(convert.from_torch({k: torch.from_numpy(v) for k, v in official.items()}, tiny_model),
@@ -168,7 +168,7 @@ def test_encoder_only_official_gives_same_features(tiny_hf, tiny_model, caplog):
     assert "encoder only: the decoder (" in caplog.text and "kept from the base variables" in caplog.text
     for name in ("decoder_embed", "mask_token", "decoder_blocks_0", "decoder_norm", "decoder_pred"):
         _assert_trees_equal(variables["params"][name], base["params"][name])
-    np.testing.assert_array_equal(variables["frozen"]["decoder_pos_embed"], base["frozen"]["decoder_pos_embed"])
+    np.testing.assert_array_equal(variables["constants"]["decoder_pos_embed"], base["constants"]["decoder_pos_embed"])
     images = _images(2, 32, 9)
     feats = _features(tiny_model, variables, images)
     # HF's encoder with nothing masked, patches in order: mask ratio 0 and increasing noise.
@@ -225,11 +225,11 @@ def test_vit_b16_hf_and_official(tmp_path):
     del hf
     loaded_model, params = convert.load_hf(tmp_path)
     assert loaded_model == model
-    out = apply({"params": params, "frozen": convert.default_frozen(model)}, images, noise)
+    out = apply({"params": params, "constants": convert.default_constants(model)}, images, noise)
     hf_err = _assert_matches_hf(out, ref)
     official_params = convert.from_torch(official, model)
     _assert_trees_equal(official_params, params)
-    out = apply({"params": official_params, "frozen": convert.default_frozen(model)}, images, noise)
+    out = apply({"params": official_params, "constants": convert.default_constants(model)}, images, noise)
     official_err = _assert_matches_hf(out, ref)
     print(f"ViT-B/16 load_hf: max |pred - hf| {hf_err[0]:.2e}, |loss - hf| {hf_err[1]:.2e}; "
           f"official: {official_err[0]:.2e}, {official_err[1]:.2e}")
@@ -363,7 +363,7 @@ def test_checkpoint_of_another_image_size_is_interpolated(tiny_hf, caplog):
         variables = convert.from_torch_variables(official, model)
     assert "Interpolating pos_embed from a (4, 4) grid" in caplog.text
     for name in ("pos_embed", "decoder_pos_embed"):
-        np.testing.assert_allclose(variables["frozen"][name],
+        np.testing.assert_allclose(variables["constants"][name],
                                    torch_reference.official_interpolate_pos_embed(official[name], (4, 4), (6, 6)),
                                    atol=2e-6, rtol=0)
     _assert_trees_equal(variables["params"], torch_reference.hf_to_flax(tiny_hf)["params"])
@@ -377,7 +377,7 @@ def test_position_table_off_the_formula_is_used_with_a_warning(tiny_hf, tiny_mod
     with caplog.at_level(logging.WARNING):
         variables = convert.from_torch_variables(official, tiny_model)
     assert "pos_embed of the checkpoint differs from the 2-D sin-cos formula by up to 0.01" in caplog.text
-    np.testing.assert_array_equal(variables["frozen"]["pos_embed"], official["pos_embed"])
+    np.testing.assert_array_equal(variables["constants"]["pos_embed"], official["pos_embed"])
 
 
 def _official_shapes(embed_dim, depth, decoder_dim=512, decoder_depth=8, patch=16, grid=14):

@@ -93,11 +93,11 @@ def test_main_commands_of_the_digits_configs(tmp_path):
     and configs/digits_linprobe.py from its workdir with main.py (a few steps each)."""
     few = ("--config.total_steps=3", "--config.log_every_steps=1")
     from configs import digits_pretrain
-    from mae_jax import train
+    from mae_jax import trainer
 
     config = digits_pretrain.get_config()  # in-process: the first command, shortened as the others
     config.total_steps, config.log_every_steps = 3, 1
-    train.train_and_evaluate(config, tmp_path / "pt")
+    trainer.train_and_evaluate(config, tmp_path / "pt")
     for config in ("configs/digits_finetune.py", "configs/digits_linprobe.py"):
         proc = run_main(tmp_path / os.path.basename(config), *few, f"--config.init_from={tmp_path / 'pt'}",
                         "--config.input.train_split=train[:10%]", config=config)

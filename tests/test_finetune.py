@@ -1,6 +1,7 @@
 """Fine-tuning end to end (configs/finetune_tiny.py: mixup, cutmix, label smoothing and drop path on): resume,
 devices, evaluation, init_from, eval_only, the non-finite guard, config checks."""
 
+import re
 import shutil
 
 import jax
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 
 from configs import finetune_tiny, tiny
-from mae_jax import checkpoints, convert, finetune, models, train, trainer
-from runs import read_metrics, run_main
+from mae_jax import checkpoints, convert, finetune, models, train_state, trainer
+from runs import read_metrics, run_main, tiny_setup
 
 FINETUNE = "configs/finetune_tiny.py"
 TWELVE_STEPS = ("--config.total_steps=12", "--config.log_every_steps=1", "--config.checkpoint_every_steps=6",
@@ -33,7 +34,7 @@ def _assert_close(a, b, keys, atol):
 @pytest.mark.long
 def test_resume_devices_and_evaluation(tmp_path):
     """One uninterrupted 12-step run on 1 device; the same on 8 devices; a copy of the first resumed from its
-    step-6 checkpoint. Training and eval metrics agree (exactly on resume, 1e-6 over devices), and the
+    step-6 checkpoint. Training and eval metrics agree (exactly on resume, 3e-6 over devices), and the
     evaluation (every epoch of 8 steps and at the end: 100 examples in batches of 32) counts every example once."""
     procs = {name: run_main(tmp_path / name, *TWELVE_STEPS, devices=devices, wait=False, config=FINETUNE)
              for name, devices in (("one", 1), ("eight", 8))}
@@ -49,8 +50,9 @@ def test_resume_devices_and_evaluation(tmp_path):
     assert "eval (validation, 100 examples): top-1" in stdout and "next: python -m mae_jax.convert" in stdout
 
     eight_train, eight_eval = _records(tmp_path / "eight")
-    _assert_close(one_train, eight_train, ["loss", "grad_norm"], 1e-6)
-    _assert_close(one_eval, eight_eval, ["eval_loss", "eval_top1", "eval_top5"], 1e-6)
+    # float32 sums over 8 devices in another order: a few ulps of the loss (2.3) after 5 updates.
+    _assert_close(one_train, eight_train, ["loss", "grad_norm"], 3e-6)
+    _assert_close(one_eval, eight_eval, ["eval_loss", "eval_top1", "eval_top5"], 3e-6)
 
     shutil.copytree(tmp_path / "one", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "12")  # as if stopped after the step-6 save
@@ -71,10 +73,10 @@ def test_init_from_pretraining_then_eval_only(tmp_path):
     pretrained, ft = tmp_path / "mae_tiny", tmp_path / "mae_tiny_ft"
     config = tiny.get_config()  # in-process: main.py's configs/tiny.py run, 3 steps
     config.total_steps, config.visualize_every_steps = 3, 0
-    train.train_and_evaluate(config, pretrained)
+    trainer.train_and_evaluate(config, pretrained)
     result = run_main(ft, "--config.total_steps=4", f"--config.init_from={pretrained}", config="configs/finetune_tiny.py")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Initialised the classifier from" in result.stdout
+    assert "Initialised the ViTClassifier from" in result.stdout
     assert "not loading" in result.stdout + result.stderr  # the decoder and norm, named in the log
     assert "New keys of the classifier" in result.stdout + result.stderr  # head and fc_norm
     _, mae = checkpoints.load_variables(pretrained)
@@ -85,11 +87,16 @@ def test_init_from_pretraining_then_eval_only(tmp_path):
     assert np.abs(ours - theirs).max() < 1e-2 < np.abs(theirs).max()
     evals = [r for r in read_metrics(ft) if "eval_top1" in r]
 
-    result = run_main(ft, "--config.total_steps=4", "--config.eval_only=True", config="configs/finetune_tiny.py")
+    history = sorted((ft / "config_history").iterdir())
+    result = run_main(ft, "--config.eval_only=True", config="configs/finetune_tiny.py")  # as README writes it
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Compiling the train step" not in result.stdout
     assert f"Evaluation of step 4 of {ft} on synthetic validation (100 examples): top-1 " \
            f"{evals[-1]['eval_top1']:.4f}" in result.stdout
+    # An evaluation is not a resume: no settings compared or recorded, no training steps.
+    output = result.stdout + result.stderr
+    assert "changed on resume" not in output and not re.search(r"step \d+/1\b", output), output[-2000:]
+    assert sorted((ft / "config_history").iterdir()) == history
 
     # `python -m mae_jax.convert WORKDIR classifier.pth --to official`, in-process
     convert.main(convert._parse_flags(["convert", str(ft), str(tmp_path / "classifier.pth"), "--to", "official"]))
@@ -125,6 +132,8 @@ def _config(overrides=None, **kwargs):
     (dict(grad_accum_steps=2), "grad_accum_steps 2: fine-tuning and the linear probe take one batch per step"),
     ({"input.labels": False}, "input.labels False"),
     ({"model.drop_path_rate": 1.0}, "model: drop_path_rate 1.0 must be in [0, 1)"),
+    (dict(task="linprobe", **{"model.frozen_encoder": False}),
+     "set model.frozen_encoder=True and model.head_batch_norm=True"),
 ])
 def test_bad_settings_are_one_line_errors(overrides, message):
     with pytest.raises(trainer.ConfigError) as error:
@@ -132,34 +141,14 @@ def test_bad_settings_are_one_line_errors(overrides, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_paper_recipes_validate():
-    from configs import finetune_vit_base, finetune_vit_huge, finetune_vit_large
-
-    for module, blr, decay, drop, epochs in ((finetune_vit_base, 5e-4, 0.65, 0.1, 100),
-                                             (finetune_vit_large, 1e-3, 0.75, 0.2, 50),
-                                             (finetune_vit_huge, 1e-3, 0.75, 0.3, 50)):
-        config = module.get_config()
-        assert finetune.validate_config(config, 8, 1) == (8, 1)
-        assert (config.base_lr, config.layer_decay, config.model.drop_path_rate, config.num_epochs) == \
-            (blr, decay, drop, epochs)
-        assert (config.batch_size, config.weight_decay, config.warmup_epochs, config.min_lr) == (1024, 0.05, 5, 1e-6)
-        assert (config.b1, config.b2, config.label_smoothing, config.mixup, config.cutmix,
-                config.mixup_switch_prob) == (0.9, 0.999, 0.1, 0.8, 1.0, 0.5)
-        assert (config.input.rand_augment, config.input.random_erasing, config.model.global_pool) == \
-            ("rand-m9-mstd0.5-inc1", 0.25, True)
-
-
 def test_nonfinite_step_changes_nothing_and_is_recorded():
     """The guard the loop reads (trainer.apply_gradients, shared with pretraining, whose end-to-end stop is
     tested through main.py): a NaN batch leaves the params and the optimizer state as they
     were and records the step; later finite steps change nothing either."""
     config = finetune_tiny.get_config()
-    model = models.ViTClassifier(**{**config.model, "num_classes": 10})
-    schedule = trainer.learning_rate_schedule(config, 8, 40)
-    tx = finetune.make_optimizer(config, schedule, model)
-    state = trainer.init_state(finetune.Classification(config, 10).init_fn(), tx, 0)
-    step = jax.jit(lambda s, b: finetune.train_step(s, b, model=model, tx=tx, schedule=schedule,
-                                                    mix=finetune.make_mixup(config, 10), label_smoothing=0.1))
+    setup = tiny_setup(config, devices=1)
+    state = setup.init_state()
+    step = jax.jit(setup.programs["train_step"].fn)
     images = np.random.default_rng(0).normal(size=(16, 32, 32, 3)).astype(np.float32)
     labels = np.arange(16, dtype=np.int32) % 10
     state, _ = step(state, {"images": images, "labels": labels})
@@ -175,36 +164,19 @@ def test_nonfinite_step_changes_nothing_and_is_recorded():
         np.testing.assert_array_equal(a, b)
 
 
-def test_linear_probe_recipes_validate():
-    from configs import linprobe_tiny, linprobe_vit_base, linprobe_vit_huge, linprobe_vit_large
-
-    for module, epochs in ((linprobe_vit_base, 90), (linprobe_vit_large, 50), (linprobe_vit_huge, 50)):
-        config = module.get_config()
-        assert finetune.validate_config(config, 8, 1) == (8, 1)
-        assert (config.task, config.batch_size, config.base_lr, config.num_epochs, config.warmup_epochs,
-                config.weight_decay, config.min_lr) == ("linprobe", 16384, 0.1, epochs, 10, 0.0, 0.0)
-        model = config.model
-        assert (model.global_pool, model.head_batch_norm, model.frozen_encoder, model.head_init_std,
-                model.drop_path_rate) == (False, True, True, 0.01, 0.0)
-        assert (config.mixup, config.cutmix, config.label_smoothing, config.input.rand_augment,
-                config.input.random_erasing, tuple(config.input.crop_scale)) == (0, 0, 0, "", 0.0, (0.08, 1.0))
-    assert finetune.validate_config(linprobe_tiny.get_config(), 1, 1) == (1, 1)
-    config = linprobe_tiny.get_config()
-    config.model.frozen_encoder = False
-    with pytest.raises(trainer.ConfigError, match="set model.frozen_encoder=True and model.head_batch_norm=True"):
-        finetune.validate_config(config, 1, 1)
-
-
-def test_frozen_parameters_state_initialises_sharded():
-    """The probe's optimizer (LARS on the head, optimizers.freeze elsewhere) keeps an empty MaskedNode for every
-    frozen leaf: the state's shardings follow that structure and the state initialises on an 8-device mesh."""
+def test_partial_optimizer_state_initialises_sharded():
+    """The probe's optimizer (LARS on the head, optimizers.train_only elsewhere) keeps an empty MaskedNode for every
+    leaf it does not train: the state's shardings follow that structure and the state initialises on an 8-device
+    mesh."""
     from mae_jax import optimizers, parallel
 
     model = models.ViTClassifier(**models.classifier_fields(models.variant("test/8", image_size=(16, 16)),
                                                             num_classes=10))
-    tx = optimizers.freeze(optimizers.lars(1e-3), lambda params: jax.tree_util.tree_map_with_path(
+    tx = optimizers.train_only(optimizers.lars(1e-3), lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: path[0].key == "head", params))
     init_fn = lambda key: {"params": models.init_variables(model, key)["params"]}
-    state, shardings = trainer.create_state(init_fn, tx, 0, parallel.create_mesh(4, 2))
+    abstract = train_state.abstract_state(init_fn, tx)
+    shardings = train_state.state_shardings(abstract, tx, parallel.create_mesh(jax.devices(), 4, 2))
+    state = jax.jit(train_state.init_state, static_argnums=(0, 1), out_shardings=shardings)(init_fn, tx, 0)
     trained = jax.tree_util.tree_leaves(state.opt_state)
     assert sum(x.size for x in trained) == sum(x.size for x in jax.tree_util.tree_leaves(state.params["head"]))

@@ -350,8 +350,8 @@ def test_eval_transform_matches_pil_resize_and_center_crop(shape, size, crop_pct
     tf.image.resize's only by PIL's fixed-point coefficients, which move a few values across a rounding edge."""
     image = skimage.data.astronaut()[:shape[0], :shape[1]]
     ours = fa.preprocess_for_eval(tf.constant(image), size, crop_pct).numpy()
-    assert ours.shape == (size, size, 3)
-    levels = (ours * pixels.IMAGENET_STD + pixels.IMAGENET_MEAN) * 255.0
+    assert ours.shape == (size, size, 3) and ours.dtype == np.uint8  # normalised on the device
+    levels = ours.astype(np.float64)
     expected = _mae_eval_pil(image, size, crop_pct).astype(np.float64)
     difference = np.abs(levels - expected)
     assert difference.max() <= 1.0 + 1e-4 and np.mean(difference > 0.5) < 1e-3, (difference.max(),
@@ -365,22 +365,37 @@ def test_eval_transform_rejects_bad_crop_pct():
 
 
 def test_finetune_train_transform_composes_crop_randaugment_erasing():
-    """preprocess_for_finetune_train = augment's crop and flip (held as uint8) -> rand_augment -> normalise ->
-    random_erasing, each with its own part of the key; deterministic, and in graph mode."""
+    """preprocess_for_finetune_train = augment's crop and flip (uint8) -> rand_augment, and random_erasing's boxes,
+    each with its own part of the key; deterministic, and in graph mode. The boxes are those `random_erasing`
+    fills, and the device's fill (`mixup.fill_erased`) erases exactly their pixels with N(0, 1) noise."""
     encoded = tf.io.encode_png(skimage.data.astronaut()[:120, :150])
     key = tf.constant([4, 2], tf.int64)
     few_ops = dict(ops=("Equalize", "Rotate"), prob=1.0)  # a small graph: the full one is tested above
     transform = tf.function(lambda encoded, key: fa.preprocess_for_finetune_train(
         encoded, key, image_size=(40, 48), rand_augment_kwargs=few_ops, erase_probability=1.0))
-    ours = transform(encoded, key).numpy()
-    assert ours.shape == (40, 48, 3) and ours.dtype == np.float32
-    np.testing.assert_array_equal(transform(encoded, key), ours)
+    ours = {k: v.numpy() for k, v in transform(encoded, key).items()}
+    assert ours["images"].shape == (40, 48, 3) and ours["images"].dtype == np.uint8
+    assert ours["erase_boxes"].shape == (1, 4) and ours["erase_boxes"].dtype == np.int32
+    for k, v in transform(encoded, key).items():
+        np.testing.assert_array_equal(v, ours[k])
     crop_key, augment_key, erase_key = tf.unstack(tf.random.experimental.stateless_split(key, 3, alg="philox"))
     cropped = augment.preprocess_for_train(encoded, crop_key, image_size=(40, 48), num_channels=3,
                                            scale=(0.08, 1.0))
-    levels = np.round((cropped.numpy() * pixels.IMAGENET_STD + pixels.IMAGENET_MEAN) * 255.0)
-    augmented = fa.rand_augment(tf.constant(np.clip(levels, 0, 255).astype(np.uint8)), augment_key, **few_ops)
-    normalised = (augmented.numpy() / 255.0 - pixels.IMAGENET_MEAN) / pixels.IMAGENET_STD
-    expected = fa.random_erasing(tf.constant(normalised, tf.float32), erase_key, probability=1.0).numpy()
-    np.testing.assert_allclose(ours, expected, atol=1e-5)
-    assert np.any(ours != normalised.astype(np.float32))  # something was erased
+    augmented = fa.rand_augment(cropped, augment_key, **few_ops)
+    np.testing.assert_array_equal(ours["images"], augmented.numpy())
+    normalised = ((augmented.numpy() / 255.0 - pixels.IMAGENET_MEAN) / pixels.IMAGENET_STD).astype(np.float32)
+    erased_by_tf = fa.random_erasing(tf.constant(normalised), erase_key, probability=1.0).numpy()
+    top, left, h, w = ours["erase_boxes"][0]
+    inside = np.zeros((40, 48, 1), bool)
+    inside[top:top + h, left:left + w] = True
+    assert 0 < inside.sum() < inside.size
+    np.testing.assert_array_equal(erased_by_tf != normalised, np.broadcast_to(inside, normalised.shape))
+
+    import jax
+    from mae_jax import mixup
+
+    on_device = np.asarray(mixup.fill_erased(normalised[None], ours["erase_boxes"][None], jax.random.key(0)))[0]
+    np.testing.assert_array_equal(on_device[~inside[..., 0]], normalised[~inside[..., 0]])
+    noise = on_device[inside[..., 0]]
+    assert not np.any(noise == normalised[inside[..., 0]])
+    assert abs(noise.mean()) < 4 / np.sqrt(noise.size) and abs(noise.std() - 1) < 0.1  # N(0, 1)

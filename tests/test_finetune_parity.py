@@ -14,7 +14,7 @@ import torch_reference  # noqa: E402
 from test_optimizers import NO_WEIGHT_DECAY_LIST, param_groups_lrd  # noqa: E402
 
 from configs import finetune_tiny  # noqa: E402
-from mae_jax import convert, finetune, models, trainer  # noqa: E402
+from mae_jax import convert, finetune, models, train_state  # noqa: E402
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(2)
@@ -65,10 +65,10 @@ def test_two_train_steps_equal_official_adamw_with_layer_decay(global_pool):
 
     schedule = optax.constant_schedule(lr)
     tx = finetune.make_optimizer(config, schedule, model)
-    state = trainer.TrainState(step=np.int32(0), params=variables["params"], frozen={},
-                               opt_state=tx.init(variables["params"]),
-                               rng=jax.random.key_data(jax.random.key(0)), nonfinite_step=np.int32(-1))
-    step = jax.jit(lambda s, b: finetune.train_step(s, b, model=model, tx=tx, schedule=schedule, mix=None,
+    state = train_state.TrainState(step=np.int32(0), params=variables["params"], constants={}, batch_stats={},
+                                   opt_state=tx.init(variables["params"]),
+                                   rng=jax.random.key_data(jax.random.key(0)), nonfinite_step=np.int32(-1))
+    step = jax.jit(lambda s, b: finetune.train_step(s, b, model=model, tx=tx, mix=None,
                                                     label_smoothing=config.label_smoothing))
     losses = []
     for _ in range(steps):

@@ -28,8 +28,9 @@ def _solid(path, name, level, size):
 
 
 def _levels(images):
-    """Normalised [..., H, W, 3] -> the uint8 colour of each (solid) image [..., 3], rounded."""
-    return np.round(pixels.denormalise(images, 3).mean(axis=(-3, -2)) * 255).astype(int)
+    """uint8 [..., H, W, 3] -> the colour of each (solid) image [..., 3], rounded."""
+    assert images.dtype == np.uint8
+    return np.round(images.mean(axis=(-3, -2))).astype(int)
 
 
 def _class_of_colour(levels):
@@ -130,14 +131,13 @@ def test_eval_iterator_uses_the_eval_transform(tmp_path):
     config = _input(tmp_path, dataset="folder", image_folder=str(root), eval_split="train", eval_crop_pct=0.8)
     image = next(iter(_eval(config, shape=(24, 32, 3), batch=1)))["images"][0]
     expected = finetune_augment.preprocess_for_eval(tf.constant(photo), (24, 32), 0.8).numpy()
-    np.testing.assert_allclose(image, expected, atol=1e-6)
+    np.testing.assert_array_equal(image, expected)
 
     cover_w = int(32 / 0.8)  # to cover 30 x 40 (24 / 0.8 x 32 / 0.8) the width decides: 60 -> 40, 90 -> 60
     pil = Image.fromarray(photo).resize((cover_w, int(cover_w * 90 / 60)), Image.BICUBIC)
     top, left = round((pil.size[1] - 24) / 2), round((pil.size[0] - 32) / 2)
     pil = np.asarray(pil.crop((left, top, left + 32, top + 24)), np.float64)
-    levels = pixels.denormalise(image, 3) * 255
-    assert np.abs(levels - pil).max() <= 1.0 + 1e-3
+    assert np.abs(image.astype(np.float64) - pil).max() <= 1.0
 
 
 def test_official_layout_errors_and_fingerprint(layout, tmp_path):
@@ -252,13 +252,15 @@ def test_labelled_iterator_resumes_exactly(layout, tmp_path):
 
 @pytest.mark.slow  # ~6 s: tracing RandAugment and RandomErasing into the tf.data map
 def test_finetune_settings_reach_the_train_transform(layout, tmp_path):
-    """With rand_augment and random_erasing set, each row is preprocess_for_finetune_train of its file with
-    the parsed RandAugment settings, keyed by (seed, epoch, example id)."""
+    """With rand_augment and random_erasing set, each row (image and RandomErasing's box) is
+    preprocess_for_finetune_train of its file with the parsed RandAugment settings, keyed by (seed, epoch, example
+    id)."""
     string = "rand-m9-mstd0.5-inc1"
     config = _input(tmp_path, dataset="folder", image_folder=str(layout), rand_augment=string, random_erasing=1.0,
                     crop_scale=(0.08, 1.0))
     it = _train(config, shape=(16, 16, 3), batch=4, seed=3)
-    images = next(it)["images"]
+    batch = next(it)
+    assert batch["erase_boxes"].shape == (4, 1, 4) and batch["images"].dtype == np.uint8
     records = list(datasets.get_builder(config).as_dataset(split="train", shuffle_files=False, decoders={
         "image": tfds.decode.SkipDecoding()}).as_numpy_iterator())
     for row, (epoch, example_id) in enumerate(zip(it.last_epochs, it.last_example_ids)):
@@ -266,7 +268,9 @@ def test_finetune_settings_reach_the_train_transform(layout, tmp_path):
             tf.constant(records[example_id]["image"]), input_pipeline.example_key(3, epoch, example_id),
             image_size=(16, 16), scale=(0.08, 1.0), rand_augment_kwargs=input_pipeline.parse_rand_augment(string),
             erase_probability=1.0)
-        np.testing.assert_allclose(images[row], expected.numpy(), atol=1e-5)
+        np.testing.assert_array_equal(batch["images"][row], expected["images"].numpy())
+        np.testing.assert_array_equal(batch["erase_boxes"][row], expected["erase_boxes"].numpy())
+        assert expected["erase_boxes"].numpy()[0, 2] > 0  # erasing with probability 1: a box
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import finetune_tiny, linprobe_tiny, tiny
-from mae_jax import checkpoints, finetune, models
+from mae_jax import checkpoints, models, trainer
 
 pytestmark = pytest.mark.slow
 
@@ -15,14 +15,14 @@ def _export_mae(path, **overrides):
     mae = models.MaskedAutoencoderViT(**{**tiny.get_config().model, **overrides})
     variables = jax.tree_util.tree_map(np.asarray, models.init_variables(mae, jax.random.key(3)))
     checkpoints.save_variables(path, variables, models.constructor_fields(mae))
-    return {**variables["params"], "pos_embed": variables["frozen"]["pos_embed"]}  # the classifier's names
+    return {**variables["params"], "pos_embed": variables["constants"]["pos_embed"]}  # the classifier's names
 
 
 def _run(config, workdir, init_from, steps):
     """Trains `steps` steps from `init_from`; returns the variables after step 1 and after the last."""
     config.total_steps, config.log_every_steps, config.checkpoint_every_steps = steps, 1, 1
     config.keep_checkpoints, config.init_from = steps, str(init_from)
-    finetune.train_and_evaluate(config, workdir)
+    trainer.train_and_evaluate(config, workdir)
     return [checkpoints.load_variables(workdir / "checkpoints" / str(step))[1] for step in (1, steps)]
 
 
@@ -44,7 +44,7 @@ def test_linear_probe_trains_the_head_only(tmp_path):
         assert _same(params[name], pretrained[name]), name
     assert _different(params["head"], first["params"]["head"])  # step 2 trained the head
     # and updated the BatchNorm's running statistics
-    assert _different(probed["frozen"]["batch_stats"], first["frozen"]["batch_stats"])
+    assert _different(probed["batch_stats"], first["batch_stats"])
 
 
 @pytest.mark.long

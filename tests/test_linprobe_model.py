@@ -169,8 +169,9 @@ def pretrained(tmp_path_factory):
 
 @SLOW
 def test_probe_round_trips_and_checkpoint_layouts(tmp_path):
-    """to_torch -> from_torch_variables is exact (the counter too); a checkpoint in the trainer's layout
-    ({"params", "frozen": {"batch_stats"}}) loads back in the flax form; params alone cannot be exported."""
+    """to_torch -> from_torch_variables is exact (the counter too); an export ({"params", "batch_stats"}), and
+    one in the layout before 0.2.0 ({"params", "frozen": {"batch_stats"}}), load back; params alone cannot be
+    exported."""
     probe = _probe()
     variables = {"params": _random_variables(probe, 10)["params"], "batch_stats": _random_stats(11, count=9)}
     sd = convert.to_torch(variables, probe)
@@ -179,11 +180,14 @@ def test_probe_round_trips_and_checkpoint_layouts(tmp_path):
     back = convert.from_torch_variables(sd, probe)
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, variables)
     assert back["batch_stats"]["head_bn"]["num_batches_tracked"].dtype == np.int32
-    trainer_layout = convert.checkpoint_variables(variables)
-    assert sorted(trainer_layout["frozen"]) == ["batch_stats"]
-    checkpoints.save_variables(tmp_path / "probe", trainer_layout, models.constructor_fields(probe))
+    checkpoints.save_variables(tmp_path / "probe", variables, models.constructor_fields(probe))
     loaded = convert.load_variables(tmp_path / "probe", probe)
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, variables)
+    legacy = {"params": variables["params"], "frozen": {"batch_stats": variables["batch_stats"]}}
+    with checkpoints.make_manager(tmp_path / "legacy", enable_async=False) as manager:
+        checkpoints.save(manager, 0, legacy, models.constructor_fields(probe))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, convert.load_variables(tmp_path / "legacy", probe),
+                           variables)
     model, loaded = convert.load_model(tmp_path / "probe")
     assert models.constructor_fields(model) == models.constructor_fields(probe)
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, variables)
@@ -205,8 +209,8 @@ def test_pretrained_into_probe_gets_fresh_head_and_statistics(pretrained, caplog
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables["batch_stats"], fresh["batch_stats"])
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables["params"]["head"], fresh["params"]["head"])
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables["params"]["norm"], mae_variables["params"]["norm"])
-    # Base variables in the trainer's layout provide the statistics.
-    base = convert.checkpoint_variables({**fresh, "batch_stats": _random_stats(12)})
+    # Base variables (the trainer's state.variables) provide the statistics.
+    base = {**fresh, "batch_stats": _random_stats(12)}
     variables = convert.load_variables(path, probe, base_variables=base)
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables["batch_stats"], _random_stats(12))
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mae_jax import models, xla_cpu
+from runs import count_cpu_only_barriers
 
 TINY = models.variant("test/8", image_size=32)
 
@@ -84,7 +85,7 @@ def test_parameter_counts(name, total, encoder):
     enc = {k: v for k, v in params.items() if k.startswith("blocks_") or k in ("patch_embed", "cls_token", "norm")}
     assert models.count_params(enc) == encoder
     # The position tables are not parameters.
-    assert set(shapes["frozen"]) == {"pos_embed", "decoder_pos_embed"}
+    assert set(shapes["constants"]) == {"pos_embed", "decoder_pos_embed"}
     assert models.variant(name)["decoder_embed_dim"] == 512
 
 
@@ -102,7 +103,7 @@ def test_scan_blocks_same_count_and_function():
     images = _images(2, 32, 32)
     key = {"masking": jax.random.key(3)}
     a = model.apply(variables, images, rngs=key)
-    b = scanned.apply({"params": stacked, "frozen": variables["frozen"]}, images, rngs=key)
+    b = scanned.apply({"params": stacked, "constants": variables["constants"]}, images, rngs=key)
     np.testing.assert_allclose(a.pred, b.pred, atol=1e-5)
 
 
@@ -124,7 +125,7 @@ _TINY_OTHERS = {
     "params/decoder_embed/kernel": (32, 16), "params/decoder_embed/bias": (16,), "params/mask_token": (1, 1, 16),
     "params/decoder_norm/scale": (16,), "params/decoder_norm/bias": (16,),
     "params/decoder_pred/kernel": (16, 192), "params/decoder_pred/bias": (192,),
-    "frozen/pos_embed": (1, 17, 32), "frozen/decoder_pos_embed": (1, 17, 16),
+    "constants/pos_embed": (1, 17, 32), "constants/decoder_pos_embed": (1, 17, 16),
 }
 
 
@@ -183,17 +184,17 @@ def test_performance_options_same_loss_and_gradients(overrides, tol):
                                     models.MaskedAutoencoderViT(**dict(TINY, **overrides)), tol)
 
 
-def _loss_fn(model, frozen, batch_size=4, seed=0):
+def _loss_fn(model, constants, batch_size=4, seed=0):
     """params -> the loss of `model` on fixed random images and masking noise."""
     images = _images(batch_size, *(g * model.patch_size for g in model.grid_size), seed=seed)
     noise = jax.random.uniform(jax.random.key(seed + 1), (batch_size, model.num_patches))
-    return lambda params: model.apply({"params": params, "frozen": frozen}, images, noise=noise).loss
+    return lambda params: model.apply({"params": params, "constants": constants}, images, noise=noise).loss
 
 
 def _assert_same_loss_and_gradients(model_a, model_b, tol):
     variables = models.init_variables(model_a, jax.random.key(0))
     (loss_a, grads_a), (loss_b, grads_b) = (
-        jax.jit(jax.value_and_grad(_loss_fn(m, variables["frozen"])))(variables["params"]) for m in (model_a, model_b))
+        jax.jit(jax.value_and_grad(_loss_fn(m, variables["constants"])))(variables["params"]) for m in (model_a, model_b))
     np.testing.assert_allclose(loss_b, loss_a, rtol=tol)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads_a))
     for a, b in zip(jax.tree_util.tree_leaves(grads_a), jax.tree_util.tree_leaves(grads_b)):
@@ -207,28 +208,6 @@ def test_xla_cpu_and_generic_ops_same_loss_and_gradients():
                                     models.MaskedAutoencoderViT(**dict(TINY, ops="generic")), 1e-5)
 
 
-def _count_exp_of_times_zero(hlo_text: str) -> int:
-    """How many `exponential(multiply(x, 0))` (xla_cpu._keep's `x * exp(0 * x)`) a StableHLO module holds."""
-    count = 0
-    for function in hlo_text.split("func.func")[1:]:  # SSA names are local to a function
-        zeros, times_zero = set(), set()
-        for line in function.splitlines():
-            match = re.match(r"\s*(%[\w#]+) = (\S+) (.*)", line)
-            if not match:
-                continue
-            name, op, rest = match.groups()
-            operands = set(re.findall(r"%[\w#]+", rest.split(":")[0]))
-            if op == "stablehlo.constant" and re.match(r"dense<-?0\.0+e[+-]00>", rest):
-                zeros.add(name)
-            elif op == "stablehlo.broadcast_in_dim" and operands & zeros:
-                zeros.add(name)
-            elif op == "stablehlo.multiply" and operands & zeros:
-                times_zero.add(name)
-            elif op == "stablehlo.exponential" and operands & times_zero:
-                count += 1
-    return count
-
-
 def test_generic_ops_lower_without_cpu_tricks():
     """The generic gradient program holds none of xla_cpu's exp(0 * x) fusion barriers; the xla_cpu one holds
     one per residual branch (materialize_grad) plus three per attention backward (dk, dv and a factor)."""
@@ -236,8 +215,8 @@ def test_generic_ops_lower_without_cpu_tricks():
     for ops in ("xla_cpu", "generic"):
         model = models.MaskedAutoencoderViT(**dict(TINY, ops=ops))
         variables = models.init_variables(model, jax.random.key(0))
-        lowered = jax.jit(jax.grad(_loss_fn(model, variables["frozen"]))).lower(variables["params"])
-        counts[ops] = _count_exp_of_times_zero(lowered.as_text())
+        lowered = jax.jit(jax.grad(_loss_fn(model, variables["constants"]))).lower(variables["params"])
+        counts[ops] = count_cpu_only_barriers(lowered.as_text())
     blocks = TINY["depth"] + TINY["decoder_depth"]
     assert counts == {"xla_cpu": blocks * (2 + 3), "generic": 0}
 
@@ -261,7 +240,7 @@ def test_init_follows_reference():
     assert flat["params/blocks_0/attn/qkv/kernel"].shape == (512, 3 * 512)
     rules = {}
     for name, value in flat.items():
-        if name.startswith("frozen/"):  # fixed sin-cos tables with a zero cls row
+        if name.startswith("constants/"):  # fixed sin-cos tables with a zero cls row
             table = models.get_2d_sincos_pos_embed(512, (4, 4), cls_token=True)[None]
             np.testing.assert_array_equal(value, table, err_msg=name)
             rules[name] = "sincos"

@@ -90,7 +90,7 @@ def test_non_square_parity_with_hf_components():
     hf = torch_reference.random_hf_model(fields)
     model = models.MaskedAutoencoderViT(**fields)
     variables = torch_reference.hf_to_flax(hf)
-    np.testing.assert_allclose(variables["frozen"]["pos_embed"][0],
+    np.testing.assert_allclose(variables["constants"]["pos_embed"][0],
                                models.get_2d_sincos_pos_embed(32, (14, 10), cls_token=True), atol=1e-6)
     images = _images(2, 224, 160)
     noise = np.random.default_rng(5).uniform(size=(2, 140)).astype(np.float32)

@@ -4,8 +4,8 @@ import jax
 import pytest
 
 from configs import tiny
-from mae_jax import models, parallel, train
-from runs import FIVE_STEPS, free_port, losses, run_main
+from mae_jax import trainer
+from runs import FIVE_STEPS, free_port, losses, run_main, tiny_setup
 
 pytestmark = pytest.mark.slow  # end-to-end runs or PyTorch comparisons: not in the quick subset
 
@@ -17,7 +17,7 @@ def test_losses_do_not_depend_on_devices_mesh_or_processes(tmp_path):
     config = tiny.get_config()
     config.update_from_flattened_dict({k[len("--config."):]: int(v) for k, v in (a.split("=") for a in FIVE_STEPS)})
     config.mesh.data, config.mesh.fsdp = 2, 4
-    train.train_and_evaluate(config, tmp_path / "c")
+    trainer.train_and_evaluate(config, tmp_path / "c")
     port = free_port()
     procs = [run_main(tmp_path / "d", *FIVE_STEPS, devices=4, wait=False, env={
         "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
@@ -41,11 +41,9 @@ def test_losses_do_not_depend_on_devices_mesh_or_processes(tmp_path):
 
 def test_fsdp_shards_large_kernels():
     assert jax.device_count() == 8
-    mesh = parallel.create_mesh(2, 4)
-    model = models.MaskedAutoencoderViT(**models.variant("test/8", image_size=32))
     config = tiny.get_config()
-    tx = train.make_optimizer(config, train.learning_rate_schedule(config, 10, 60))
-    state, _ = train.create_train_state(model, tx, 0, mesh)
+    config.mesh.data, config.mesh.fsdp = 2, 4
+    state = tiny_setup(config).init_state()
     kernel = state.params["blocks_0"]["mlp"]["fc1"]["kernel"]  # [32, 128]
     mu = state.opt_state[0].mu["blocks_0"]["mlp"]["fc1"]["kernel"]
     for array in (kernel, mu):

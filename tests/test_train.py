@@ -1,8 +1,8 @@
-"""Tests of pretraining: main.py end to end, the schedule, the non-finite guard, the weight-decay mask, gradient
-accumulation, tracing once, config errors. PyTorch parity: test_train_parity.py; devices: test_parallel.py;
-interruptions: test_checkpoints.py."""
+"""Tests of pretraining and the shared skeleton: main.py end to end, one in-process run shared by several
+checks (tracing once, profiling, window means), the schedule, the non-finite guard, the weight-decay mask,
+gradient accumulation, config errors, the paper's recipes. PyTorch parity: test_train_parity.py; devices:
+test_parallel.py; interruptions: test_checkpoints.py; TPU programs: test_plan.py."""
 
-import functools
 import json
 import math
 import os
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from mae_jax import config_lib, models, parallel, train, trainer
-from runs import ROOT, read_metrics, run_main
+from mae_jax import config_lib, models, train, train_state, trainer
+from runs import ROOT, read_metrics, run_main, tiny_setup
 
 
 @pytest.mark.slow
@@ -35,7 +35,7 @@ def test_tiny_config_trains_end_to_end(tmp_path):
     total = config.num_epochs * config.input.synthetic_num_examples // config.batch_size
     assert [m["step"] for m in metrics] == list(range(5, total + 1, 5))
     for m in metrics:
-        assert {"step", "loss", "lr", "grad_norm", "images_per_sec"} <= set(m)
+        assert {"step", "loss", "lr", "grad_norm", "param_norm", "images_per_sec"} <= set(m)
         assert math.isfinite(m["loss"]) and m["images_per_sec"] > 0
     first, last = metrics[0]["loss"], np.mean([m["loss"] for m in metrics[-3:]])
     assert last < 0.9 * first, (first, last)
@@ -47,10 +47,64 @@ def test_tiny_config_trains_end_to_end(tmp_path):
     assert f"step {total}/{total} | loss" in result.stdout and "img/s" in result.stdout
     assert re.search(rf"step {total - 5}/{total} \| loss .* img/s \| ETA \d+:\d\d:\d\d$", result.stdout, re.M)
     assert "Setting work unit notes" not in result.stdout + result.stderr  # clu's progress report: hidden
+    # The next command runs here: the tiny fine-tuning config, whose encoder is this one.
+    assert f"or fine-tune: python main.py --config configs/finetune_tiny.py --workdir FT_DIR " \
+           f"--config.init_from={tmp_path}" in result.stdout
 
 
 # --------------------------------------------------------------------------------------------------------
-# Numerics: one step against PyTorch, the schedule against the official formula.
+# One in-process run (12 steps, logged every 3), and one logging every step: shared by the tests below.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _config(**fields):
+    config = tiny.get_config()
+    config.total_steps, config.checkpoint_every_steps, config.visualize_every_steps = 12, 6, 0
+    config.update(fields)
+    return config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{"windows": (workdir, last metrics) of a run logging every 3 steps, traced and profiled; "steps": the
+    same run logging every step}."""
+    root = tmp_path_factory.mktemp("train_runs")
+    traced = chex.assert_max_traces(train.train_step, n=1)
+    original, train.train_step = train.train_step, traced
+    try:
+        last = trainer.train_and_evaluate(_config(log_every_steps=3, profile_steps=2, profile_first_step=4),
+                                          root / "windows")
+    finally:
+        train.train_step = original
+    trainer.train_and_evaluate(_config(log_every_steps=1), root / "steps")
+    return {"windows": (root / "windows", last), "steps": root / "steps"}
+
+
+@pytest.mark.slow
+def test_train_step_traced_once_and_profiled(runs):
+    """One trace of the step over a whole run (chex.assert_max_traces in the fixture would have raised);
+    `profile_steps` writes a profiler trace TensorBoard reads."""
+    workdir, last = runs["windows"]
+    assert [m["step"] for m in read_metrics(workdir)] == [3, 6, 9, 12] and math.isfinite(last["loss"])
+    traces = list((workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000, traces
+
+
+@pytest.mark.slow
+def test_logged_metrics_are_window_means(runs):
+    """The logged loss is the mean of the per-step losses since the previous log line (lr: the last step's)."""
+    per_step = {m["step"]: m for m in read_metrics(runs["steps"])}
+    windows = read_metrics(runs["windows"][0])
+    for m in windows:
+        steps = range(m["step"] - 2, m["step"] + 1)
+        np.testing.assert_allclose(m["loss"], np.mean([per_step[s]["loss"] for s in steps]), rtol=1e-6)
+        np.testing.assert_allclose(m["grad_norm"], np.mean([per_step[s]["grad_norm"] for s in steps]), rtol=1e-6)
+        assert m["lr"] == per_step[m["step"]]["lr"] and m["param_norm"] == per_step[m["step"]]["param_norm"]
+    assert windows[0]["loss"] != per_step[3]["loss"]  # a mean, not the last step's value
+
+
+# --------------------------------------------------------------------------------------------------------
+# Numerics: the schedule against the official formula, the guard, the masks, accumulation.
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -66,7 +120,7 @@ def test_learning_rate_schedule_matches_official():
     config = tiny.get_config()
     config.batch_size, config.base_lr, config.min_lr, config.warmup_epochs = 4096, 1.5e-4, 1e-6, 40
     steps_per_epoch, epochs = 312, 800
-    schedule = train.learning_rate_schedule(config, steps_per_epoch, epochs * steps_per_epoch)
+    schedule = train_state.learning_rate_schedule(config, steps_per_epoch, epochs * steps_per_epoch)
     lr = 1.5e-4 * 4096 / 256
     for step in [0, 1, 100, 12479, 12480, 12481, 50000, 200000, 249599]:
         expected = official_lr(step, steps_per_epoch, lr, 1e-6, 40, epochs)
@@ -78,22 +132,18 @@ def test_nonfinite_step_leaves_state_unchanged():
     """A NaN batch: params and optimizer state stay bit-identical, the step is recorded; later steps too."""
     config = tiny.get_config()
     config.batch_size = 4
-    fields = dict(config.model)
-    model = models.MaskedAutoencoderViT(**fields)
-    schedule = train.learning_rate_schedule(config, 2, 10)
-    tx = train.make_optimizer(config, schedule)
-    state = trainer.init_state(functools.partial(models.init_variables, model), tx, config.seed)
-    step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                        grad_accum_steps=1, num_batch_shards=1))
+    setup = tiny_setup(config, devices=1)
+    state = setup.init_state()
+    step_fn = jax.jit(setup.programs["train_step"].fn)
     images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
-    state, _ = step_fn(state, images)  # one good step, so that the optimizer state is not all zeros
+    state, _ = step_fn(state, {"images": images})  # one good step, so that the optimizer state is not all zeros
     before = jax.device_get((state.params, state.opt_state))
     bad = images.copy()
     bad[1, 3, 5, 0] = np.nan
-    state, metrics = step_fn(state, bad)
+    state, metrics = step_fn(state, {"images": bad})
     assert not np.isfinite(float(metrics["loss"])) and int(state.nonfinite_step) == 2 and int(state.step) == 2
     chex.assert_trees_all_equal(jax.device_get((state.params, state.opt_state)), before)
-    state, metrics = step_fn(state, images)  # a good batch after a bad one is not applied either
+    state, metrics = step_fn(state, {"images": images})  # a good batch after a bad one is not applied either
     assert np.isfinite(float(metrics["loss"])) and int(state.nonfinite_step) == 2
     chex.assert_trees_all_equal(jax.device_get((state.params, state.opt_state)), before)
 
@@ -114,69 +164,40 @@ def test_weight_decay_mask_follows_official_groups():
     assert not scanned_mask["blocks"]["attn"]["qkv"]["bias"] and scanned_mask["blocks"]["attn"]["qkv"]["kernel"]
 
 
-# --------------------------------------------------------------------------------------------------------
-# Devices, meshes, processes.
-# --------------------------------------------------------------------------------------------------------
-
-
 @pytest.mark.slow
 def test_grad_accumulation_matches_full_batch():
-    mesh = parallel.create_mesh(8, 1)
     config = tiny.get_config()
     config.batch_size = 32
-    model = models.MaskedAutoencoderViT(**config.model)
-    schedule = train.learning_rate_schedule(config, 10, 60)
-    tx = train.make_optimizer(config, schedule)
-    state, shardings = train.create_train_state(model, tx, 0, mesh)
-    images = np.random.default_rng(0).normal(size=(32, 32, 32, 3)).astype(np.float32)
-    images = jax.device_put(images, parallel.batch_sharding(mesh))
+    images = np.random.default_rng(0).integers(0, 256, size=(32, 32, 32, 3), dtype=np.uint8)
     results = {}
     for accum in (1, 4):
-        step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                         grad_accum_steps=accum, num_batch_shards=8))
-        s = state
+        config.grad_accum_steps = accum
+        setup = tiny_setup(config, devices=8)
+        state = start = setup.init_state()
+        step = setup.programs["train_step"].lower().compile()
+        batch = {"images": jax.device_put(images, setup.programs["train_step"].args[1]["images"].sharding)}
         for _ in range(2):  # step 0 has lr 0; step 1 moves the parameters
-            s, metrics = step(s, images)
-        results[accum] = (s, metrics)
-    (full, m_full), (accum, m_accum) = results[1], results[4]
+            state, metrics = step(state, batch)
+        results[accum] = (state, metrics, start)
+    (full, m_full, start), (accum, m_accum, _) = results[1], results[4]
     np.testing.assert_allclose(m_full["loss"], m_accum["loss"], atol=1e-5)
     np.testing.assert_allclose(m_full["grad_norm"], m_accum["grad_norm"], rtol=1e-5)
     chex.assert_trees_all_close(full.params, accum.params, atol=1e-5, rtol=0)
-    assert float(jnp.abs(full.params["patch_embed"]["kernel"] - state.params["patch_embed"]["kernel"]).max()) > 1e-5
 
 
-@pytest.mark.slow
-def test_train_step_traced_once_and_profiled(tmp_path, monkeypatch):
-    """One trace of the step over a whole run; `profile_steps` writes a profiler trace TensorBoard reads."""
-    monkeypatch.setattr(train, "train_step", chex.assert_max_traces(train.train_step, n=1))
+def test_uint8_batches_are_normalised_on_the_device():
+    """The pipelines' uint8 pixels and the same images normalised on the host give the same loss."""
     config = tiny.get_config()
-    config.total_steps, config.log_every_steps, config.checkpoint_every_steps = 12, 3, 6
-    config.visualize_every_steps = 0  # reconstructions are tested in tests/test_visualize.py
-    config.profile_steps, config.profile_first_step = 2, 4
-    last = train.train_and_evaluate(config, tmp_path)
-    assert [m["step"] for m in read_metrics(tmp_path)] == [3, 6, 9, 12] and math.isfinite(last["loss"])
-    traces = list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
-    assert len(traces) == 1 and traces[0].stat().st_size > 1000, traces
+    config.batch_size = 4
+    setup = tiny_setup(config, devices=1)
+    step = jax.jit(setup.programs["train_step"].fn)
+    pixels = np.random.default_rng(1).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    from mae_jax import pixels as pixels_lib
 
-
-@pytest.mark.slow
-def test_logged_metrics_are_window_means(tmp_path):
-    """The logged loss is the mean of the per-step losses since the previous log line (lr: the last step's)."""
-    config = tiny.get_config()
-    config.total_steps, config.checkpoint_every_steps, config.visualize_every_steps = 6, 0, 0
-    config.log_every_steps = 1
-    train.train_and_evaluate(config, tmp_path / "a")
-    per_step = {m["step"]: m for m in read_metrics(tmp_path / "a")}
-    config.log_every_steps = 3
-    train.train_and_evaluate(config, tmp_path / "b")
-    windows = read_metrics(tmp_path / "b")
-    assert [m["step"] for m in windows] == [3, 6]
-    for m in windows:
-        steps = range(m["step"] - 2, m["step"] + 1)
-        np.testing.assert_allclose(m["loss"], np.mean([per_step[s]["loss"] for s in steps]), rtol=1e-6)
-        np.testing.assert_allclose(m["grad_norm"], np.mean([per_step[s]["grad_norm"] for s in steps]), rtol=1e-6)
-        assert m["lr"] == per_step[m["step"]]["lr"]
-    assert windows[0]["loss"] != per_step[3]["loss"]  # a mean, not the last step's value
+    floats = pixels_lib.normalise(pixels.astype(np.float32) / 255.0, 3).astype(np.float32)
+    a = step(setup.init_state(), {"images": pixels})[1]["loss"]
+    b = step(setup.init_state(), {"images": floats})[1]["loss"]
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
 
 
 def test_renamed_fields_and_square_image_size(caplog):
@@ -194,7 +215,7 @@ def test_renamed_fields_and_square_image_size(caplog):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Resume.
+# Settings: one line each, before anything is compiled or saved.
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -202,34 +223,78 @@ def test_renamed_fields_and_square_image_size(caplog):
 @pytest.mark.parametrize("override, message", [
     ("--config.batch_sizee=8", "--config.batch_sizee=8: the config has no field 'batch_sizee'. Did you mean "
                                "\"batch_size\""),
-    ("--config.mesh.model=2", "--config.mesh.model=2: the config has no field 'model'"),
-    ("--config.total_steps=-1", "total_steps -1 must be >= 0"),
     ("--config.batch_size=12", "batch_size 12 is not divisible by the 8 devices of the data=8 x fsdp=1 mesh"),
-    ("--config.mesh.data=3", "mesh data=3 x fsdp=1 does not divide the 8 devices"),
-    ("--config.model.mask_ratio=1.0", "model: mask_ratio 1.0 must be in [0, 1)"),
-    ("--config.batch_size=800", "batch_size 800 exceeds the 160 training examples"),
-    ("--config.input.dataset=folder", 'dataset="folder" needs config.input.image_folder'),
-    ("--config.init_from=/nonexistent/weights.pth", "/nonexistent/weights.pth does not exist"),
 ])
-def test_bad_settings_fail_at_once_with_one_line(tmp_path, override, message):
+def test_bad_settings_through_main_are_one_line(tmp_path, override, message):
+    """main.py: a misspelt field (its own parsing) and a setting the library refuses, one line each."""
     result = run_main(tmp_path, override, devices=8)
     assert result.returncode != 0
-    errors = [l for l in result.stderr.splitlines() if "error:" in l]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "Error:" not in result.stderr, result.stderr[-2000:]
     assert "Compiling the train step" not in result.stdout
     assert not list((tmp_path / "checkpoints").glob("[0-9]*"))  # no checkpoint written
 
 
-def test_validate_config_accepts_paper_recipes():
-    from configs import vit_base, vit_huge, vit_large
-    for module in (vit_base, vit_large, vit_huge):
+@pytest.mark.parametrize("fields, message", [
+    ({"total_steps": -1}, "total_steps -1 must be >= 0"),
+    ({"mesh.data": 3}, "mesh data=3 x fsdp=1 does not divide the 8 devices"),
+    ({"model.mask_ratio": 1.0}, "model: mask_ratio 1.0 must be in [0, 1)"),
+    ({"batch_size": 800}, "batch_size 800 exceeds the 160 training examples"),
+    ({"input.dataset": "folder"}, 'dataset="folder" needs config.input.image_folder'),
+    ({"init_from": "/nonexistent/weights.pth"}, "/nonexistent/weights.pth does not exist"),
+    ({"task": "pretraining"}, "task 'pretraining' must be one of ['finetune', 'linprobe', 'pretrain']"),
+])
+def test_bad_settings_fail_before_compiling_with_one_line(tmp_path, caplog, fields, message):
+    config = tiny.get_config()
+    config.update_from_flattened_dict(fields)
+    caplog.set_level("INFO")
+    with pytest.raises(ValueError) as error:
+        trainer.train_and_evaluate(config, tmp_path)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert "Compiling" not in caplog.text
+    assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
+
+
+def test_paper_recipes():
+    """Every shipped recipe against REFERENCE.md (PRETRAIN.md / FINETUNE.md), and valid on a 256-chip pod."""
+    from configs import (finetune_vit_base, finetune_vit_huge, finetune_vit_large, linprobe_vit_base,
+                         linprobe_vit_huge, linprobe_vit_large, vit_base, vit_huge, vit_large)
+
+    fields = ("task", "batch_size", "num_epochs", "warmup_epochs", "base_lr", "min_lr", "weight_decay", "b1", "b2")
+    pretrain = ("pretrain", 4096, 800, 40, 1.5e-4, 0.0, 0.05, 0.9, 0.95)
+    finetune = ("finetune", 1024, None, 5, None, 1e-6, 0.05, 0.9, 0.999)
+    probe = ("linprobe", 16384, None, 10, 0.1, 0.0, 0.0, 0.9, 0.999)
+    table = {  # module: (common fields, {other fields})
+        vit_base: (pretrain, {"model.embed_dim": 768, "model.mask_ratio": 0.75, "model.norm_pix_loss": True}),
+        vit_large: (pretrain, {"model.embed_dim": 1024, "model.depth": 24}),
+        vit_huge: (pretrain, {"model.embed_dim": 1280, "model.patch_size": 14}),
+        finetune_vit_base: (finetune, {"num_epochs": 100, "base_lr": 5e-4, "layer_decay": 0.65,
+                                       "model.drop_path_rate": 0.1}),
+        finetune_vit_large: (finetune, {"num_epochs": 50, "base_lr": 1e-3, "layer_decay": 0.75,
+                                        "model.drop_path_rate": 0.2}),
+        finetune_vit_huge: (finetune, {"num_epochs": 50, "base_lr": 1e-3, "layer_decay": 0.75,
+                                       "model.drop_path_rate": 0.3}),
+        linprobe_vit_base: (probe, {"num_epochs": 90}),
+        linprobe_vit_large: (probe, {"num_epochs": 50}),
+        linprobe_vit_huge: (probe, {"num_epochs": 50}),
+    }
+    finetune_common = {"label_smoothing": 0.1, "mixup": 0.8, "cutmix": 1.0, "mixup_switch_prob": 0.5,
+                       "input.rand_augment": "rand-m9-mstd0.5-inc1", "input.random_erasing": 0.25,
+                       "model.global_pool": True, "input.crop_scale": (0.08, 1.0)}
+    probe_common = {"mixup": 0, "cutmix": 0, "label_smoothing": 0, "input.rand_augment": "",
+                    "input.random_erasing": 0.0, "input.crop_scale": (0.08, 1.0), "model.global_pool": False,
+                    "model.head_batch_norm": True, "model.frozen_encoder": True, "model.head_init_std": 0.01}
+    for module, (common, other) in table.items():
         config = module.get_config()
-        assert config.batch_size == 4096 and config.num_epochs == 800 and config.warmup_epochs == 40
-        assert config.base_lr == 1.5e-4 and config.weight_decay == 0.05 and config.input.dataset == "imagenet2012"
-        assert config.model.norm_pix_loss and config.model.mask_ratio == 0.75
-        assert train.validate_config(config, 8, 1) == (8, 1)
-    assert train.validate_config(vit_base.get_config(), 256, 32) == (256, 1)
+        expected = {**{k: v for k, v in zip(fields, common) if v is not None}, **other,
+                    **(finetune_common if common is finetune else probe_common if common is probe else {})}
+        for name, value in expected.items():
+            actual = config
+            for part in name.split("."):
+                actual = actual[part]
+            assert tuple(actual) == value if isinstance(value, tuple) else actual == value, (module.__name__, name)
+        assert trainer.task_class(config).validate(config, 256, 64) == (256, 1), module.__name__
 
 
 @pytest.mark.slow
@@ -256,19 +321,28 @@ def test_show_config_lists_fields_with_values_and_meanings():
     assert "model.mask_ratio" in lines and "dataset" not in lines  # renamed old names are not listed
 
 
-def test_train_step_on_the_generic_path_has_no_cpu_only_ops():
-    """The lowered train step of ops="generic" (what GPUs and TPUs run under ops="auto") holds none of xla_cpu's
-    exp(0 * x) barriers; the xla_cpu step does (so the check can see them)."""
-    from test_models import _count_exp_of_times_zero
-
-    config = tiny.get_config()
-    mesh = parallel.create_mesh(-1, 1)
-    schedule = train.learning_rate_schedule(config, 10, 60)
-    tx = train.make_optimizer(config, schedule)
-    counts = {}
-    for ops in ("generic", "xla_cpu"):
-        model = models.MaskedAutoencoderViT(**dict(config.model, ops=ops))
-        shardings = train.state_shardings(train.abstract_train_state(model, tx), tx, mesh)
-        text = train.lower_train_step(model, tx, schedule, mesh, shardings, batch_size=16).as_text()
-        counts[ops] = _count_exp_of_times_zero(text)
-    assert counts["generic"] == 0 and counts["xla_cpu"] > 0, counts
+@pytest.mark.slow
+def test_an_unusable_workdir_is_one_line_before_anything_starts(tmp_path):
+    """A --workdir that cannot be created (under a file) or written (a read-only mount, where mounting is
+    allowed): one line naming --workdir, the path and why, within seconds, before the input or any compilation."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cases = [(blocker / "w", "Not a directory (ENOTDIR)")]
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)],
+                      capture_output=True).returncode == 0:
+        cases.append((readonly / "w", "Read-only file system (EROFS)"))
+    try:
+        for workdir, reason in cases:
+            start = time.perf_counter()
+            result = run_main(workdir)
+            seconds = time.perf_counter() - start
+            assert result.returncode == 1
+            assert result.stderr.strip().splitlines() == [
+                f"main.py: error: --workdir {workdir}: {reason}: use a directory you can create and write"], \
+                result.stderr[-2000:]
+            assert "Opening the input" not in result.stdout and "Compiling" not in result.stdout
+            print(f"{reason}: {seconds:.1f} s")
+    finally:
+        subprocess.run(["umount", str(readonly)], capture_output=True)

@@ -15,7 +15,7 @@ pytest.importorskip("transformers", reason="the PyTorch parity tests need transf
 
 import torch_reference  # noqa: E402
 from configs import tiny  # noqa: E402
-from mae_jax import models, train, trainer  # noqa: E402
+from mae_jax import models, train, train_state  # noqa: E402
 from runs import FIVE_STEPS, ROOT, losses, run_main  # noqa: E402
 from test_train import official_lr  # noqa: E402
 
@@ -25,12 +25,13 @@ pytestmark = pytest.mark.slow  # end-to-end runs or PyTorch comparisons: not in 
 def _hf_and_state(fields, config, steps_per_epoch, total_steps):
     hf = torch_reference.random_hf_model(fields, seed=3)
     variables = torch_reference.hf_to_flax(hf)
-    schedule = train.learning_rate_schedule(config, steps_per_epoch, total_steps)
+    schedule = train_state.learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = train.make_optimizer(config, schedule)
     params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=variables["frozen"],
-                             opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(config.seed)),
-                             nonfinite_step=jnp.full((), -1, jnp.int32))
+    state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, constants=variables["constants"],
+                                   batch_stats={}, opt_state=tx.init(params),
+                                   rng=jax.random.key_data(jax.random.key(config.seed)),
+                                   nonfinite_step=jnp.full((), -1, jnp.int32))
     return hf, state, tx, schedule
 
 
@@ -47,11 +48,11 @@ def test_one_step_matches_pytorch():
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
 
     def noise_at(step):  # the train step's documented masking noise
-        rng = trainer.rng_stream(jax.random.key(config.seed), "masking", step)
+        rng = train_state.rng_stream(jax.random.key(config.seed), "masking", step)
         return np.asarray(models.per_example_uniform(rng, 4, model.num_patches))
 
     # Gradients of the loss.
-    loss, grads = jax.value_and_grad(train.loss_fn)(state.params, state.frozen, model, images, noise_at(0))
+    loss, grads = jax.value_and_grad(train.loss_fn)(state.params, state.constants, model, images, noise_at(0))
     out = hf(pixels, noise=torch.from_numpy(noise_at(0)))
     out.loss.backward()
     np.testing.assert_allclose(float(loss), float(out.loss), atol=1e-6)
@@ -65,12 +66,11 @@ def test_one_step_matches_pytorch():
     no_decay = [p for n, p in hf.named_parameters() if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias"))]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=0.0, betas=(0.9, 0.95))
-    step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                        grad_accum_steps=1, num_batch_shards=1))
+    step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
     for step in range(3):
-        state, metrics = step_fn(state, images)
+        state, metrics = step_fn(state, {"images": images})
         lr = official_lr(step, steps_per_epoch, 1e-3, 1e-4, 1, total_steps / steps_per_epoch)
-        np.testing.assert_allclose(float(metrics["lr"]), lr, rtol=1e-6)
+        np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad()
@@ -99,17 +99,17 @@ def test_init_from_converted_official_checkpoint(tmp_path):
     result = run_main(tmp_path / "run", f"--config.init_from={tmp_path / 'converted'}", *FIVE_STEPS[:2],
                       "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=5")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Initialised params from" in result.stdout
+    assert "Initialised the MaskedAutoencoderViT from" in result.stdout
     _, trained = checkpoints.load_variables(tmp_path / "run" / "checkpoints" / "1")
     expected = torch_reference.hf_to_flax(hf)
     chex.assert_trees_all_equal(trained, expected)
     # The first loss is the loss of the loaded weights.
     model = models.MaskedAutoencoderViT(**config.model)
-    from mae_jax import input_pipeline
+    from mae_jax import input_pipeline, pixels
     images = next(input_pipeline.create_train_iterator(
         config.input, image_shape=model.image_shape, seed=config.seed, global_batch_size=config.batch_size,
         process_index=0, process_count=1))["images"]
-    noise = models.per_example_uniform(trainer.rng_stream(jax.random.key(config.seed), "masking", 0),
+    noise = models.per_example_uniform(train_state.rng_stream(jax.random.key(config.seed), "masking", 0),
                                        config.batch_size, model.num_patches)
-    loss = model.apply(expected, images, noise=noise).loss
+    loss = model.apply(expected, pixels.model_input(images), noise=noise).loss
     np.testing.assert_allclose(losses(tmp_path / "run")[1], float(loss), rtol=1e-5)

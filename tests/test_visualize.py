@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from mae_jax import checkpoints, models, pixels, train, visualize
+from mae_jax import checkpoints, models, pixels, trainer, visualize
 
 pytestmark = pytest.mark.slow  # trains a model for its figures: not in the quick subset
 
@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
     config = tiny.get_config()
     config.total_steps, config.log_every_steps, config.checkpoint_every_steps = 12, 6, 0
     config.visualize_every_steps, config.visualize_num_images = 6, 3
-    train.train_and_evaluate(config, workdir)
+    trainer.train_and_evaluate(config, workdir)
     return workdir
 
 
@@ -110,7 +110,7 @@ def test_hf_directory_and_other_image_size(tmp_path, photos):
     hf.save_pretrained(tmp_path / "hf")
     model, variables = visualize.load_model(str(tmp_path / "hf"), image_size=48, mask_ratio=0.25)
     assert model.grid_size == (6, 6) and model.mask_ratio == 0.25 and not model.norm_pix_loss
-    assert variables["frozen"]["pos_embed"].shape == (1, 37, 32)  # interpolated from 4 x 4
+    assert variables["constants"]["pos_embed"].shape == (1, 37, 32)  # interpolated from 4 x 4
     images = np.stack([visualize.load_image(str(f), (48, 48)) for f in photos])
     figure = visualize.figure(model, variables, images, seed=0)
     assert figure.size == (4 * 144 + 12, visualize.panel_box(1, 0, (48, 48))[2])  # no note: raw pixels

@@ -92,7 +92,7 @@ def random_hf_model(fields: dict, seed: int = 0) -> transformers.ViTMAEForPreTra
 
 
 def hf_to_flax(model: transformers.ViTMAEForPreTraining) -> dict:
-    """Our {"params", "frozen"} from the model's in-memory (transformers 5) state dict. Test-local mapping."""
+    """Our {"params", "constants"} from the model's in-memory (transformers 5) state dict. Test-local mapping."""
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     return hf_tensors_to_flax(sd, model.config)
 
@@ -105,7 +105,7 @@ def hf_grads_to_flax(model: transformers.ViTMAEForPreTraining) -> dict:
 
 
 def hf_tensors_to_flax(sd: dict, config) -> dict:
-    """HF (transformers 5, in memory) names -> our {"params", "frozen"} layout."""
+    """HF (transformers 5, in memory) names -> our {"params", "constants"} layout."""
 
     def dense(prefix):
         return {"kernel": sd[prefix + ".weight"].T, "bias": sd[prefix + ".bias"]}
@@ -141,9 +141,9 @@ def hf_tensors_to_flax(sd: dict, config) -> dict:
         params[f"blocks_{i}"] = block(f"vit.layers.{i}")
     for i in range(config.decoder_num_hidden_layers):
         params[f"decoder_blocks_{i}"] = block(f"decoder.decoder_layers.{i}")
-    frozen = {"pos_embed": sd["vit.embeddings.position_embeddings"],
-              "decoder_pos_embed": sd["decoder.decoder_pos_embed"]}
-    return {"params": params, "frozen": frozen}
+    constants = {"pos_embed": sd["vit.embeddings.position_embeddings"],
+                 "decoder_pos_embed": sd["decoder.decoder_pos_embed"]}
+    return {"params": params, "constants": constants}
 
 
 def hf_to_official(model: transformers.ViTMAEForPreTraining, decoder: bool = True) -> dict[str, np.ndarray]:

@@ -1,0 +1,592 @@
+r"""Plan a run for a TPU slice from any machine: compile the run's own programs for the slice and report them.
+
+  python -m mae_jax.plan --config configs/vit_large.py --topology v3:8x8 [--config.field=value ...] [--dump DIR]
+  python -m mae_jax.plan --topology help          # the known chips and slices
+
+Nothing runs and no TPU is needed: libtpu (`pip install -e ".[tpu]"`) compiles for a topology it describes
+(`jax.experimental.topologies`), and `trainer.build` builds the run's programs for those devices exactly as a
+run on the slice would (pretraining: the train step and the reconstructions; fine-tuning and the probe: the train
+and evaluation steps). For each program: per-device memory (arguments, temporaries, total) against the chip's
+HBM, FLOPs per device, the step time by XLA's TPU cost model and by the roofline (FLOPs at the chip's bf16 peak,
+bytes at its HBM bandwidth; an implausible cost-model figure, negative or below the roofline, is flagged and the
+roofline used), the collectives by kind and element type, the compile time, and the largest temporary buffers.
+Then images/s on the slice and the configured run's wall-clock. These are XLA's estimates, not measurements.
+
+A config that does not fit exits 1 with one line naming the shortfall and the settings that fit, found by
+compiling them (activation rematerialisation, gradient accumulation, FSDP, a smaller batch). `--dump DIR` writes
+each program's optimized HLO (`DIR/<program>.hlo.txt`) and the figures (`DIR/plan.json`).
+
+FLOPs: XLA's cost analysis of a compiled module counts a loop body (a scan over blocks, gradient accumulation)
+once, so the FLOPs here are those of the same program lowered unrolled (blocks unrolled, one micro-batch; the
+remat policy kept), divided over the devices; the compiled module's bytes are scaled by its loops' trip counts
+(`hlo.analyze`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+_LIBTPU_QUIET = {  # libtpu on a host without a TPU: no metadata-server probes, no start-up warnings
+    "TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
+def configure() -> None:
+    """For programs that plan (this module's command line, tests): libtpu started for compiling only, quietly, and
+    JAX's own devices kept on the CPU. Call before JAX starts its backends; training entry points never call it."""
+    for name, value in _LIBTPU_QUIET.items():
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chips and slices.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Public per-chip figures (REFERENCE.md, "Wall-clock and hardware"), and how libtpu lists its devices."""
+
+    name: str
+    devices_per_chip: int  # JAX devices per chip as compiled here (v3: two TensorCores; megacore chips: one)
+    hbm_gib: float  # per chip
+    bf16_tflops: float  # per chip, dense
+    hbm_gbps: float  # per chip, GB/s
+    chip_config: str  # libtpu's chip_config_name
+    slices: tuple[str, ...]  # topologies offered (libtpu compiles others too)
+
+    def per_device(self, value: float) -> float:
+        return value / self.devices_per_chip
+
+
+CHIPS = {
+    "v3": Chip("TPU v3", 2, 32, 123, 900, "default", ("2x2", "4x4", "4x8", "8x8", "8x16", "16x16")),
+    "v4": Chip("TPU v4", 1, 32, 275, 1228, "megacore", ("2x2x1", "2x2x2", "2x2x4", "4x4x4", "4x4x8", "8x8x8")),
+    "v5e": Chip("TPU v5e", 1, 16, 197, 819, "default", ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
+    "v5p": Chip("TPU v5p", 1, 95, 459, 2765, "megacore", ("2x2x1", "2x2x2", "2x2x4", "4x4x4", "4x4x8", "8x8x8")),
+    "v6e": Chip("TPU v6e", 1, 32, 918, 1640, "default", ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "16x16")),
+}
+
+
+class PlanError(ValueError):
+    """A plan that cannot be made or a config that does not fit: one line naming what and why."""
+
+
+@dataclasses.dataclass
+class Topology:
+    name: str  # e.g. "v5e:4x4"
+    chip: Chip
+    devices: list
+    num_processes: int
+
+    @property
+    def num_chips(self) -> int:
+        return len(self.devices) // self.chip.devices_per_chip
+
+
+def topology(name: str) -> Topology:
+    """The compile-only devices of a TPU slice named "<generation>:<chips per dimension>", e.g. "v5e:4x4"."""
+    generation, _, shape = name.partition(":")
+    if generation not in CHIPS or not re.fullmatch(r"\d+(x\d+){1,2}", shape):
+        raise PlanError(f"--topology {name!r}: expected <generation>:<shape> with generation one of {sorted(CHIPS)}, "
+                        "e.g. v5e:4x4, v4:4x4x8, v3:8x8 (--topology help lists them)")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise PlanError("planning for a TPU needs libtpu, which compiles for TPUs without one: pip install -e "
+                        "\".[tpu]\" (or pip install \"jax[tpu]\")") from None
+    from jax.experimental import topologies
+
+    chip = CHIPS[generation]
+    try:
+        devices = topologies.get_topology_desc(name, platform="tpu", chip_config_name=chip.chip_config).devices
+    except Exception as e:  # noqa: BLE001 - libtpu's errors are bare runtime errors
+        raise PlanError(f"--topology {name!r}: libtpu does not know it ({' '.join(str(e).split())[:200]})") from None
+    return Topology(name, chip, list(devices), len({d.process_index for d in devices}))
+
+
+def describe_topologies() -> str:
+    lines = ["Known TPU generations (per chip: HBM, dense bf16 FLOP/s, HBM bandwidth) and example slices; any",
+             "<generation>:<shape> that libtpu knows works (chips per dimension, e.g. v5e:4x4 is 16 chips):"]
+    for generation, chip in CHIPS.items():
+        lines.append(f"  {generation:4} {chip.name}: {chip.hbm_gib:g} GiB, {chip.bf16_tflops:g} TFLOP/s, "
+                     f"{chip.hbm_gbps:g} GB/s; {chip.devices_per_chip} device(s) per chip; slices "
+                     + ", ".join(f"{generation}:{s}" for s in chip.slices))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiling and measuring one program.
+# ---------------------------------------------------------------------------------------------------------
+
+# Datasets whose size and classes are known without preparing them here (tfds metadata needs the data).
+KNOWN_DATASETS = {"imagenet2012": {"train": 1_281_167, "validation": 50_000, "num_classes": 1000}}
+
+
+@dataclasses.dataclass
+class ProgramReport:
+    name: str
+    compile_seconds: float
+    hbm_bytes: float  # per device
+    fits: bool
+    error: str | None = None  # the compiler's refusal, shortened
+    memory: dict[str, int] = dataclasses.field(default_factory=dict)  # per device
+    flops: float = 0.0  # per device, loops counted fully (see the module docstring)
+    bytes_accessed: float = 0.0  # per device, loops counted fully
+    cost_model_seconds: float | None = None  # XLA's TPU cost model (its loop bodies once)
+    roofline_seconds: float = 0.0
+    seconds: float = 0.0  # the step time used: the cost model's, or the roofline's when that is implausible
+    note: str = ""  # why the cost model was not used
+    loop_trip_counts: list[int] = dataclasses.field(default_factory=list)
+    collectives: list[dict] = dataclasses.field(default_factory=list)
+    largest_buffers: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.memory.get("total", 0)
+
+
+def _memory(compiled) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    out = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+           "outputs_not_aliased": m.output_size_in_bytes - m.alias_size_in_bytes,
+           "code": m.generated_code_size_in_bytes}
+    out["total"] = sum(out.values())
+    return out
+
+
+def _shortfall(message: str) -> str:
+    """The compiler's out-of-memory refusal in one short clause."""
+    text = " ".join(message.split())
+    found = re.search(r"(Ran out of memory in memory space hbm[^.]*\.|[^.]*exceeds[^.]*\.|"
+                      r"[Tt]otal hbm usage[^.]*\.|Used [\d.]+[KMGT]? of [\d.]+[KMGT]? hbm[^.]*\.)", text)
+    return (found.group(1) if found else text[:240]).strip()
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "exceeds" in text and "hbm" in text.lower()
+
+
+def _compile(program, hbm_bytes: float, dump_dir: str | None) -> tuple[Any, ProgramReport]:
+    start = time.perf_counter()
+    lowered = program.lower()
+    options = {"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True} if dump_dir else None
+    try:
+        compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+    except Exception as e:  # noqa: BLE001 - XLA raises a bare runtime error
+        if not _is_out_of_memory(e):
+            raise
+        return None, ProgramReport(program.description, time.perf_counter() - start, hbm_bytes, False,
+                                   _shortfall(str(e)))
+    seconds = time.perf_counter() - start
+    memory = _memory(compiled)
+    return compiled, ProgramReport(program.description, seconds, hbm_bytes, memory["total"] <= hbm_bytes,
+                                   memory=memory)
+
+
+def _measure(report: ProgramReport, compiled, global_flops: float, topo: Topology, dump_dir: str | None) -> None:
+    """Fills in FLOPs, bytes, step times, collectives and buffers of a compiled program."""
+    from mae_jax import hlo
+
+    chip = topo.chip
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    text = compiled.as_text()
+    analysis = hlo.analyze(text)
+    report.loop_trip_counts = analysis.loop_trip_counts
+    report.flops = global_flops / len(topo.devices)
+    report.bytes_accessed = float(cost.get("bytes accessed", 0.0)) * analysis.loop_factor
+    peak = chip.per_device(chip.bf16_tflops) * 1e12
+    bandwidth = chip.per_device(chip.hbm_gbps) * 1e9
+    report.roofline_seconds = max(report.flops / peak, report.bytes_accessed / bandwidth)
+    modelled = cost.get("optimal_seconds")
+    report.cost_model_seconds = None if modelled is None else float(modelled)
+    looped = any(n > 1 for n in analysis.loop_trip_counts)
+    if modelled is None:
+        report.note = "no cost-model figure: roofline"
+    elif modelled <= 0:
+        report.note = "cost model negative: roofline"
+    elif looped and modelled < report.roofline_seconds:
+        report.note = "cost model counts loop bodies once: roofline"
+    elif modelled < report.roofline_seconds:
+        report.note = "cost model below the roofline: roofline"
+    report.seconds = report.roofline_seconds if report.note else float(modelled)
+    report.collectives = [dataclasses.asdict(c) for c in analysis.collectives]
+    if dump_dir:
+        found = sorted(f for f in os.listdir(dump_dir) if f.endswith("after_optimizations-buffer-assignment.txt"))
+        if found:
+            with open(os.path.join(dump_dir, found[-1])) as f:
+                report.largest_buffers = [dataclasses.asdict(b) for b in hlo.largest_buffers(f.read(), text)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A plan.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Plan:
+    topology: str
+    chip: str
+    num_chips: int
+    num_devices: int
+    num_processes: int
+    model: str
+    dtype: str
+    batch_size: int
+    mesh: dict[str, int]
+    num_examples: int
+    steps_per_epoch: int
+    total_steps: int
+    programs: dict[str, ProgramReport]
+    state_bytes: int = 0  # per device: parameters, optimizer state and the rest of the train state, as sharded
+    evaluations: int = 0  # evaluation passes of the run (fine-tuning, probe)
+    eval_batches: int = 0  # eval steps per pass
+    data_note: str = ""  # where the dataset sizes came from
+    suggestions: list[dict] = dataclasses.field(default_factory=list)  # settings that fit, when this does not
+
+    @property
+    def fits(self) -> bool:
+        return all(p.fits for p in self.programs.values())
+
+    @property
+    def step_seconds(self) -> float:
+        return self.programs["train_step"].seconds
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.batch_size / self.step_seconds if self.step_seconds else 0.0
+
+    @property
+    def wall_seconds(self) -> float:
+        evaluation = self.programs.get("eval_step")
+        eval_seconds = self.evaluations * self.eval_batches * evaluation.seconds if evaluation else 0.0
+        return self.total_steps * self.step_seconds + eval_seconds
+
+
+def _model_name(fields) -> str:
+    sizes = {768: "B", 1024: "L", 1280: "H", 384: "S", 192: "Ti"}
+    return f"ViT-{sizes.get(fields['embed_dim'], str(fields['embed_dim']))}/{fields['patch_size']}"
+
+
+def _data(config) -> tuple[int, int | None, str]:
+    """(training examples, eval examples or None, a note on where they came from), without reading the data."""
+    from mae_jax import input_pipeline
+
+    try:
+        num_examples = input_pipeline.num_train_examples(config.input)
+        return num_examples, None, ""
+    except ValueError:
+        known = KNOWN_DATASETS.get(config.input.dataset)
+        if known is None or config.input.train_split not in known:
+            raise
+        return known[config.input.train_split], known.get(config.input.eval_split), \
+            f"{config.input.dataset} not prepared here: its published size"
+
+
+def _task(config, platform: str):
+    """The config's task for `platform`; a classifier of a known dataset that is not prepared here gets its
+    published number of classes."""
+    from mae_jax import trainer
+
+    cls = trainer.task_class(config)
+    known = KNOWN_DATASETS.get(config.input.dataset)
+    if config.get("task", "pretrain") != "pretrain" and not config.model.num_classes and known:
+        try:
+            return cls(config, platform)
+        except ValueError:
+            config.model.num_classes = known["num_classes"]
+    return cls(config, platform)
+
+
+def _unrolled_flops(config, num_examples: int) -> dict[str, float]:
+    """Global FLOPs of each program as written: lowered (not compiled) with blocks unrolled and one micro-batch,
+    for one CPU device (lowering is target-independent; the TPU compile-only client has no cost analysis)."""
+    import jax
+
+    from mae_jax import trainer
+
+    config = copy.deepcopy(config)
+    config.model.scan_blocks = False
+    config.grad_accum_steps = 1
+    config.mesh.data, config.mesh.fsdp = -1, 1
+    task = _task(config, "tpu")  # the TPU's ops, lowered for the CPU only to count them
+    setup = trainer.build(config, task, jax.devices("cpu")[:1], num_examples)
+    flops = {}
+    for name, program in setup.programs.items():
+        cost = program.lower().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops[name] = float(cost["flops"])
+    return flops
+
+
+def plan(config, topo: Topology, *, num_examples: int | None = None, dump: str | None = None,
+         suggest: int = 2, programs: Sequence[str] | None = None) -> Plan:
+    """Compiles `config`'s programs for `topo` and reports them (see the module docstring). Raises PlanError for
+    a config that does not fit, naming up to `suggest` settings that do (0: none are tried); `programs` limits
+    the programs compiled (default: all of the run's)."""
+    from mae_jax import config_lib, trainer
+
+    config = copy.deepcopy(config)
+    config_lib.resolve(config)
+    cls = trainer.task_class(config)
+    try:
+        cls.validate(config, len(topo.devices), topo.num_processes)
+    except ValueError as e:
+        raise PlanError(f"on {topo.name} ({len(topo.devices)} devices, {topo.num_processes} hosts): {e}") from None
+    found, eval_examples, data_note = _data(config)
+    num_examples = num_examples or found
+    task = _task(config, "tpu")
+    setup = trainer.build(config, task, topo.devices, num_examples)
+    hbm = topo.chip.per_device(topo.chip.hbm_gib) * 2**30
+    flops = _unrolled_flops(config, num_examples)
+    reports = {}
+    for name, program in setup.programs.items():
+        if programs is not None and name not in programs:
+            continue
+        program_dump = os.path.join(dump, name) if dump else tempfile.mkdtemp(prefix=f"mae_jax_plan_{name}_")
+        compiled, report = _compile(program, hbm, program_dump)
+        if compiled is not None:
+            _measure(report, compiled, flops[name], topo, program_dump)
+            if dump:
+                with open(os.path.join(dump, f"{name}.hlo.txt"), "w") as f:
+                    f.write(compiled.as_text())
+        if not dump:
+            import shutil
+
+            shutil.rmtree(program_dump, ignore_errors=True)
+        reports[name] = report
+    result = Plan(
+        topology=topo.name, chip=topo.chip.name, num_chips=topo.num_chips, num_devices=len(topo.devices),
+        num_processes=topo.num_processes, model=_model_name(config.model), dtype=str(config.model.dtype),
+        batch_size=config.batch_size, mesh=dict(setup.mesh.shape), num_examples=num_examples,
+        steps_per_epoch=setup.steps_per_epoch, total_steps=setup.total_steps, programs=reports,
+        state_bytes=_state_bytes(setup.abstract), data_note=data_note)
+    if "eval_step" in reports:
+        every = config.eval_every_steps or setup.steps_per_epoch
+        result.evaluations = setup.total_steps // every + (setup.total_steps % every > 0)
+        eval_examples = eval_examples or _eval_examples(config)
+        result.eval_batches = -(-eval_examples // config.eval_batch_size) if eval_examples else 0
+    if not result.fits and suggest > 0:
+        result.suggestions = _suggestions(config, topo, num_examples, result, suggest)
+    if dump:
+        with open(os.path.join(dump, "plan.json"), "w") as f:
+            json.dump(as_dict(result), f, indent=1)
+    return result
+
+
+def _state_bytes(abstract) -> int:
+    """Bytes of the train state on one device, from its leaves' shapes and shardings."""
+    import jax
+
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(abstract):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * leaf.dtype.itemsize
+    return total
+
+
+def _eval_examples(config) -> int | None:
+    from mae_jax import datasets
+
+    if config.input.dataset == "synthetic":
+        return int(config.input.synthetic_num_eval_examples)
+    try:
+        return datasets.get_builder(config.input).info.splits[config.input.eval_split].num_examples
+    except (ValueError, KeyError):
+        return None
+
+
+def _candidates(config, result: Plan) -> list[dict[str, Any]]:
+    """Single changes that lower the train step's memory, cheapest in speed first; FSDP first when the train
+    state alone fills half the memory (activations are not the problem then)."""
+    report = result.programs["train_step"]
+    need = report.total_bytes or 2 * report.hbm_bytes
+    shortfall = max(need / report.hbm_bytes, 1.0)
+    times = 2 ** math.ceil(math.log2(shortfall + 0.25))
+    per_device = config.batch_size // result.num_devices
+    candidates = []
+    remat = config.model.get("remat", "none")
+    for policy in ("dots", "full"):
+        if remat != policy and not (remat == "full"):
+            candidates.append({"model.remat": policy})
+    if config.get("task", "pretrain") == "pretrain":
+        for accum in sorted({times, 2 * times}):
+            if per_device % accum == 0 and accum > config.grad_accum_steps:
+                candidates.append({"grad_accum_steps": accum})
+    fsdp = result.mesh["fsdp"]
+    sharded = [{"mesh.fsdp": size} for size in (2, 4, 8, 16)
+               if size > fsdp and result.num_devices % size == 0 and size >= fsdp * 2 * result.state_bytes /
+               report.hbm_bytes][:1]
+    if per_device % times == 0 and per_device > 1:
+        candidates.append({"batch_size": config.batch_size // times})
+    return sharded + candidates if result.state_bytes > report.hbm_bytes / 2 else candidates + sharded
+
+
+def _suggestions(config, topo: Topology, num_examples: int, result: Plan, limit: int) -> list[dict]:
+    found = []
+    for change in _candidates(config, result):
+        variant = copy.deepcopy(config)
+        variant.update_from_flattened_dict(change)
+        try:
+            candidate = plan(variant, topo, num_examples=num_examples, suggest=0, programs=("train_step",))
+        except (PlanError, ValueError):
+            continue
+        if candidate.fits:
+            step = candidate.programs["train_step"]
+            found.append({"change": change, "total_bytes": step.total_bytes, "seconds": step.seconds,
+                          "images_per_sec": candidate.images_per_sec})
+            if len(found) >= limit:
+                break
+    return sorted(found, key=lambda s: s["seconds"])
+
+
+def as_dict(result: Plan) -> dict:
+    out = dataclasses.asdict(result)
+    out.update(fits=result.fits, step_seconds=result.step_seconds if "train_step" in result.programs else None,
+               images_per_sec=result.images_per_sec if "train_step" in result.programs else None,
+               wall_hours=result.wall_seconds / 3600 if "train_step" in result.programs else None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def _override(change: dict) -> str:
+    return " ".join(f"--config.{k}={v}" for k, v in change.items())
+
+
+def shortfall_message(result: Plan) -> str:
+    """The one line of a plan that does not fit: what is short, and what fits (measured)."""
+    parts = []
+    for name, report in result.programs.items():
+        if report.fits:
+            continue
+        if report.error:
+            parts.append(f"{name}: the compiler refused it ({report.error})")
+        else:
+            parts.append(f"{name}: {_gib(report.total_bytes)} GiB per device (temporaries "
+                         f"{_gib(report.memory['temporaries'])}), {_gib(report.hbm_bytes)} GiB of HBM")
+    fits = "; ".join(f"{_override(s['change'])} ({_gib(s['total_bytes'])} GiB, {s['seconds']:.3f} s/step)"
+                     for s in result.suggestions)
+    what = f"it fits with {fits}" if fits else "none of remat, gradient accumulation, FSDP or a smaller batch fit " \
+        "alone (try a larger slice)" if result.suggestions == [] else ""
+    return (f"{result.model} {result.dtype} batch {result.batch_size} does not fit on {result.topology} "
+            f"({result.chip}): {'; '.join(parts)}; {what}")
+
+
+def format_plan(result: Plan) -> str:
+    per_device = result.batch_size // result.num_devices
+    lines = [
+        f"{result.model} {result.dtype}, batch {result.batch_size} ({per_device} per device), mesh "
+        f"data={result.mesh['data']} x fsdp={result.mesh['fsdp']} on {result.topology}: {result.num_chips} "
+        f"{result.chip} chips, {result.num_devices} devices, {result.num_processes} host"
+        f"{'s' if result.num_processes > 1 else ''}",
+        f"run: {result.total_steps:,} steps ({result.steps_per_epoch:,} per epoch of {result.num_examples:,} examples"
+        f"{'; ' + result.data_note if result.data_note else ''})",
+        "",
+        f"{'program':<16}{'compile':>9}{'args':>7}{'temp':>7}{'total':>7}{'HBM':>7}  {'TFLOP':>7}"
+        f"{'cost model':>12}{'roofline':>10}{'step (s)':>10}",
+        f"{'':<16}{'(s)':>9}{'(GiB per device)':>28}  {'/device':>7}{'(s)':>12}{'(s)':>10}",
+    ]
+    for name, r in result.programs.items():
+        if r.error:
+            lines.append(f"{name:<16}{r.compile_seconds:>9.0f}  does not fit: {r.error}")
+            continue
+        cost = "n/a" if r.cost_model_seconds is None else f"{r.cost_model_seconds:.4g}"
+        lines.append(f"{name:<16}{r.compile_seconds:>9.0f}{_gib(r.memory['arguments']):>7}"
+                     f"{_gib(r.memory['temporaries']):>7}{_gib(r.total_bytes):>7}{_gib(r.hbm_bytes):>7}  "
+                     f"{r.flops / 1e12:>7.3f}{cost:>12}{r.roofline_seconds:>10.4f}{r.seconds:>10.4f}"
+                     f"{'  (' + r.note + ')' if r.note else ''}{'' if r.fits else '  DOES NOT FIT'}")
+    from mae_jax import hlo
+
+    for name, r in result.programs.items():
+        if r.collectives:
+            lines.append(f"{name} collectives per step: " + hlo.format_collectives(
+                hlo.Collective(**c) for c in r.collectives))
+        if r.loop_trip_counts:
+            lines.append(f"{name} loops (trip counts): {r.loop_trip_counts}")
+        if r.largest_buffers:
+            lines.append(f"{name} largest temporaries: " + "; ".join(
+                f"{b['bytes'] / 2**30:.2f} GiB {b['shape']} ({b['op_name']})" for b in r.largest_buffers[:5]))
+    if "train_step" in result.programs and result.programs["train_step"].seconds:
+        hours = result.wall_seconds / 3600
+        evals = f", evaluation included ({result.evaluations} passes)" if result.evaluations else ""
+        lines.append(f"estimate: {result.images_per_sec:,.0f} images/s on the slice; the run: {hours:,.1f} h"
+                     f"{evals}. XLA's cost-model / roofline estimates, not measurements.")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    configure()
+    from absl import flags, logging
+    from ml_collections import config_flags
+
+    from mae_jax import runtime
+
+    runtime.configure(compilation_cache=False)  # compile times are measured cold
+    argv = list(sys.argv if argv is None else argv)
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Training configuration file, e.g. configs/vit_large.py.",
+                                    flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:4x4, v4:4x4x8, v3:8x8; 'help' lists them.",
+                        flag_values=flag_values)
+    flags.DEFINE_string("dump", None, "Write each program's optimized HLO and plan.json here.",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("num_examples", None, "Training examples (default: the dataset's).", flag_values=flag_values)
+    flags.DEFINE_integer("suggest", 2, "When it does not fit: how many fitting settings to find by compiling "
+                         "(0: none).", flag_values=flag_values)
+    prog = "python -m mae_jax.plan"
+    try:
+        flag_values(argv)
+    except flags.Error as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    if flag_values.topology in (None, "help"):
+        print(describe_topologies())
+        return 0 if flag_values.topology == "help" else 2
+    if flag_values.config is None:
+        print(f"{prog}: error: --config is required (e.g. configs/vit_base.py)", file=sys.stderr)
+        return 2
+    runtime.quiet_logs()
+    logging.get_absl_handler().python_handler.stream = sys.stdout
+    try:
+        topo = topology(flag_values.topology)
+        if flag_values.dump:
+            os.makedirs(flag_values.dump, exist_ok=True)
+        result = plan(flag_values.config, topo, num_examples=flag_values.num_examples, dump=flag_values.dump,
+                      suggest=flag_values.suggest)
+    except ValueError as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    print(format_plan(result))
+    if not result.fits:
+        print(f"{prog}: error: {shortfall_message(result)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
