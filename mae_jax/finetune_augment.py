@@ -552,20 +552,87 @@ def random_erasing(image: tf.Tensor, key: tf.Tensor, probability: float = 0.25, 
     return image
 
 
+_PIL_PRECISION_BITS = 22  # Resample.c's PRECISION_BITS (32 - 8 - 2): fixed-point weights of 8-bit images
+
+
+def _pil_bicubic(x: tf.Tensor) -> tf.Tensor:
+    """Resample.c's bicubic_filter (Keys, a = -0.5), in its order of operations."""
+    x = tf.abs(x)
+    inner = ((1.5 * x - 2.5) * x) * x + 1.0
+    outer = (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5
+    return tf.where(x < 1.0, inner, tf.where(x < 2.0, outer, tf.zeros_like(x)))
+
+
+def _pil_resample_matrix(in_size: tf.Tensor, out_size: tf.Tensor) -> tf.SparseTensor:
+    """Pillow's bicubic resampling of one axis as a sparse [out_size, in_size] matrix of its fixed-point weights.
+
+    Resample.c's precompute_coeffs (support 2 x max(1, in / out) input pixels around each output pixel's
+    centre, weights normalised to sum 1 in doubles, summed in Pillow's order) and normalize_coeffs_8bpc (each
+    weight x 2^22, rounded half away from zero). The weights are integers held in float64.
+    """
+    in_f, out_f = tf.cast(in_size, tf.float64), tf.cast(out_size, tf.float64)
+    scale = in_f / out_f
+    filterscale = tf.maximum(scale, 1.0)
+    support = 2.0 * filterscale
+    ksize = 2 * tf.cast(tf.math.ceil(support), tf.int32) + 1
+    center = (tf.range(out_f, dtype=tf.float64) + 0.5) * scale  # [out]
+    # (int) truncation of Pillow's "+ 0.5" rounding; a negative start is clamped to 0 either way.
+    first = tf.maximum(tf.floor(center - support + 0.5), 0.0)
+    count = tf.minimum(tf.floor(center + support + 0.5), in_f) - first  # [out] taps of each output pixel
+    taps = tf.range(tf.cast(ksize, tf.float64), dtype=tf.float64)  # [K]
+    valid = taps[None, :] < count[:, None]  # [out, K]
+    positions = first[:, None] + taps[None, :]  # [out, K] input pixel indices
+    weights = tf.where(valid, _pil_bicubic((positions - center[:, None] + 0.5) * (1.0 / filterscale)), 0.0)
+    # Pillow sums the weights left to right; a tree reduction could differ in the last bit.
+    total = tf.foldl(lambda acc, column: acc + column, tf.transpose(weights), initializer=tf.zeros_like(center))
+    weights = tf.where(tf.not_equal(total, 0.0)[:, None], weights / total[:, None], weights)
+    fixed = tf.sign(weights) * tf.floor(tf.abs(weights) * float(1 << _PIL_PRECISION_BITS) + 0.5)
+    rows = tf.broadcast_to(tf.range(tf.cast(out_size, tf.int64))[:, None], tf.shape(valid))
+    columns = tf.cast(positions, tf.int64)
+    indices = tf.stack([tf.boolean_mask(rows, valid), tf.boolean_mask(columns, valid)], axis=1)
+    return tf.SparseTensor(indices, tf.boolean_mask(fixed, valid),
+                           tf.cast(tf.stack([out_size, in_size]), tf.int64))
+
+
+def _pil_resample_rows(image: tf.Tensor, out_size: tf.Tensor) -> tf.Tensor:
+    """One Pillow pass along axis 0 of a float64 [h, w, C] image of uint8 levels: [out_size, w, C] levels.
+
+    Sums of weight x level are integers below 2^31 (Pillow's int32 accumulator), exact in float64 in any order;
+    Pillow then adds 2^21, shifts right by 22 (floor) and clips to 0..255: rounding half up.
+    """
+    shape = tf.shape(image)
+    matrix = _pil_resample_matrix(shape[0], out_size)
+    sums = tf.sparse.sparse_dense_matmul(matrix, tf.reshape(image, [shape[0], -1]))
+    half = float(1 << (_PIL_PRECISION_BITS - 1))
+    levels = tf.clip_by_value(tf.floor((sums + half) / float(1 << _PIL_PRECISION_BITS)), 0.0, 255.0)
+    return tf.reshape(levels, tf.concat([[out_size], shape[1:]], axis=0))
+
+
 @_graph_only
 def resize_bicubic_like_pil(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-    """PIL's Image.resize(BICUBIC) of a [h, w, C] image to `size` [H, W]: float32 holding uint8 levels.
+    """PIL's Image.resize(BICUBIC) of a [h, w, C] image of uint8 levels to `size` [H, W]: float32 levels.
 
-    PIL resamples the width, stores uint8, then resamples the height; tf.image.resize's antialiased bicubic
-    is the same filter (Keys a = -0.5, widened when shrinking). Rounding between the passes as PIL does
-    gives PIL's pixels up to 1 level on ~0.02% of values (one pass: up to 2 levels on ~19%).
+    Exactly Pillow's arithmetic (Resample.c): fixed-point weights, an integer sum per output pixel, rounded
+    half up and stored as uint8 after each pass. As Pillow does, a pass whose size does not change is skipped
+    (it would be exactly the identity), and the width is resampled first unless the height loses more than
+    twice as many pixels as the width (Pillow >= 13's order; older Pillows always start with the width, which
+    differs only on images shrunk to less than half their height).
     """
-    def store(x):  # PIL's uint8 storage
-        return tf.clip_by_value(tf.round(x), 0.0, 255.0)
+    image = tf.cast(image, tf.float64)
+    size = tf.cast(size, tf.int32)
+    shape = tf.shape(image)
+    height_loss, width_loss = shape[0] - size[0], shape[1] - size[1]
 
-    image = tf.cast(image, tf.float32)
-    wide = store(tf.image.resize(image, tf.stack([tf.shape(image)[0], size[1]]), method="bicubic", antialias=True))
-    return store(tf.image.resize(wide, size, method="bicubic", antialias=True))
+    def width_pass(x):
+        resized = lambda: tf.transpose(_pil_resample_rows(tf.transpose(x, [1, 0, 2]), size[1]), [1, 0, 2])
+        return tf.cond(tf.equal(shape[1], size[1]), lambda: x, resized)
+
+    def height_pass(x):
+        return tf.cond(tf.equal(shape[0], size[0]), lambda: x, lambda: _pil_resample_rows(x, size[0]))
+
+    height_first = (height_loss > 0) & (height_loss > 2 * width_loss)
+    image = tf.cond(height_first, lambda: width_pass(height_pass(image)), lambda: height_pass(width_pass(image)))
+    return tf.cast(image, tf.float32)
 
 
 @_graph_only
@@ -575,7 +642,7 @@ def preprocess_for_eval(image: tf.Tensor, image_size: int | Sequence[int] = 224,
     shorter side, CenterCrop(image_size), ToTensor, Normalize: [H, W, C] float32.
 
     Sizes and offsets follow torchvision: the longer side becomes int(size * long / short); the crop starts at
-    int(round((side - image_size) / 2)). Resizing is PIL's bicubic (`resize_bicubic_like_pil`).
+    int(round((side - image_size) / 2)). Resizing is exactly PIL's bicubic (`resize_bicubic_like_pil`).
     A non-square `image_size` (H, W) (the official code has none) generalises this: the image is scaled, its
     aspect kept, just enough to cover int(H / crop_pct) x int(W / crop_pct), then center-cropped to H x W; for
     H == W that is exactly the square rule.
@@ -593,12 +660,8 @@ def preprocess_for_eval(image: tf.Tensor, image_size: int | Sequence[int] = 224,
     height_decides = cover_h * w64 >= cover_w * h64
     new_height = tf.where(height_decides, cover_h, tf.cast(tf.floor(cover_w * h64 / w64), tf.int32))
     new_width = tf.where(height_decides, tf.cast(tf.floor(cover_h * w64 / h64), tf.int32), cover_w)
-    unchanged = tf.equal(new_height, height) & tf.equal(new_width, width)  # torchvision returns the image itself
-
-    def resize():
-        return resize_bicubic_like_pil(image, tf.stack([new_height, new_width]))
-
-    resized = tf.cond(unchanged, lambda: tf.cast(image, tf.float32), resize)
+    # An image already of the new size comes back unchanged, as from torchvision (both passes are skipped).
+    resized = resize_bicubic_like_pil(image, tf.stack([new_height, new_width]))
     top = tf.cast(tf.round(tf.cast(new_height - out_h, tf.float64) / 2.0), tf.int32)  # half to even
     left = tf.cast(tf.round(tf.cast(new_width - out_w, tf.float64) / 2.0), tf.int32)
     crop = resized[top:top + out_h, left:left + out_w]
