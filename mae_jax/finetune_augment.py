@@ -563,8 +563,11 @@ def _pil_bicubic(x: tf.Tensor) -> tf.Tensor:
     return tf.where(x < 1.0, inner, tf.where(x < 2.0, outer, tf.zeros_like(x)))
 
 
-def _pil_resample_matrix(in_size: tf.Tensor, out_size: tf.Tensor) -> tf.SparseTensor:
-    """Pillow's bicubic resampling of one axis as a sparse [out_size, in_size] matrix of its fixed-point weights.
+def _pil_weights(in_size: tf.Tensor, out_size: tf.Tensor, start: tf.Tensor,
+                 count: tf.Tensor) -> tuple[tf.SparseTensor, tf.Tensor, tf.Tensor]:
+    """Output pixels start..start+count of Pillow's bicubic resampling of one axis from in_size to out_size:
+    (matrix, first, used), the sparse [count, used] matrix of their fixed-point weights over input pixels
+    first..first+used, the only ones they read.
 
     Resample.c's precompute_coeffs (support 2 x max(1, in / out) input pixels around each output pixel's
     centre, weights normalised to sum 1 in doubles, summed in Pillow's order) and normalize_coeffs_8bpc (each
@@ -575,64 +578,94 @@ def _pil_resample_matrix(in_size: tf.Tensor, out_size: tf.Tensor) -> tf.SparseTe
     filterscale = tf.maximum(scale, 1.0)
     support = 2.0 * filterscale
     ksize = 2 * tf.cast(tf.math.ceil(support), tf.int32) + 1
-    center = (tf.range(out_f, dtype=tf.float64) + 0.5) * scale  # [out]
+    outputs = tf.range(tf.cast(start, tf.float64), tf.cast(start + count, tf.float64), dtype=tf.float64)
+    center = (outputs + 0.5) * scale  # [count]
     # (int) truncation of Pillow's "+ 0.5" rounding; a negative start is clamped to 0 either way.
     first = tf.maximum(tf.floor(center - support + 0.5), 0.0)
-    count = tf.minimum(tf.floor(center + support + 0.5), in_f) - first  # [out] taps of each output pixel
+    taps_used = tf.minimum(tf.floor(center + support + 0.5), in_f) - first  # [count] taps of each output pixel
     taps = tf.range(tf.cast(ksize, tf.float64), dtype=tf.float64)  # [K]
-    valid = taps[None, :] < count[:, None]  # [out, K]
-    positions = first[:, None] + taps[None, :]  # [out, K] input pixel indices
+    valid = taps[None, :] < taps_used[:, None]  # [count, K]
+    positions = first[:, None] + taps[None, :]  # [count, K] input pixel indices
     weights = tf.where(valid, _pil_bicubic((positions - center[:, None] + 0.5) * (1.0 / filterscale)), 0.0)
-    # Pillow sums the weights left to right; a tree reduction could differ in the last bit.
-    total = tf.foldl(lambda acc, column: acc + column, tf.transpose(weights), initializer=tf.zeros_like(center))
+    # Pillow sums the weights left to right, as a running sum does (a tree reduction could differ in the last bit).
+    total = tf.math.cumsum(weights, axis=1)[:, -1]
     weights = tf.where(tf.not_equal(total, 0.0)[:, None], weights / total[:, None], weights)
     fixed = tf.sign(weights) * tf.floor(tf.abs(weights) * float(1 << _PIL_PRECISION_BITS) + 0.5)
-    rows = tf.broadcast_to(tf.range(tf.cast(out_size, tf.int64))[:, None], tf.shape(valid))
-    columns = tf.cast(positions, tf.int64)
+    lowest = tf.reduce_min(first)  # the windows only move right: the first output's, and the last output's end
+    used = tf.reduce_max(first + taps_used) - lowest
+    rows = tf.broadcast_to(tf.range(tf.cast(count, tf.int64))[:, None], tf.shape(valid))
+    columns = tf.cast(positions - lowest, tf.int64)
     indices = tf.stack([tf.boolean_mask(rows, valid), tf.boolean_mask(columns, valid)], axis=1)
-    return tf.SparseTensor(indices, tf.boolean_mask(fixed, valid),
-                           tf.cast(tf.stack([out_size, in_size]), tf.int64))
+    matrix = tf.SparseTensor(indices, tf.boolean_mask(fixed, valid),
+                             tf.stack([tf.cast(count, tf.int64), tf.cast(used, tf.int64)]))
+    return matrix, tf.cast(lowest, tf.int32), tf.cast(used, tf.int32)
 
 
-def _pil_resample_rows(image: tf.Tensor, out_size: tf.Tensor) -> tf.Tensor:
-    """One Pillow pass along axis 0 of a float64 [h, w, C] image of uint8 levels: [out_size, w, C] levels.
+def _pil_support(in_size, out_size, start, count) -> tuple[tf.Tensor, tf.Tensor]:
+    """(first, used): the input pixels that outputs start..start+count of a `_pil_pass` read."""
+    def resampled():
+        _, first, used = _pil_weights(in_size, out_size, start, count)
+        return first, used
+
+    return tf.cond(tf.equal(in_size, out_size), lambda: (start, count), resampled)
+
+
+def _pil_pass(x: tf.Tensor, in_size, out_size, start, count, x_first=0) -> tf.Tensor:
+    """Output pixels start..start+count of one Pillow pass along axis 0 (in_size -> out_size pixels), from x
+    (float64 uint8 levels [n, ...], input pixels x_first..x_first+n, which must hold the ones read):
+    [count, ...] levels. A pass of the same size is the identity (Pillow skips it).
 
     Sums of weight x level are integers below 2^31 (Pillow's int32 accumulator), exact in float64 in any order;
     Pillow then adds 2^21, shifts right by 22 (floor) and clips to 0..255: rounding half up.
     """
-    shape = tf.shape(image)
-    matrix = _pil_resample_matrix(shape[0], out_size)
-    sums = tf.sparse.sparse_dense_matmul(matrix, tf.reshape(image, [shape[0], -1]))
-    half = float(1 << (_PIL_PRECISION_BITS - 1))
-    levels = tf.clip_by_value(tf.floor((sums + half) / float(1 << _PIL_PRECISION_BITS)), 0.0, 255.0)
-    return tf.reshape(levels, tf.concat([[out_size], shape[1:]], axis=0))
+    def resampled():
+        matrix, first, used = _pil_weights(in_size, out_size, start, count)
+        read = x[first - x_first:first - x_first + used]
+        sums = tf.sparse.sparse_dense_matmul(matrix, tf.reshape(read, [used, -1]))
+        half = float(1 << (_PIL_PRECISION_BITS - 1))
+        levels = tf.clip_by_value(tf.floor((sums + half) / float(1 << _PIL_PRECISION_BITS)), 0.0, 255.0)
+        return tf.reshape(levels, tf.concat([[count], tf.shape(x)[1:]], axis=0))
+
+    return tf.cond(tf.equal(in_size, out_size), lambda: x[start - x_first:start - x_first + count], resampled)
+
+
+def _transposed(function: Callable, x: tf.Tensor, *args, **kwargs) -> tf.Tensor:
+    """`function` along axis 1 of [h, w, C] `x` (a pass over the width)."""
+    return tf.transpose(function(tf.transpose(x, [1, 0, 2]), *args, **kwargs), [1, 0, 2])
 
 
 @_graph_only
-def resize_bicubic_like_pil(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+def resize_bicubic_like_pil(image: tf.Tensor, size: tf.Tensor, window: tf.Tensor | None = None) -> tf.Tensor:
     """PIL's Image.resize(BICUBIC) of a [h, w, C] image of uint8 levels to `size` [H, W]: float32 levels.
 
     Exactly Pillow's arithmetic (Resample.c): fixed-point weights, an integer sum per output pixel, rounded
     half up and stored as uint8 after each pass. As Pillow does, a pass whose size does not change is skipped
     (it would be exactly the identity), and the width is resampled first unless the height loses more than
     twice as many pixels as the width (Pillow >= 13's order; older Pillows always start with the width, which
-    differs only on images shrunk to less than half their height).
+    differs only on images shrunk to less than half their height). `window` [top, left, height, width]: only
+    that part of the output, computed from only the input pixels it reads, equal to the same pixels of the
+    whole (what a center crop after the resize keeps: `preprocess_for_eval`).
     """
     image = tf.cast(image, tf.float64)
     size = tf.cast(size, tf.int32)
     shape = tf.shape(image)
-    height_loss, width_loss = shape[0] - size[0], shape[1] - size[1]
+    in_h, in_w, out_h, out_w = shape[0], shape[1], size[0], size[1]
+    top, left, height, width = tf.unstack(tf.cast(window, tf.int32) if window is not None else
+                                          tf.stack([0, 0, out_h, out_w]))
 
-    def width_pass(x):
-        resized = lambda: tf.transpose(_pil_resample_rows(tf.transpose(x, [1, 0, 2]), size[1]), [1, 0, 2])
-        return tf.cond(tf.equal(shape[1], size[1]), lambda: x, resized)
+    def width_first():  # the rows the height pass reads, resampled along the width
+        first, used = _pil_support(in_h, out_h, top, height)
+        x = _transposed(_pil_pass, image[first:first + used], in_w, out_w, left, width)
+        return _pil_pass(x, in_h, out_h, top, height, x_first=first)
 
-    def height_pass(x):
-        return tf.cond(tf.equal(shape[0], size[0]), lambda: x, lambda: _pil_resample_rows(x, size[0]))
+    def height_first():
+        first, used = _pil_support(in_w, out_w, left, width)
+        x = _pil_pass(image[:, first:first + used], in_h, out_h, top, height)
+        return _transposed(_pil_pass, x, in_w, out_w, left, width, x_first=first)
 
-    height_first = (height_loss > 0) & (height_loss > 2 * width_loss)
-    image = tf.cond(height_first, lambda: width_pass(height_pass(image)), lambda: height_pass(width_pass(image)))
-    return tf.cast(image, tf.float32)
+    height_loss, width_loss = in_h - out_h, in_w - out_w
+    resized = tf.cond((height_loss > 0) & (height_loss > 2 * width_loss), height_first, width_first)
+    return tf.cast(resized, tf.float32)
 
 
 @_graph_only
@@ -660,11 +693,11 @@ def preprocess_for_eval(image: tf.Tensor, image_size: int | Sequence[int] = 224,
     height_decides = cover_h * w64 >= cover_w * h64
     new_height = tf.where(height_decides, cover_h, tf.cast(tf.floor(cover_w * h64 / w64), tf.int32))
     new_width = tf.where(height_decides, tf.cast(tf.floor(cover_h * w64 / h64), tf.int32), cover_w)
-    # An image already of the new size comes back unchanged, as from torchvision (both passes are skipped).
-    resized = resize_bicubic_like_pil(image, tf.stack([new_height, new_width]))
     top = tf.cast(tf.round(tf.cast(new_height - out_h, tf.float64) / 2.0), tf.int32)  # half to even
     left = tf.cast(tf.round(tf.cast(new_width - out_w, tf.float64) / 2.0), tf.int32)
-    crop = resized[top:top + out_h, left:left + out_w]
+    # Only the crop is resampled (the same pixels as PIL's whole resize); an image already of the new size comes
+    # back unchanged, as from torchvision (both passes are skipped).
+    crop = resize_bicubic_like_pil(image, tf.stack([new_height, new_width]), tf.stack([top, left, out_h, out_w]))
     num_channels = image.shape[-1] or 3
     crop = tf.ensure_shape(crop, [out_h, out_w, num_channels])
     return _normalise(crop, num_channels)

@@ -359,14 +359,16 @@ def test_eval_transform_matches_pil_resize_and_center_crop(shape, size, crop_pct
     np.testing.assert_array_equal(np.round(levels).astype(np.uint8), _mae_eval_pil(image, size, crop_pct))
 
 
-@tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([2], tf.int32)])
-def _resize_like_pil_graph(image, size):
-    return fa.resize_bicubic_like_pil(image, size)
+@tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([2], tf.int32),
+                              tf.TensorSpec([4], tf.int32)])
+def _resize_like_pil_graph(image, size, window):
+    return fa.resize_bicubic_like_pil(image, size), fa.resize_bicubic_like_pil(image, size, window)
 
 
 def test_resize_matches_pillow_exactly_up_and_down():
     """Image.resize(BICUBIC) to the level on random sizes, shrinking and enlarging either side, on a photograph
-    and on noise (whose overshoots test the clipping); the height goes first where Pillow >= 13 puts it first."""
+    and on noise (whose overshoots test the clipping); the height goes first where Pillow >= 13 puts it first.
+    A window of the output (what the eval crop keeps) is those pixels of the whole."""
     rng = np.random.default_rng(0)
     pil_13 = int(Image.__version__.split(".")[0]) >= 13
     photo = skimage.data.astronaut()
@@ -378,8 +380,12 @@ def test_resize_matches_pillow_exactly_up_and_down():
             continue  # older Pillows resample the width first here
         image = photo[:h, :w] if trial % 2 else rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
         expected = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((out_w, out_h), Image.BICUBIC))
-        ours = _resize_like_pil_graph(image, tf.constant([out_h, out_w])).numpy()
+        top, left = int(rng.integers(0, out_h)), int(rng.integers(0, out_w))
+        window = [top, left, int(rng.integers(1, out_h - top + 1)), int(rng.integers(1, out_w - left + 1))]
+        ours, part = (x.numpy() for x in _resize_like_pil_graph(image, tf.constant([out_h, out_w]),
+                                                                 tf.constant(window)))
         np.testing.assert_array_equal(ours, expected.astype(np.float32), err_msg=f"{(h, w)} -> {(out_h, out_w)}")
+        np.testing.assert_array_equal(part, ours[top:top + window[2], left:left + window[3]], err_msg=str(window))
         checked += 1
     assert checked >= 40
 
