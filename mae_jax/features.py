@@ -199,7 +199,11 @@ def _define_flags() -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing with one-line errors: a bad or missing flag names the flag (no usage dump)."""
+    """absl's parsing with one-line errors (a bad or missing flag names the flag, no usage dump) and a --help
+    that exits 0 (absl's exits 1)."""
+    if any(arg in ("-h", "--help", "-?", "--helpshort") for arg in argv[1:]):
+        print(f"{__doc__.strip()}\n\nflags:\n{FLAGS.main_module_help()}")
+        sys.exit(0)
     try:
         argv = FLAGS(argv)
     except flags.Error as e:

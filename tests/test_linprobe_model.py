@@ -350,4 +350,6 @@ def test_features_command_is_quiet_and_names_its_flags(pretrained, tmp_path):
     assert lines[-1].endswith(f"Wrote features [7, 32], labels [7], ids [7], file_names [7] to {tmp_path / 'f.npz'}")
     missing = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert missing.returncode == 1 and missing.stdout == ""
+    helped = subprocess.run([*command[:3], "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert helped.returncode == 0 and "  --output: The .npz file to write." in helped.stdout, helped.stderr[-2000:]
     assert missing.stderr.strip() == "python -m mae_jax.features: error: --output is required (the .npz file to write)"
