@@ -33,18 +33,38 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
 flags.DEFINE_bool("show_config", False, "Print every config field with its value and meaning, then exit.")
-flags.mark_flags_as_required(["config"])
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
+
+
+def usage() -> str:
+    """--help: what this command does, the shipped configs (one line each) and the flags."""
+    configs = config_lib.shipped_configs(CONFIGS_DIR)
+    width = max(map(len, configs)) + len("configs/")
+    listed = "\n".join(f"  {'configs/' + name:<{width}}  {summary}" for name, summary in configs.items())
+    return (f"{__doc__.strip()}\n\nShipped configs (--config configs/NAME.py):\n{listed}\n\nflags:\n"
+            f"{FLAGS.main_module_help()}\n\nabsl's own flags (-v 1 for the libraries' logs, ...): --helpfull")
 
 
 def parse_flags(argv):
-    """absl's parsing, with a one-line error (not a traceback) for a misspelt --config.* field."""
+    """absl's parsing with our one-line errors (a missing or misspelt --config file, a misspelt --config.*
+    field, a missing --config) and a --help that lists the shipped configs and exits 0."""
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        if "--helpfull" in argv[1:]:
+            FLAGS(argv[:1])  # absl's full help needs parsed flags
+            print(f"{usage()}\n\n{FLAGS.get_help()}")
+        else:
+            print(usage())
+        sys.exit(0)
     for i, arg in enumerate(argv[1:], 1):  # a missing config file: say so, not that it "is not available"
         path = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1] if arg == "--config" and \
             i + 1 < len(argv) else None
         if path is not None and not os.path.isfile(path.split(":", 1)[0]):
-            sys.exit(f"{argv[0]}: error: --config {path}: no such file (e.g. configs/vit_base.py)")
+            closest = config_lib.closest_config(path.split(":", 1)[0], CONFIGS_DIR)
+            hint = f"; did you mean {os.path.relpath(closest)}?" if closest else " (e.g. configs/vit_base.py)"
+            sys.exit(f"{argv[0]}: error: --config {path}: no such file{hint}")
     try:
-        return FLAGS(argv)
+        argv = FLAGS(argv)
     except flags.Error as e:
         sys.exit(f"{argv[0]}: error: {' '.join(str(e).split())}")
     except SyntaxError as e:  # the config file itself
@@ -56,6 +76,10 @@ def parse_flags(argv):
         key = key.strip("'\"")
         bad = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
         sys.exit(f"{argv[0]}: error: {bad[0] if bad else '--config'}: the config has no field {key!r}. {hint}")
+    if FLAGS.config is None:
+        sys.exit(f"{argv[0]}: error: --config is required: a config file, e.g. --config configs/demo.py "
+                 f"({argv[0]} --help lists the shipped configs)")
+    return argv
 
 
 def main(argv):
@@ -63,11 +87,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.show_config:
         config_file = FLAGS["config"].config_filename.split(":", 1)[0]
-        configs_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-        bases = [os.path.join(configs_dir, "vit_base.py")]
-        if FLAGS.config.get("task", "pretrain") != "pretrain":
-            bases.append(os.path.join(configs_dir, "finetune_vit_base.py"))
-        print(config_lib.describe(FLAGS.config, [*bases, config_file]))
+        print(config_lib.describe(FLAGS.config, config_lib.description_sources(FLAGS.config, config_file,
+                                                                               CONFIGS_DIR)))
         return
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required: the directory for checkpoints, metrics and TensorBoard events")

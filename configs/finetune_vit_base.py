@@ -49,15 +49,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.b2 = 0.999
     config.layer_decay = 0.65  # block i's lr is scaled by layer_decay ** (depth - i); embeddings by ** (depth + 1)
     config.trainable_blocks = -1  # k >= 0: train only the last k blocks, the final norm and the head (-1: all)
-    config.label_smoothing = 0.1
+    config.label_smoothing = 0.1  # cross-entropy targets: 1 - s + s / classes for the true class, s / classes elsewhere
     config.mixup = 0.8  # Mixup alpha (0: off)
     config.cutmix = 1.0  # CutMix alpha (0: off)
     config.mixup_prob = 1.0  # probability of mixing a batch at all
     config.mixup_switch_prob = 0.5  # probability of CutMix rather than Mixup when both are on
 
     # Evaluation: top-1 / top-5 / loss over the whole eval split.
-    config.eval_every_steps = 0  # 0: every epoch (and always at the end)
-    config.eval_batch_size = 1024  # global
+    config.eval_every_steps = 0  # steps between evaluations (0: every epoch); always at the end too
+    config.eval_batch_size = 1024  # examples per evaluation batch, over all devices and hosts
     config.eval_only = False  # True: evaluate the checkpoint (or init_from) and exit
     config.log_every_steps = 100
     config.checkpoint_every_steps = 1000

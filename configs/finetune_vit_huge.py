@@ -1,5 +1,6 @@
-r"""Fine-tuning a pretrained MAE ViT-H/14 on ImageNet-1k (FINETUNE.md: 50 epochs, blr 1e-3, layer decay 0.75,
-drop path 0.3). The paper: 86.9% top-1.
+r"""Fine-tuning a pretrained MAE ViT-H/14 on ImageNet-1k: the official recipe (the paper: 86.9% top-1).
+
+FINETUNE.md: 50 epochs, blr 1e-3, layer decay 0.75, drop path 0.3.
 
   python main.py --config configs/finetune_vit_huge.py --workdir DIR --config.init_from=PRETRAINED
 """

@@ -1,5 +1,6 @@
-r"""Linear probing of a pretrained MAE ViT-B/16 on ImageNet-1k: the official recipe (FINETUNE.md "Linear
-probing", main_linprobe.py). The paper: 68.0% top-1 (ViT-B/16), 75.8% (L), 76.6% (H, 14 px patches).
+r"""Linear probing of a pretrained MAE ViT-B/16 on ImageNet-1k: the official recipe (main_linprobe.py).
+
+FINETUNE.md "Linear probing". The paper: 68.0% top-1 (ViT-B/16), 75.8% (L), 76.6% (H, 14 px patches).
 
   python main.py --config configs/linprobe_vit_base.py --workdir DIR --config.init_from=PRETRAINED
 

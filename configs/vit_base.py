@@ -32,8 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.base_lr = 1.5e-4  # peak lr = base_lr * batch_size / 256
     config.min_lr = 0.0  # the half-cycle cosine ends here
     config.weight_decay = 0.05  # AdamW's, on weight matrices and the cls/mask tokens only
-    config.b1 = 0.9  # AdamW betas
-    config.b2 = 0.95  # AdamW betas
+    config.b1 = 0.9  # AdamW's beta1, the decay of the gradient's running mean
+    config.b2 = 0.95  # AdamW's beta2, the decay of the squared gradient's running mean
     config.allow_schedule_change = False  # True: resume although batch_size or lr schedule fields changed (logged)
     config.seed = 0  # same config and seed: the same losses on any devices, hosts, or after resumes
 
@@ -43,10 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.fsdp = 1  # shards parameters and optimizer state this many ways
 
     # Logging and checkpoints.
-    config.log_every_steps = 100  # a metrics line (means over the steps since the last one)
-    config.checkpoint_every_steps = 1000  # 0: only at the end and on preemption
+    config.log_every_steps = 100  # steps between metrics lines (each the means over the steps since the last one)
+    config.checkpoint_every_steps = 1000  # steps between checkpoints (0: only at the end and on preemption)
     config.keep_checkpoints = 3  # the newest this many are kept
-    config.visualize_every_steps = 2500  # reconstructions of held-out images (0: never)
+    config.visualize_every_steps = 2500  # steps between reconstruction figures of held-out images (0: never)
     config.visualize_num_images = 8  # held-out images in each reconstruction figure
     config.init_from = ""  # start from these weights (our checkpoint/export, official .pth, HF directory)
     config.profile_steps = 0  # > 0: a JAX profiler trace of this many steps into workdir/tensorboard (TensorBoard's

@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import inspect
 import io
+import logging as std_logging
 import os
 import re
 import stat
@@ -295,6 +296,22 @@ def check_image(data: bytes) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _no_custom_config_warning():
+    """Hides tfds's "Using custom data configuration: BuilderConfig(...)" while an ImageFolder is constructed: a
+    config per folder (its name carries the folder's fingerprint) is how the copies are told apart, not a
+    mistake to warn about, and every construction (two per run) would repeat it."""
+    def keep(record: std_logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Using custom data configuration")
+
+    logger = std_logging.getLogger("absl")  # tfds logs through absl
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 class ImageFolder(_LocalBuilder, skip_registration=True):
     """The JPEG and PNG files under one folder: one "train" split with labels from the class sub-folders, or
     "train" and "validation" for the official layout (train/<class>/, val/<class>/; see `split_folders`)."""
@@ -324,7 +341,8 @@ class ImageFolder(_LocalBuilder, skip_registration=True):
             layout = "" if self.split_dirs is None else f"train,{self.split_dirs['validation']}"
             config = tfds.core.BuilderConfig(name=f"{slug}_{_fingerprint(self.folder, self.listing, layout)}",
                                              description=self.folder)
-        super().__init__(data_dir=data_dir, config=config, version=version)
+        with _no_custom_config_warning():
+            super().__init__(data_dir=data_dir, config=config, version=version)
         self._original_state["folder"] = folder
 
     def _info(self) -> tfds.core.DatasetInfo:

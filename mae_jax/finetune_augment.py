@@ -572,20 +572,120 @@ def random_erasing(image: tf.Tensor, key: tf.Tensor, probability: float = 0.25, 
     return image
 
 
-@_graph_only
-def resize_bicubic_like_pil(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-    """PIL's Image.resize(BICUBIC) of a [h, w, C] image to `size` [H, W]: float32 holding uint8 levels.
+_PIL_PRECISION_BITS = 22  # Resample.c's PRECISION_BITS (32 - 8 - 2): fixed-point weights of 8-bit images
 
-    PIL resamples the width, stores uint8, then resamples the height; tf.image.resize's antialiased bicubic
-    is the same filter (Keys a = -0.5, widened when shrinking). Rounding between the passes as PIL does
-    gives PIL's pixels up to 1 level on ~0.02% of values (one pass: up to 2 levels on ~19%).
+
+def _pil_bicubic(x: tf.Tensor) -> tf.Tensor:
+    """Resample.c's bicubic_filter (Keys, a = -0.5), in its order of operations."""
+    x = tf.abs(x)
+    inner = ((1.5 * x - 2.5) * x) * x + 1.0
+    outer = (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5
+    return tf.where(x < 1.0, inner, tf.where(x < 2.0, outer, tf.zeros_like(x)))
+
+
+def _pil_weights(in_size: tf.Tensor, out_size: tf.Tensor, start: tf.Tensor,
+                 count: tf.Tensor) -> tuple[tf.SparseTensor, tf.Tensor, tf.Tensor]:
+    """Output pixels start..start+count of Pillow's bicubic resampling of one axis from in_size to out_size:
+    (matrix, first, used), the sparse [count, used] matrix of their fixed-point weights over input pixels
+    first..first+used, the only ones they read.
+
+    Resample.c's precompute_coeffs (support 2 x max(1, in / out) input pixels around each output pixel's
+    centre, weights normalised to sum 1 in doubles, summed in Pillow's order) and normalize_coeffs_8bpc (each
+    weight x 2^22, rounded half away from zero). The weights are integers held in float64.
     """
-    def store(x):  # PIL's uint8 storage
-        return tf.clip_by_value(tf.round(x), 0.0, 255.0)
+    in_f, out_f = tf.cast(in_size, tf.float64), tf.cast(out_size, tf.float64)
+    scale = in_f / out_f
+    filterscale = tf.maximum(scale, 1.0)
+    support = 2.0 * filterscale
+    ksize = 2 * tf.cast(tf.math.ceil(support), tf.int32) + 1
+    outputs = tf.range(tf.cast(start, tf.float64), tf.cast(start + count, tf.float64), dtype=tf.float64)
+    center = (outputs + 0.5) * scale  # [count]
+    # (int) truncation of Pillow's "+ 0.5" rounding; a negative start is clamped to 0 either way.
+    first = tf.maximum(tf.floor(center - support + 0.5), 0.0)
+    taps_used = tf.minimum(tf.floor(center + support + 0.5), in_f) - first  # [count] taps of each output pixel
+    taps = tf.range(tf.cast(ksize, tf.float64), dtype=tf.float64)  # [K]
+    valid = taps[None, :] < taps_used[:, None]  # [count, K]
+    positions = first[:, None] + taps[None, :]  # [count, K] input pixel indices
+    weights = tf.where(valid, _pil_bicubic((positions - center[:, None] + 0.5) * (1.0 / filterscale)), 0.0)
+    # Pillow sums the weights left to right, as a running sum does (a tree reduction could differ in the last bit).
+    total = tf.math.cumsum(weights, axis=1)[:, -1]
+    weights = tf.where(tf.not_equal(total, 0.0)[:, None], weights / total[:, None], weights)
+    fixed = tf.sign(weights) * tf.floor(tf.abs(weights) * float(1 << _PIL_PRECISION_BITS) + 0.5)
+    lowest = tf.reduce_min(first)  # the windows only move right: the first output's, and the last output's end
+    used = tf.reduce_max(first + taps_used) - lowest
+    rows = tf.broadcast_to(tf.range(tf.cast(count, tf.int64))[:, None], tf.shape(valid))
+    columns = tf.cast(positions - lowest, tf.int64)
+    indices = tf.stack([tf.boolean_mask(rows, valid), tf.boolean_mask(columns, valid)], axis=1)
+    matrix = tf.SparseTensor(indices, tf.boolean_mask(fixed, valid),
+                             tf.stack([tf.cast(count, tf.int64), tf.cast(used, tf.int64)]))
+    return matrix, tf.cast(lowest, tf.int32), tf.cast(used, tf.int32)
 
-    image = tf.cast(image, tf.float32)
-    wide = store(tf.image.resize(image, tf.stack([tf.shape(image)[0], size[1]]), method="bicubic", antialias=True))
-    return store(tf.image.resize(wide, size, method="bicubic", antialias=True))
+
+def _pil_support(in_size, out_size, start, count) -> tuple[tf.Tensor, tf.Tensor]:
+    """(first, used): the input pixels that outputs start..start+count of a `_pil_pass` read."""
+    def resampled():
+        _, first, used = _pil_weights(in_size, out_size, start, count)
+        return first, used
+
+    return tf.cond(tf.equal(in_size, out_size), lambda: (start, count), resampled)
+
+
+def _pil_pass(x: tf.Tensor, in_size, out_size, start, count, x_first=0) -> tf.Tensor:
+    """Output pixels start..start+count of one Pillow pass along axis 0 (in_size -> out_size pixels), from x
+    (float64 uint8 levels [n, ...], input pixels x_first..x_first+n, which must hold the ones read):
+    [count, ...] levels. A pass of the same size is the identity (Pillow skips it).
+
+    Sums of weight x level are integers below 2^31 (Pillow's int32 accumulator), exact in float64 in any order;
+    Pillow then adds 2^21, shifts right by 22 (floor) and clips to 0..255: rounding half up.
+    """
+    def resampled():
+        matrix, first, used = _pil_weights(in_size, out_size, start, count)
+        read = x[first - x_first:first - x_first + used]
+        sums = tf.sparse.sparse_dense_matmul(matrix, tf.reshape(read, [used, -1]))
+        half = float(1 << (_PIL_PRECISION_BITS - 1))
+        levels = tf.clip_by_value(tf.floor((sums + half) / float(1 << _PIL_PRECISION_BITS)), 0.0, 255.0)
+        return tf.reshape(levels, tf.concat([[count], tf.shape(x)[1:]], axis=0))
+
+    return tf.cond(tf.equal(in_size, out_size), lambda: x[start - x_first:start - x_first + count], resampled)
+
+
+def _transposed(function: Callable, x: tf.Tensor, *args, **kwargs) -> tf.Tensor:
+    """`function` along axis 1 of [h, w, C] `x` (a pass over the width)."""
+    return tf.transpose(function(tf.transpose(x, [1, 0, 2]), *args, **kwargs), [1, 0, 2])
+
+
+@_graph_only
+def resize_bicubic_like_pil(image: tf.Tensor, size: tf.Tensor, window: tf.Tensor | None = None) -> tf.Tensor:
+    """PIL's Image.resize(BICUBIC) of a [h, w, C] image of uint8 levels to `size` [H, W]: float32 levels.
+
+    Exactly Pillow's arithmetic (Resample.c): fixed-point weights, an integer sum per output pixel, rounded
+    half up and stored as uint8 after each pass. As Pillow does, a pass whose size does not change is skipped
+    (it would be exactly the identity), and the width is resampled first unless the height loses more than
+    twice as many pixels as the width (Pillow >= 13's order; older Pillows always start with the width, which
+    differs only on images shrunk to less than half their height). `window` [top, left, height, width]: only
+    that part of the output, computed from only the input pixels it reads, equal to the same pixels of the
+    whole (what a center crop after the resize keeps: `preprocess_for_eval`).
+    """
+    image = tf.cast(image, tf.float64)
+    size = tf.cast(size, tf.int32)
+    shape = tf.shape(image)
+    in_h, in_w, out_h, out_w = shape[0], shape[1], size[0], size[1]
+    top, left, height, width = tf.unstack(tf.cast(window, tf.int32) if window is not None else
+                                          tf.stack([0, 0, out_h, out_w]))
+
+    def width_first():  # the rows the height pass reads, resampled along the width
+        first, used = _pil_support(in_h, out_h, top, height)
+        x = _transposed(_pil_pass, image[first:first + used], in_w, out_w, left, width)
+        return _pil_pass(x, in_h, out_h, top, height, x_first=first)
+
+    def height_first():
+        first, used = _pil_support(in_w, out_w, left, width)
+        x = _pil_pass(image[:, first:first + used], in_h, out_h, top, height)
+        return _transposed(_pil_pass, x, in_w, out_w, left, width, x_first=first)
+
+    height_loss, width_loss = in_h - out_h, in_w - out_w
+    resized = tf.cond((height_loss > 0) & (height_loss > 2 * width_loss), height_first, width_first)
+    return tf.cast(resized, tf.float32)
 
 
 @_graph_only
@@ -595,7 +695,7 @@ def preprocess_for_eval(image: tf.Tensor, image_size: int | Sequence[int] = 224,
     shorter side, CenterCrop(image_size): [H, W, C] uint8 (ToTensor and Normalize follow on the device).
 
     Sizes and offsets follow torchvision: the longer side becomes int(size * long / short); the crop starts at
-    int(round((side - image_size) / 2)). Resizing is PIL's bicubic (`resize_bicubic_like_pil`).
+    int(round((side - image_size) / 2)). Resizing is exactly PIL's bicubic (`resize_bicubic_like_pil`).
     A non-square `image_size` (H, W) (the official code has none) generalises this: the image is scaled, its
     aspect kept, just enough to cover int(H / crop_pct) x int(W / crop_pct), then center-cropped to H x W; for
     H == W that is exactly the square rule.
@@ -613,15 +713,11 @@ def preprocess_for_eval(image: tf.Tensor, image_size: int | Sequence[int] = 224,
     height_decides = cover_h * w64 >= cover_w * h64
     new_height = tf.where(height_decides, cover_h, tf.cast(tf.floor(cover_w * h64 / w64), tf.int32))
     new_width = tf.where(height_decides, tf.cast(tf.floor(cover_h * w64 / h64), tf.int32), cover_w)
-    unchanged = tf.equal(new_height, height) & tf.equal(new_width, width)  # torchvision returns the image itself
-
-    def resize():
-        return resize_bicubic_like_pil(image, tf.stack([new_height, new_width]))
-
-    resized = tf.cond(unchanged, lambda: tf.cast(image, tf.float32), resize)
     top = tf.cast(tf.round(tf.cast(new_height - out_h, tf.float64) / 2.0), tf.int32)  # half to even
     left = tf.cast(tf.round(tf.cast(new_width - out_w, tf.float64) / 2.0), tf.int32)
-    crop = resized[top:top + out_h, left:left + out_w]
+    # Only the crop is resampled (the same pixels as PIL's whole resize); an image already of the new size comes
+    # back unchanged, as from torchvision (both passes are skipped).
+    crop = resize_bicubic_like_pil(image, tf.stack([new_height, new_width]), tf.stack([top, left, out_h, out_w]))
     num_channels = image.shape[-1] or 3
     return tf.ensure_shape(to_uint8(crop), [out_h, out_w, num_channels])
 

@@ -469,31 +469,49 @@ class EvalIterator:
 
 def eval_dataset(builder: tfds.core.DatasetBuilder, split, *, batch_size: int, num_batches: int,
                  image_size: tuple[int, int], num_channels: int, crop_pct: float, prefetch_batches: int = 2,
-                 threads: int = 0) -> tf.data.Dataset:
+                 threads: int = 0, with_ids: bool = False) -> tf.data.Dataset:
     """(Sub-)split `split` in stored order, eval-transformed (`finetune_augment.preprocess_for_eval`) and
-    padded to `num_batches` batches of `batch_size` (see `EvalIterator`)."""
+    padded to `num_batches` batches of `batch_size` (see `EvalIterator`). `with_ids`: each row also carries
+    "ids", its tfds id (what `tfds.ReadConfig(add_tfds_id=True)` gives: "<shard file>__<index>"), and
+    "file_names", the dataset's `file_name` feature where it has one (b"" otherwise and on padding rows)."""
     files = _file_instructions(builder, split)
     image_key, label_key = _image_key(builder), _label_key(builder, "the evaluation input")
     features = {image_key: tf.io.FixedLenFeature([], tf.string), label_key: tf.io.FixedLenFeature([], tf.int64)}
+    has_file_name = with_ids and "file_name" in builder.info.features.keys()
+    if has_file_name:
+        features["file_name"] = tf.io.FixedLenFeature([], tf.string)
 
-    def decode(record):
+    def decode(record, shard=None, index=None):
         example = tf.io.parse_single_example(record, features)
         image = tf.io.decode_image(example[image_key], channels=num_channels, expand_animations=False)
-        return {"images": finetune_augment.preprocess_for_eval(image, image_size, crop_pct),
-                "labels": tf.cast(example[label_key], tf.int32), "mask": tf.constant(True)}
+        out = {"images": finetune_augment.preprocess_for_eval(image, image_size, crop_pct),
+               "labels": tf.cast(example[label_key], tf.int32), "mask": tf.constant(True)}
+        if with_ids:
+            out["ids"] = tf.strings.join([shard, tf.strings.as_string(index)], separator="__")
+            out["file_names"] = example["file_name"] if has_file_name else tf.constant(b"")
+        return out
 
     padding = {"images": tf.zeros([*image_size, num_channels], tf.uint8), "labels": tf.constant(0, tf.int32),
                "mask": tf.constant(False)}
+    if with_ids:
+        padding.update(ids=tf.constant(b""), file_names=tf.constant(b""))
     num_local = sum(take for _, _, take, _ in files)
     ds = tf.data.Dataset.from_tensors(padding).repeat(num_batches * batch_size - num_local)
     if files:
         filenames, skips, takes, _ = (list(column) for column in zip(*files))
         records = tf.data.Dataset.from_tensor_slices((filenames, tf.constant(skips, tf.int64),
-                                                      tf.constant(takes, tf.int64)))
-        records = records.flat_map(lambda filename, skip, take: tf.data.TFRecordDataset(
-            filename, buffer_size=1 << 20).skip(skip).take(take))
-        ds = records.map(decode, num_parallel_calls=_parallelism(threads, prefetch_batches),
-                         deterministic=True).concatenate(ds)
+                                                      tf.constant(takes, tf.int64),
+                                                      [os.path.basename(f) for f in filenames]))
+
+        def read(filename, skip, take, shard):
+            ds = tf.data.TFRecordDataset(filename, buffer_size=1 << 20).skip(skip).take(take)
+            if not with_ids:
+                return ds
+            return tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensors(shard).repeat(),
+                                        tf.data.Dataset.range(skip, skip + take)))
+
+        ds = records.flat_map(read).map(decode, num_parallel_calls=_parallelism(threads, prefetch_batches),
+                                        deterministic=True).concatenate(ds)
     return _batch_and_prefetch(ds, batch_size, prefetch_batches, threads)
 
 
@@ -569,16 +587,19 @@ def num_classes(config) -> int:
 
 
 def create_eval_iterator(config, *, image_shape: Sequence[int], global_batch_size: int, process_index: int,
-                         process_count: int) -> EvalIterator:
+                         process_count: int, with_ids: bool = False) -> EvalIterator:
     """This process's evaluation batches of `config.eval_split` (see `EvalIterator`): every example once over
     all processes and batches, in a fixed order, eval-transformed (resize the shorter side to size /
     `config.eval_crop_pct`, bicubic, center crop). `config` is `config.input`, `image_shape` the model's
-    (H, W, C)."""
+    (H, W, C). `with_ids` (tfds datasets, not "synthetic"): batches also carry "ids" and "file_names" (bytes;
+    see `eval_dataset`)."""
     if global_batch_size % process_count:
         raise DataError(f"eval batch size {global_batch_size} does not split evenly over {process_count} processes")
     local_batch_size = global_batch_size // process_count
     if config.dataset == "synthetic":
         num_classes(config)  # checks the setting
+        if with_ids:
+            raise DataError('dataset="synthetic" has no example ids: its images are generated, not stored')
         return _synthetic_eval(config, image_shape=tuple(image_shape), local_batch_size=local_batch_size,
                                process_index=process_index, process_count=process_count)
     crop_pct = float(config.eval_crop_pct)
@@ -596,7 +617,7 @@ def create_eval_iterator(config, *, image_shape: Sequence[int], global_batch_siz
                                              process_count=process_count)
     dataset = eval_dataset(builder, local_split, batch_size=local_batch_size, num_batches=num_batches,
                            image_size=tuple(image_shape[:2]), num_channels=image_shape[2], crop_pct=crop_pct,
-                           prefetch_batches=config.prefetch_batches, threads=config.threads)
+                           prefetch_batches=config.prefetch_batches, threads=config.threads, with_ids=with_ids)
     return EvalIterator(dataset.as_numpy_iterator, num_examples=builder.info.splits[config.eval_split].num_examples,
                         local_num_examples=shares[process_index], num_batches=num_batches)
 

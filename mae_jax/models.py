@@ -479,14 +479,14 @@ class _ViT(nn.Module):
     grid, and the embedding in front of the blocks (patch embed Dense, cls token, position table `pos_embed`).
     """
 
-    image_size: int | Sequence[int] = 224  # int or (H, W)
-    patch_size: int = 16
-    num_channels: int = 3
-    embed_dim: int = 1024
-    depth: int = 24
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    layer_norm_eps: float = 1e-6
+    image_size: int | Sequence[int] = 224  # input image size in pixels: an int (square) or (H, W)
+    patch_size: int = 16  # side of the square patches in pixels (16: "/16" of ViT-B/16)
+    num_channels: int = 3  # image channels (3: RGB)
+    embed_dim: int = 1024  # width of the encoder's tokens
+    depth: int = 24  # transformer blocks of the encoder
+    num_heads: int = 16  # attention heads of each encoder block (embed_dim must be a multiple of them)
+    mlp_ratio: float = 4.0  # MLP hidden width / token width, encoder and decoder
+    layer_norm_eps: float = 1e-6  # LayerNorm epsilon (the official models' 1e-6)
     dtype: Any = "float32"  # compute dtype ("float32", "bfloat16" or "float16"); params stay float32
     # "auto": with the xla_cpu ops, "custom_vjp" (xla_cpu.softmax_attention: hand-written backward, fewest
     # passes over the score tensors); otherwise jax.nn.dot_product_attention (cuDNN flash attention where
@@ -609,11 +609,11 @@ class MaskedAutoencoderViT(_ViT):
     layer_norm_eps, dtype, attention, ops, remat, scan_blocks) are declared and documented in `_ViT`.
     """
 
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = False
+    decoder_embed_dim: int = 512  # width of the decoder's tokens (the paper's 512)
+    decoder_depth: int = 8  # transformer blocks of the decoder (the paper's 8)
+    decoder_num_heads: int = 16  # attention heads of each decoder block
+    mask_ratio: float = 0.75  # fraction of the patches removed from each image (the paper's 0.75)
+    norm_pix_loss: bool = False  # True: the target is each patch normalised by its own mean and variance
 
     def __post_init__(self):
         self.validate()

@@ -1,13 +1,20 @@
-r"""Reconstructions to look at: the four panels of the paper's figure, for any checkpoint.
+r"""Reconstructions to look at: the four panels of the paper's figure, for any checkpoint, and how far the
+model is from a trivial guess.
 
   python -m mae_jax.visualize --checkpoint PATH --image a.jpg --image b.png --output out.png \
       [--mask_ratio 0.75] [--seed 0] [--image_size 224]
 
 PATH is one of ours (a workdir, its checkpoints directory, a step or an export), an official `.pth` or a
-Hugging Face directory. Per image, one row: original | masked input | reconstruction | reconstruction
-with the visible patches pasted back. Models trained with the norm-pix loss predict per-patch normalised
-pixels; they are shown de-normalised with each patch's own mean and variance taken from the original
-image (the figure says so), as users of the official code ended up doing.
+Hugging Face directory. Per image, one row: original | masked input (removed patches grey) | reconstruction
+(the decoder's output for every patch; the loss trains only the removed ones, so on visible patches it is
+whatever the model happens to produce) | reconstruction with the visible patches pasted back. Models trained
+with the norm-pix loss predict per-patch normalised pixels; they are shown de-normalised with each patch's own
+mean and variance taken from the original image (the figure says so), as users of the official code ended up
+doing.
+
+Each image also gets its masked-patch loss (`masked_patch_losses`: the training objective on its removed
+patches) next to that of a trivial prediction that learnt nothing: every removed patch a flat patch of the mean
+colour of the image's visible patches. The figure's note and the command's output give both.
 """
 
 from __future__ import annotations
@@ -27,20 +34,54 @@ from mae_jax import models, pixels, runtime
 PANEL_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
 NORM_PIX_NOTE = "norm-pix model: predictions de-normalised with each patch's true mean and variance"
 MASK_GRAY = 0.5  # pixel value of removed patches in the "masked" panel
+# How the logs name the trivial prediction's loss, by norm_pix_loss.
+TRIVIAL_NAME = {False: "with the mean colour of the visible patches:", True: "with flat patches (norm-pix):"}
 MIN_PANEL = 128  # small images are upscaled to at least this many pixels
 _TITLE_HEIGHT = 18
 _LINE_HEIGHT = 14
 _GAP = 4
 
 
-def reconstruct(model: models.MaskedAutoencoderViT, variables, images: jax.Array, noise: jax.Array) -> jax.Array:
-    """The four panels, [N, 4, H, W, C] float pixels in [0, 1], for normalised `images` [N, H, W, C].
+def masked_patch_losses(images: jax.Array, pred: jax.Array, mask: jax.Array, patch_size: int,
+                        norm_pix_loss: bool) -> jax.Array:
+    """[N, 2]: per image, the loss of `pred` on its removed patches and the loss of the trivial prediction.
+
+    The loss is the training objective (`models.mae_loss` per image): the mean squared error over the removed
+    patches (`mask` [N, L] == 1) of `pred` [N, L, p*p*C] against the targets of the normalised `images`
+    [N, H, W, C] (per-patch normalised with `norm_pix_loss`). The trivial prediction fills every removed patch
+    with the mean colour of the image's visible pixels; after per-patch normalisation (`norm_pix_loss`) any flat
+    patch is 0. An image with no removed patch is scored on all of them, as `models.mae_loss` does.
+    """
+    target = models.patch_targets(images, patch_size, norm_pix_loss)  # [N, L, p*p*C]
+    mask = mask.astype(jnp.float32)
+    if norm_pix_loss:
+        trivial = jnp.zeros_like(target)
+    else:
+        n, length, dim = target.shape
+        values = target.reshape(n, length, patch_size * patch_size, -1)  # [N, L, p*p, C]: (p, q, c) order
+        visible = jnp.where(mask.sum(-1, keepdims=True) < length, 1.0 - mask, 1.0)  # [N, L]
+        colour = (values * visible[:, :, None, None]).sum((1, 2)) / (visible.sum(-1)[:, None] * patch_size ** 2)
+        trivial = jnp.broadcast_to(colour[:, None, None, :], values.shape).reshape(n, length, dim)
+
+    def per_image(prediction):
+        error = ((prediction.astype(jnp.float32) - target) ** 2).mean(-1)  # [N, L]
+        removed = mask.sum(-1)
+        return jnp.where(removed > 0, (error * mask).sum(-1) / jnp.maximum(removed, 1.0), error.mean(-1))
+
+    return jnp.stack([per_image(pred), per_image(trivial)], axis=-1)
+
+
+def reconstruct(model: models.MaskedAutoencoderViT, variables, images: jax.Array,
+                noise: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The four panels, [N, 4, H, W, C] float pixels in [0, 1], for normalised `images` [N, H, W, C], and the
+    masked-patch losses [N, 2] of the model and of the trivial prediction (`masked_patch_losses`).
 
     `noise` [N, L] fixes the masks (see `models.random_masking`). Jit-compatible.
     """
     out = model.apply(variables, images, noise=noise)
     p = model.patch_size
     size = images.shape[1:3]
+    losses = masked_patch_losses(images, out.pred, out.mask, p, model.norm_pix_loss)
     pred = out.pred
     if model.norm_pix_loss:
         mean, std = models.patch_mean_std(models.patchify(images.astype(jnp.float32), p))
@@ -52,7 +93,20 @@ def reconstruct(model: models.MaskedAutoencoderViT, variables, images: jax.Array
     reconstruction = jnp.clip(pixels.denormalise(models.unpatchify(pred, p, size), c), 0.0, 1.0)
     masked = original * (1 - mask) + MASK_GRAY * mask
     pasted = original * (1 - mask) + reconstruction * mask
-    return jnp.stack([original, masked, reconstruction, pasted], axis=1)
+    return jnp.stack([original, masked, reconstruction, pasted], axis=1), losses
+
+
+def losses_note(losses: np.ndarray, norm_pix_loss: bool) -> str:
+    """The figure's note on the masked-patch losses [N, 2] (`masked_patch_losses`), row by row."""
+    trivial = "a flat patch (0 once normalised per patch)" if norm_pix_loss else \
+        "a flat patch of the mean colour of the visible patches"
+    rows = "; ".join(f"row {i + 1}: {model:.3f} vs {flat:.3f}" for i, (model, flat) in enumerate(np.asarray(losses)))
+    return f"Loss on the removed patches, the model vs {trivial}: {rows}."
+
+
+def figure_note(model: models.MaskedAutoencoderViT, losses: np.ndarray) -> str:
+    note = losses_note(losses, model.norm_pix_loss)
+    return f"{note} {NORM_PIX_NOTE}." if model.norm_pix_loss else note
 
 
 def to_uint8(panels: np.ndarray) -> np.ndarray:
@@ -110,11 +164,19 @@ def _wrap(text: str, font, width: int) -> list[str]:
     return lines + [line]
 
 
-def figure(model: models.MaskedAutoencoderViT, variables, images: np.ndarray, seed: int = 0) -> Image.Image:
-    """Reconstructs `images` (normalised, [N, H, W, C]) with masks drawn from `seed` and renders them."""
+def reconstructions(model: models.MaskedAutoencoderViT, variables, images: np.ndarray,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`reconstruct` of `images` (normalised, [N, H, W, C]) with masks drawn from `seed`: (panels, losses)."""
     noise = models.per_example_uniform(jax.random.key(seed), images.shape[0], model.num_patches)
-    panels = jax.jit(reconstruct, static_argnums=0)(model, variables, images, noise)
-    return render(np.asarray(panels), NORM_PIX_NOTE if model.norm_pix_loss else None)
+    panels, losses = jax.jit(reconstruct, static_argnums=0)(model, variables, images, noise)
+    return np.asarray(panels), np.asarray(losses)
+
+
+def figure(model: models.MaskedAutoencoderViT, variables, images: np.ndarray, seed: int = 0) -> Image.Image:
+    """Reconstructs `images` (normalised, [N, H, W, C]) with masks drawn from `seed` and renders them, with the
+    masked-patch losses in the note."""
+    panels, losses = reconstructions(model, variables, images, seed)
+    return render(panels, figure_note(model, losses))
 
 
 class TrainingReconstructions:
@@ -138,11 +200,14 @@ class TrainingReconstructions:
         self.reconstruct = compiled or jax.jit(functools.partial(reconstruct, model), out_shardings=replicated)
 
     def __call__(self, step: int, variables) -> np.ndarray:
-        panels = np.asarray(self.reconstruct(variables, *self.inputs))
-        fig = render(panels, NORM_PIX_NOTE if self.model.norm_pix_loss else None)
+        panels, losses = (np.asarray(x) for x in self.reconstruct(variables, *self.inputs))
+        fig = render(panels, figure_note(self.model, losses))
         if jax.process_index() == 0:
             os.makedirs(self.directory, exist_ok=True)
             fig.save(os.path.join(self.directory, f"step_{step}.png"))
+            logging.info("Reconstructions at step %d: loss on the removed patches of %d held-out images %.3f; %s "
+                         "%.3f", step, len(losses), losses[:, 0].mean(), TRIVIAL_NAME[self.model.norm_pix_loss],
+                         losses[:, 1].mean())
         return np.asarray(fig)
 
 
@@ -215,7 +280,8 @@ def main(argv):
         model, variables = load_model(FLAGS.checkpoint, FLAGS.image_size, FLAGS.mask_ratio, FLAGS.variant)
         size = model.image_shape[:2]
         images = np.stack([load_image(image, size, model.num_channels) for image in originals])
-        fig = figure(model, variables, images, FLAGS.seed)
+        panels, losses = reconstructions(model, variables, images, FLAGS.seed)
+        fig = render(panels, figure_note(model, losses))
         output = os.path.abspath(FLAGS.output)
         os.makedirs(os.path.dirname(output), exist_ok=True)
         root, extension = os.path.splitext(output)
@@ -235,6 +301,9 @@ def main(argv):
     logging.info("Wrote %s: %d image(s) at %dx%d, mask ratio %.2f%s.", FLAGS.output, len(images), *size,
                  model.mask_ratio, " (norm-pix: de-normalised with true patch statistics)"
                  if model.norm_pix_loss else "")
+    for path, (loss, trivial) in zip(FLAGS.image, losses):
+        logging.info("%s: loss on the removed patches %.3f; %s %.3f", path, loss,
+                     TRIVIAL_NAME[model.norm_pix_loss], trivial)
 
 
 if __name__ == "__main__":

@@ -122,3 +122,23 @@ def test_png_colour_profile_is_dropped_and_the_pixels_kept(tmp_path):
     assert datasets.check_image(stripped) is None
     for unchanged in (plain.getvalue(), jpeg.getvalue(), data[:60]):  # data[:60]: a PNG cut inside its iCCP
         assert datasets.strip_png_iccp(unchanged) == unchanged
+
+
+def test_folder_builders_do_not_warn_about_their_own_config(tmp_path, caplog):
+    """tfds warns "Using custom data configuration" for any config its class does not list; a folder's config
+    (named after its fingerprint) is ours by design: preparing and re-opening it logs no such warning, and the
+    copy still lives under <name>_<fingerprint>."""
+    root = tmp_path / "photos"
+    _image(root / "a.png", 0)
+    with caplog.at_level("WARNING"):
+        first = datasets.get_builder(_config(root, tmp_path))  # constructs, prepares, constructs again
+        again = datasets.get_builder(_config(root, tmp_path))
+    assert not [r for r in caplog.records if "custom data configuration" in r.getMessage()], caplog.text
+    assert first.builder_config.name == again.builder_config.name
+    assert first.builder_config.name.startswith("photos_") and len(first.builder_config.name) == len("photos_") + 12
+    # The filter is removed again afterwards: absl's warnings still reach the log.
+    from absl import logging as absl_logging
+
+    with caplog.at_level("WARNING"):
+        absl_logging.warning("Using custom data configuration: elsewhere")
+    assert "Using custom data configuration: elsewhere" in caplog.text

@@ -3,16 +3,19 @@ frozen_encoder fields, the batch norm over a sharded batch, probe conversion and
 mae_jax.features (tests/test_classifier_parity.py compares the probe with main_linprobe.py's model)."""
 
 import logging
+import os
+import re
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mae_jax import checkpoints, convert, features, models
+from mae_jax import checkpoints, convert, features, models, pixels
 
 TINY = models.variant("test/8", image_size=32)
 _init = jax.jit(models.init_variables, static_argnums=0)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLOW = pytest.mark.slow  # compiles a model or more: seconds each; not in the quick subset
 
 
@@ -253,35 +256,104 @@ def test_extract_keeps_masked_rows_in_order(pretrained, tmp_path):
     model, variables = features.load_encoder(path, "mean")
     assert model.global_pool
     np.testing.assert_array_equal(variables["params"]["fc_norm"]["scale"], 1.0)  # fresh: no fc_norm in an MAE
-    feats, got = features.extract(model, variables, iter(batches))  # each batch over the 8 devices
+    for i, batch in enumerate(batches):  # any other per-row entry is carried along, masked the same way
+        batch["ids"] = np.asarray([f"id{8 * i + j}" for j in range(8)])
+    out = features.extract(model, variables, iter(batches))  # each batch over the 8 devices
     expected = model.apply(variables, images, method=model.features)
-    assert feats.shape == (13, 32) and feats.dtype == np.float32
-    np.testing.assert_allclose(feats, expected, atol=1e-5, rtol=1e-5)  # other batch sizes: other rounding
-    np.testing.assert_array_equal(got, labels)
-    features.write(tmp_path / "f", feats, got, pool="mean", checkpoint=str(path))
+    assert sorted(out) == ["features", "ids", "labels"]
+    assert out["features"].shape == (13, 32) and out["features"].dtype == np.float32
+    np.testing.assert_allclose(out["features"], expected, atol=1e-5, rtol=1e-5)  # other batch sizes: other rounding
+    np.testing.assert_array_equal(out["labels"], labels)
+    assert out["ids"].tolist() == [f"id{i}" for i in range(13)]
+    features.write(tmp_path / "f", out, pool="mean", checkpoint=str(path))
     with np.load(tmp_path / "f") as saved:  # exactly the name given, no ".npz" appended
-        np.testing.assert_array_equal(saved["features"], feats)
+        np.testing.assert_array_equal(saved["features"], out["features"])
         assert saved["labels"].dtype == np.int64 and str(saved["pool"]) == "mean"
     with pytest.raises(ValueError, match=r"pool 'max' is not one of"):
         features.load_encoder(path, "max")
 
 
-@SLOW
-def test_features_command_line(pretrained, tmp_path):
-    """python -m mae_jax.features over a folder dataset of 5 images in 2 classes: every image once, labels by class."""
+def _image_folder(root, sizes=((40, 48), (33, 52), (64, 30), (48, 48), (41, 57), (36, 36), (50, 44))):
+    """root/<cat|dog>/<i>.png: distinct random images of different sizes, the first four cats."""
     from PIL import Image
 
-    _, path = pretrained
     rng = np.random.default_rng(16)
-    for i in range(5):
-        folder = tmp_path / "images" / ("cat" if i < 3 else "dog")
+    paths = []
+    for i, size in enumerate(sizes):
+        folder = root / ("cat" if i < 4 else "dog")
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, size=(40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    args = features._parse_flags(["features", "--checkpoint", str(path), "--dataset", "folder", "--image_folder",
-                                  str(tmp_path / "images"), "--data_dir", str(tmp_path / "tfds"), "--split", "train",
-                                  "--output", str(tmp_path / "feats.npz"), "--batch_size", "8"])
-    features.main(args)
+        paths.append(str(folder / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, size=(*size, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+@SLOW
+def test_features_rows_are_the_split_in_order_with_ids_and_paths(pretrained, tmp_path):
+    """features.run over a folder dataset the test writes (7 images, 2 classes, batches of 8 over 8 devices):
+    row i is the image at file_names[i] (its features computed alone, from the file), with its class label;
+    ids and paths are those tfds itself reads (ReadConfig(add_tfds_id=True)), in the same order."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    from mae_jax import datasets, finetune_augment
+
+    _, path = pretrained
+    paths = _image_folder(tmp_path / "images")
+    written = features.run(checkpoint=str(path), dataset="folder", image_folder=str(tmp_path / "images"),
+                           data_dir=str(tmp_path / "tfds"), split="train", output=str(tmp_path / "feats.npz"),
+                           batch_size=8)
     with np.load(tmp_path / "feats.npz") as saved:
-        assert saved["features"].shape == (5, 32) and np.isfinite(saved["features"]).all()
-        assert sorted(saved["labels"].tolist()) == [0, 0, 0, 1, 1]
+        assert sorted(saved) == ["checkpoint", "features", "file_names", "ids", "labels", "pool"]
+        for key, value in written.items():
+            np.testing.assert_array_equal(saved[key], value)
         assert str(saved["pool"]) == "cls"
+    assert sorted(written["file_names"]) == sorted(paths)  # every image once
+    builder = datasets.get_builder(features.eval_input_config("folder", "train", str(tmp_path / "tfds"),
+                                                              str(tmp_path / "images")))
+    stored = list(builder.as_dataset(split="train", shuffle_files=False,
+                                     read_config=tfds.ReadConfig(add_tfds_id=True)).as_numpy_iterator())
+    assert written["ids"].tolist() == [example["tfds_id"].decode() for example in stored]
+    assert written["file_names"].tolist() == [str(tmp_path / "images" / example["file_name"].decode())
+                                              for example in stored]
+    assert written["file_names"].tolist() != sorted(paths)  # the stored order (shuffled by tfds): a real check
+    np.testing.assert_array_equal(written["labels"], [0 if "/cat/" in p else 1 for p in written["file_names"]])
+    model, variables = features.load_encoder(path)
+    for row, file_name in zip(written["features"], written["file_names"]):
+        image = finetune_augment.preprocess_for_eval(tf.constant(np.asarray(Image.open(file_name))),
+                                                     model.image_shape[:2], 224 / 256).numpy()
+        alone = model.apply(variables, pixels.model_input(image[None]), method=model.features)[0]
+        np.testing.assert_allclose(row, alone, atol=1e-5, rtol=1e-5)
+
+
+@SLOW
+def test_features_command_is_quiet_and_names_its_flags(pretrained, tmp_path):
+    """python -m mae_jax.features in a user's environment: only our own log lines (no TensorFlow start-up lines,
+    no tfds "custom data configuration", nothing about an "official MAE state dict" or a head), ending with what
+    was written; a missing flag is one line naming it."""
+    import subprocess
+    import sys
+
+    _, path = pretrained
+    _image_folder(tmp_path / "images")
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+    env["PYTHONPATH"] = ROOT
+    command = [sys.executable, "-m", "mae_jax.features", "--checkpoint", str(path), "--dataset", "folder",
+               "--image_folder", str(tmp_path / "images"), "--data_dir", str(tmp_path / "tfds"), "--split",
+               "train", "--batch_size", "8"]
+    result = subprocess.run([*command, "--output", str(tmp_path / "f.npz")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    ours = re.compile(r"^[IW]\d{4} [\d:.]+ +\d+ (checkpoints|convert|features|datasets)\.py:\d+\] ")
+    assert lines and all(ours.match(line) for line in lines), "\n".join(lines)
+    text = "\n".join(lines)
+    for noise in ("custom data configuration", "official MAE state dict", "head.weight", "oneDNN", "InitializeLog"):
+        assert noise not in text, noise
+    assert "Features: the cls token of the final norm (--pool cls) of a 2-block, 32-wide encoder" in text
+    assert lines[-1].endswith(f"Wrote features [7, 32], labels [7], ids [7], file_names [7] to {tmp_path / 'f.npz'}")
+    missing = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 1 and missing.stdout == ""
+    helped = subprocess.run([*command[:3], "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert helped.returncode == 0 and "  --output: The .npz file to write." in helped.stdout, helped.stderr[-2000:]
+    assert missing.stderr.strip() == "python -m mae_jax.features: error: --output is required (the .npz file to write)"

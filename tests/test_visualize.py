@@ -2,6 +2,7 @@
 command line on our checkpoints and Hugging Face directories, and reconstructions written during training."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -90,6 +91,13 @@ def test_figure_from_trained_model_shows_the_right_panels(trained, photos, tmp_p
     expected = np.round(np.clip(values * pixels.IMAGENET_STD + pixels.IMAGENET_MEAN, 0, 1) * 255)
     for i in range(2):
         assert np.abs(_panel(figure, i, 2, size).astype(int) - expected[i]).max() <= 1
+    # The output names each image's masked-patch loss next to the trivial prediction's (flat patches: norm-pix).
+    losses = np.asarray(visualize.masked_patch_losses(images, out.pred, out.mask, p, True))
+    for photo, expected_losses in zip(photos, losses):
+        match = re.search(rf"{re.escape(str(photo))}: loss on the removed patches ([\d.]+); with flat patches "
+                          r"\(norm-pix\): ([\d.]+)$", result.stderr, re.MULTILINE)
+        assert match, result.stderr[-2000:]
+        np.testing.assert_allclose([float(v) for v in match.groups()], expected_losses, atol=6e-4)
 
 
 def test_note_only_for_norm_pix_models():
@@ -113,7 +121,8 @@ def test_hf_directory_and_other_image_size(tmp_path, photos):
     assert variables["constants"]["pos_embed"].shape == (1, 37, 32)  # interpolated from 4 x 4
     images = np.stack([visualize.load_image(str(f), (48, 48)) for f in photos])
     figure = visualize.figure(model, variables, images, seed=0)
-    assert figure.size == (4 * 144 + 12, visualize.panel_box(1, 0, (48, 48))[2])  # no note: raw pixels
+    assert figure.size[0] == 4 * 144 + 12
+    assert figure.size[1] > visualize.panel_box(1, 0, (48, 48))[2]  # the losses' note (raw pixels: nothing else)
 
 
 def test_training_writes_reconstructions(trained):
@@ -137,3 +146,59 @@ def test_training_writes_reconstructions(trained):
             for value in event.summary.value:
                 tags.add(value.tag)
     assert "reconstructions" in tags and "loss" in tags
+
+
+# --------------------------------------------------------------------------------------------------------
+# The masked-patch losses: the model's next to the trivial prediction's.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _flat_patches(values, patch=2, channels=3):
+    """A [1, 2p, 2p, C] image whose four patches (row-major) are flat at `values`."""
+    grid = np.asarray(values, np.float32).reshape(2, 2)
+    return np.repeat(np.repeat(grid, patch, 0), patch, 1)[None, :, :, None].repeat(channels, -1)
+
+
+def test_masked_patch_losses_by_hand():
+    """Patches flat at 1, 3 (visible) and 0, 2 (removed): the visible mean colour is 2, so the trivial
+    prediction's loss is ((2 - 0)^2 + (2 - 2)^2) / 2 = 2; a prediction of 1 and 2 scores (1 + 0) / 2 = 0.5,
+    whatever it predicts for the visible patches. With norm-pix targets a flat prediction is 0: on a
+    removed patch alternating 0, 1 over its 12 values it scores (11/12) * var / (var + 1e-6)."""
+    image = _flat_patches([1.0, 3.0, 0.0, 2.0])
+    mask = np.array([[0.0, 0.0, 1.0, 1.0]])
+    pred = np.stack([np.full(12, 100.0), np.full(12, -7.0), np.full(12, 1.0), np.full(12, 2.0)])[None]
+    losses = np.asarray(visualize.masked_patch_losses(image, pred, mask, 2, False))
+    np.testing.assert_allclose(losses, [[0.5, 2.0]], rtol=1e-6)
+    checker = np.tile(np.array([0.0, 1.0], np.float32), 24).reshape(1, 4, 4, 3)  # every patch alternates
+    var = np.var(np.tile([0.0, 1.0], 6), ddof=1)
+    losses = np.asarray(visualize.masked_patch_losses(checker, np.zeros((1, 4, 12)), mask, 2, True))
+    np.testing.assert_allclose(losses, [[11 / 12 * var / (var + 1e-6)] * 2], rtol=1e-5)
+    # No removed patch (mask ratio 0): every patch is scored, the mean colour of all of them (1.5) the guess.
+    losses = np.asarray(visualize.masked_patch_losses(image, pred, np.zeros((1, 4)), 2, False))
+    np.testing.assert_allclose(losses[0, 1], (0.25 + 2.25 + 2.25 + 0.25) / 4, rtol=1e-6)
+
+
+def test_a_model_that_predicts_the_trivial_guess_scores_the_same():
+    """Real photographs, random masks: a prediction that is the visible patches' mean colour (computed here
+    independently) scores exactly the trivial loss; the losses' mean over images is the model's own loss."""
+    import skimage.data
+
+    model = models.MaskedAutoencoderViT(**models.variant("test/8", image_size=32, norm_pix_loss=False))
+    images = np.stack([visualize.load_image(Image.fromarray(photo), (32, 32)) for photo in
+                       (skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee())])
+    noise = np.asarray(models.per_example_uniform(jax.random.key(4), 3, model.num_patches))
+    variables = models.init_variables(model, jax.random.key(0))
+    out = model.apply(variables, images, noise=noise)
+    mask = np.asarray(out.mask)
+    patches = np.asarray(models.patchify(images, 8)).reshape(3, 16, 64, 3)
+    colour = np.stack([patches[i][mask[i] == 0].mean((0, 1)) for i in range(3)])  # [N, C]
+    copy = np.broadcast_to(colour[:, None, None, :], patches.shape).reshape(3, 16, 192)
+    losses = np.asarray(visualize.masked_patch_losses(images, copy, mask, 8, False))
+    np.testing.assert_allclose(losses[:, 0], losses[:, 1], rtol=1e-6)
+    assert np.all(losses[:, 1] > 0.05)
+    ours = np.asarray(visualize.masked_patch_losses(images, out.pred, mask, 8, False))
+    np.testing.assert_allclose(ours[:, 0].mean(), float(out.loss), rtol=1e-5)
+    np.testing.assert_array_equal(ours[:, 1], losses[:, 1])
+    note = visualize.figure_note(model, ours)
+    assert note.startswith("Loss on the removed patches, the model vs a flat patch of the mean colour of the "
+                           f"visible patches: row 1: {ours[0, 0]:.3f} vs {ours[0, 1]:.3f}; row 2: ")
