@@ -82,7 +82,7 @@ def train_step(state: TrainState, images: jax.Array, *, model: models.MaskedAuto
     losses do not depend on devices, mesh shape, processes or gradient accumulation.
     """
     rng = trainer.rng_stream(jax.random.wrap_key_data(state.rng), "masking", state.step)
-    noise = models.per_example_uniform(rng, images.shape[0], model.num_patches)
+    noise = models.masking_noise(rng, images.shape[0], model)
     grad_fn = jax.value_and_grad(loss_fn)
     if grad_accum_steps == 1:
         loss, grads = grad_fn(state.params, state.frozen, model, images, noise)
