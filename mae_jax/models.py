@@ -14,6 +14,7 @@ Usage:
   model = MaskedAutoencoderViT(**variant("B/16"))
   variables = model.init({"params": k1, "masking": k2}, images)   # images [N, H, W, C], normalised
   out = model.apply(variables, images, noise=noise)              # or rngs={"masking": key}
+  noise = masking_noise(key, n, model)       # the noise of model.mask_sampling; mask_to_noise(mask): your own
   out.loss, out.pred, out.mask, out.ids_restore, out.latent
   features = model.apply(variables, images, method=model.features)  # [N, 1 + L, D], no masking
 
