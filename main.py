@@ -66,7 +66,10 @@ def parse_flags(argv):
     try:
         argv = FLAGS(argv)
     except flags.Error as e:
-        sys.exit(f"{argv[0]}: error: {' '.join(str(e).split())}")
+        message = str(e)
+        if "Error whilst parsing config file" in message:  # get_config's own error: its message, not the traceback
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        sys.exit(f"{argv[0]}: error: {' '.join(message.split())}")
     except SyntaxError as e:  # the config file itself
         sys.exit(f"{argv[0]}: error: --config: {e.filename}:{e.lineno}: {e.msg}")
     except (AttributeError, KeyError) as e:  # ml_collections: the locked config has no such field

@@ -372,6 +372,8 @@ def to_torch(variables: PyTree, model: Model,
     classifier = isinstance(model, models.ViTClassifier)
     if classifier and format != "official":
         raise ValueError(f"format {format!r}: a ViTClassifier exports to 'official' (models_vit) only")
+    if not classifier and format != "official" and model.encoder_mask_tokens:
+        raise ValueError(_NO_HF_ENCODER_MASK_TOKEN)
     variables = as_variables(variables)
     params, batch_stats = torch_layout.unscan(variables["params"]), variables.get("batch_stats")
     sd = {}
@@ -397,11 +399,17 @@ def to_torch(variables: PyTree, model: Model,
     return sd if format == "official" else torch_layout.official_to_hf(sd, format)
 
 
+_NO_HF_ENCODER_MASK_TOKEN = ("encoder_mask_tokens=True: transformers' ViTMAE has no encoder mask token; export "
+                             "--to flax, or --to official (an extra encoder_mask_token entry, read back by mae_jax)")
+
+
 def hf_config(model: models.MaskedAutoencoderViT) -> dict[str, Any]:
     """The `config.json` of a ViTMAEForPreTraining equal to `model` (eps, exact GELU, sizes)."""
     grid_h, grid_w = model.grid_size
     if grid_h != grid_w:
         raise ValueError(f"image_size {model.image_size!r}: transformers' ViTMAE supports square images only")
+    if model.encoder_mask_tokens:
+        raise ValueError(_NO_HF_ENCODER_MASK_TOKEN)
     height = grid_h * model.patch_size
     hidden = int(model.embed_dim * model.mlp_ratio)
     return {

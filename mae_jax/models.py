@@ -14,6 +14,7 @@ Usage:
   model = MaskedAutoencoderViT(**variant("B/16"))
   variables = model.init({"params": k1, "masking": k2}, images)   # images [N, H, W, C], normalised
   out = model.apply(variables, images, noise=noise)              # or rngs={"masking": key}
+  noise = masking_noise(key, n, model)       # the noise of model.mask_sampling; mask_to_noise(mask): your own
   out.loss, out.pred, out.mask, out.ids_restore, out.latent
   features = model.apply(variables, images, method=model.features)  # [N, 1 + L, D], no masking
 
@@ -44,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import parallel, xla_cpu
+from mae_jax import masking, parallel, xla_cpu
 
 Array = jax.Array
 PyTree = Any
@@ -172,6 +173,29 @@ def per_example_uniform(rng: Array, batch_size: int, length: int, offset: Array 
     return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (length,)))(index)
 
 
+def masking_noise(rng: Array, batch_size: int, model: "MaskedAutoencoderViT", offset: Array | int = 0) -> Array:
+    """The masking noise [N, L] of `model`'s `mask_sampling` (what the train step and `__call__` without `noise`
+    use): example i draws from `fold_in(rng, offset + i)`, as `per_example_uniform` (which "random" is).
+
+    "block": BEiT's block-wise mask of `L - len_keep` patches (`masking.block_mask`), completed with uniformly
+    random patches where its blocks fall short, so that exactly `len_keep` patches stay visible. "grid": one
+    patch of every s x s cell visible (s = 2 at mask ratio 0.75), at a random offset per example.
+    """
+    if model.mask_sampling == "random":
+        return per_example_uniform(rng, batch_size, model.num_patches, offset)
+    if model.mask_sampling == "block":
+        sample = functools.partial(masking.block_noise, grid_size=model.grid_size,
+                                   num_masking_patches=model.num_patches - model.len_keep)
+    else:
+        sample = functools.partial(masking.grid_noise, grid_size=model.grid_size,
+                                   cell=masking.grid_cell(model.mask_ratio))
+    index = jnp.arange(batch_size) + offset
+    return jax.vmap(lambda i: sample(jax.random.fold_in(rng, i)))(index)
+
+
+mask_to_noise = masking.mask_to_noise  # a user's boolean mask [N, L] (True = removed) -> noise for `noise=`
+
+
 def random_masking(x: Array, noise: Array, mask_ratio: float) -> tuple[Array, Array, Array]:
     """Per-example random masking by argsort of `noise`, as the official `random_masking`.
 
@@ -210,13 +234,16 @@ def patch_targets(images: Array, patch_size: int, norm_pix_loss: bool) -> Array:
     return target
 
 
-def mae_loss(pred: Array, target: Array, mask: Array) -> Array:
-    """Mean squared error per patch, averaged over removed patches (`mask` == 1).
+def mae_loss(pred: Array, target: Array, mask: Array, loss_on: str = "masked") -> Array:
+    """Mean squared error per patch, averaged over removed patches (`mask` == 1), or over all patches with
+    `loss_on="all"` (the official loss without the mask weighting).
 
     When nothing is removed (mask ratio 0), the reference divides 0 by 0; here the loss is then defined
     as the mean over all patches.
     """
     loss = ((pred.astype(jnp.float32) - target) ** 2).mean(axis=-1)  # [N, L]
+    if loss_on == "all":
+        return loss.mean()
     removed = mask.sum()
     return jnp.where(removed > 0, (loss * mask).sum() / jnp.maximum(removed, 1.0), loss.mean())
 
@@ -230,6 +257,7 @@ token_init = nn.initializers.normal(stddev=0.02)
 OPS = ("auto", "xla_cpu", "generic")
 ATTENTION_IMPLEMENTATIONS = ("auto", "custom_vjp", "einsum", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+LOSS_ON = ("masked", "all")
 
 
 def uniform_bias_init(fan_in: int) -> nn.initializers.Initializer:
@@ -467,11 +495,11 @@ class Encoder(nn.Module):
 class MAEOutput:
     """What `MaskedAutoencoderViT.__call__` returns."""
 
-    loss: Array  # scalar, mean loss over removed patches
+    loss: Array  # scalar: mean squared error per patch, averaged over removed patches (loss_on "all": all)
     pred: Array  # [N, L, p*p*C] predicted patches, (p, q, c) order
     mask: Array  # [N, L] 1 = removed, 0 = kept, original patch order
     ids_restore: Array  # [N, L] int32
-    latent: Array  # [N, 1 + len_keep, D] encoder output, cls first
+    latent: Array  # [N, 1 + len_keep, D] encoder output, cls first ([N, 1 + L, D] with encoder_mask_tokens)
 
 
 class _ViT(nn.Module):
@@ -588,12 +616,18 @@ class _ViT(nn.Module):
             pos_embed_collection, "pos_embed",
             lambda: jnp.asarray(get_2d_sincos_pos_embed(self.embed_dim, self.grid_size, cls_token=True))[None])
 
-    def _embed(self, images: Array) -> Array:
-        """[N, H, W, C] -> patch tokens [N, L, D] with position embeddings (no cls)."""
+    def _patch_tokens(self, images: Array) -> Array:
+        """[N, H, W, C] -> patch embeddings [N, L, D], before position embeddings."""
         self._check_images(images)
-        x = self.patch_embed(patchify(images.astype(self.compute_dtype), self.patch_size))
+        return self.patch_embed(patchify(images.astype(self.compute_dtype), self.patch_size))
+
+    def _add_pos(self, x: Array) -> Array:
         # Added in float32, then rounded: a trainable table's gradient (ViTClassifier) is summed in float32.
         return (x + self.pos_embed.value[:, 1:, :]).astype(x.dtype)
+
+    def _embed(self, images: Array) -> Array:
+        """[N, H, W, C] -> patch tokens [N, L, D] with position embeddings (no cls)."""
+        return self._add_pos(self._patch_tokens(images))
 
     def _prepend_cls(self, x: Array) -> Array:
         """[N, T, D] -> [N, 1 + T, D] with cls + pos[0] first."""
@@ -607,6 +641,10 @@ class MaskedAutoencoderViT(_ViT):
 
     The encoder's fields (image_size, patch_size, num_channels, embed_dim, depth, num_heads, mlp_ratio,
     layer_norm_eps, dtype, attention, ops, remat, scan_blocks) are declared and documented in `_ViT`.
+    The paper's ablation switches default to its method: `mask_sampling`, `encoder_mask_tokens` (Table 1c's
+    "w/ [M]": the encoder runs on all L patches, masked ones replaced by a learned `encoder_mask_token`
+    before the position embedding is added; the decoder takes every token as it is, and the model has no
+    decoder `mask_token`), `loss_on` (Sec. 3: the loss on all patches is 0.5% worse).
     """
 
     decoder_embed_dim: int = 512  # width of the decoder's tokens (the paper's 512)
@@ -614,6 +652,9 @@ class MaskedAutoencoderViT(_ViT):
     decoder_num_heads: int = 16  # attention heads of each decoder block
     mask_ratio: float = 0.75  # fraction of the patches removed from each image (the paper's 0.75)
     norm_pix_loss: bool = False  # True: the target is each patch normalised by its own mean and variance
+    mask_sampling: str = "random"  # "random" (the paper's), "block" (BEiT's blocks), "grid" (one per s x s cell)
+    encoder_mask_tokens: bool = False  # True: the encoder sees all patches, masked ones as a learned token
+    loss_on: str = "masked"  # "masked": the loss over removed patches (the paper's); "all": over every patch
 
     def __post_init__(self):
         self.validate()
@@ -630,6 +671,26 @@ class MaskedAutoencoderViT(_ViT):
             raise ValueError(
                 f"mask_ratio {self.mask_ratio} leaves no visible patch out of {self.num_patches}: "
                 f"at most {1 - 1 / self.num_patches:.4f} is allowed for this image and patch size")
+        if self.mask_sampling not in masking.MASK_SAMPLING:
+            raise ValueError(f"mask_sampling {self.mask_sampling!r} is not one of {masking.MASK_SAMPLING}")
+        if self.mask_sampling == "grid":
+            cell = masking.grid_cell(self.mask_ratio)
+            if cell is None:
+                raise ValueError(
+                    f"mask_ratio {self.mask_ratio} cannot be sampled by mask_sampling 'grid', which keeps one "
+                    "patch of every s x s cell: use 1 - 1/s^2, e.g. 0.75 (s = 2) or 0.8889 (s = 3)")
+            if self.grid_size[0] % cell or self.grid_size[1] % cell:
+                raise ValueError(
+                    f"mask_sampling 'grid' with mask_ratio {self.mask_ratio} needs a patch grid divisible into "
+                    f"{cell} x {cell} cells; the grid is {self.grid_size} (image_size {self.image_size!r}, "
+                    f"patch_size {self.patch_size})")
+        if self.mask_sampling == "block" and min(self.grid_size) < 2:
+            raise ValueError(f"mask_sampling 'block' needs a patch grid of at least 2 x 2 (BEiT's blocks are "
+                             f"smaller than the grid); the grid is {self.grid_size}")
+        if not isinstance(self.encoder_mask_tokens, (bool, np.bool_)):
+            raise ValueError(f"encoder_mask_tokens {self.encoder_mask_tokens!r} must be True or False")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on {self.loss_on!r} is not one of {LOSS_ON}")
 
     @property
     def len_keep(self) -> int:
@@ -645,7 +706,10 @@ class MaskedAutoencoderViT(_ViT):
         self.norm = self._norm()
         # Decoder.
         self.decoder_embed = Dense(self.decoder_embed_dim, dtype=self.compute_dtype, kernel_init=xavier_uniform)
-        self.mask_token = self.param("mask_token", token_init, (1, 1, self.decoder_embed_dim))
+        if self.encoder_mask_tokens:  # the decoder then gets every token from the encoder: no mask token of its own
+            self.encoder_mask_token = self.param("encoder_mask_token", token_init, (1, 1, self.embed_dim))
+        else:
+            self.mask_token = self.param("mask_token", token_init, (1, 1, self.decoder_embed_dim))
         self.decoder_pos_embed = self.variable(
             "constants", "decoder_pos_embed",
             lambda: jnp.asarray(get_2d_sincos_pos_embed(self.decoder_embed_dim, self.grid_size,
@@ -662,13 +726,19 @@ class MaskedAutoencoderViT(_ViT):
         return self.norm(self.encoder(self._prepend_cls(x)))
 
     def encode(self, images: Array, noise: Array | None = None) -> tuple[Array, Array, Array]:
-        """Masks and encodes: returns latent [N, 1 + len_keep, D], mask [N, L], ids_restore [N, L]."""
-        x = self._embed(images)
+        """Masks and encodes: returns latent [N, 1 + len_keep, D] ([N, 1 + L, D] with encoder_mask_tokens),
+        mask [N, L], ids_restore [N, L]."""
+        x = self._patch_tokens(images)
         if noise is None:
-            noise = per_example_uniform(self.make_rng("masking"), x.shape[0], x.shape[1])
+            noise = masking_noise(self.make_rng("masking"), x.shape[0], self)
         elif noise.shape != x.shape[:2]:
             raise ValueError(f"noise of shape {tuple(noise.shape)} must be [N, L] = {tuple(x.shape[:2])}")
-        x, mask, ids_restore = random_masking(x, noise, self.mask_ratio)
+        if self.encoder_mask_tokens:  # all L patches in order, the removed ones replaced before the positions
+            _, mask, ids_restore = random_masking(x, noise, self.mask_ratio)
+            token = jnp.broadcast_to(self.encoder_mask_token, x.shape).astype(x.dtype)  # its gradient summed in f32
+            x = self._add_pos(jnp.where(mask[:, :, None] > 0, token, x))
+        else:
+            x, mask, ids_restore = random_masking(self._add_pos(x), noise, self.mask_ratio)
         return self._encode_tokens(x), mask, ids_restore
 
     def features(self, images: Array) -> Array:
@@ -681,13 +751,16 @@ class MaskedAutoencoderViT(_ViT):
         return self._encode_tokens(self._embed(images))
 
     def decode(self, latent: Array, ids_restore: Array) -> Array:
-        """latent [N, 1 + len_keep, D] -> predicted patches [N, L, p*p*C] (float32)."""
+        """latent [N, 1 + len_keep, D] -> predicted patches [N, L, p*p*C] (float32). With encoder_mask_tokens
+        the latent [N, 1 + L, D] already holds every patch in order: no mask tokens, no unshuffle."""
         x = self.decoder_embed(latent)
-        n, length = ids_restore.shape
-        mask_tokens = jnp.broadcast_to(self.mask_token, (n, length + 1 - x.shape[1], x.shape[2])).astype(x.dtype)
-        tokens = jnp.concatenate([x[:, 1:, :], mask_tokens], axis=1)
-        tokens = jnp.take_along_axis(tokens, ids_restore[:, :, None], axis=1)  # unshuffle
-        x = jnp.concatenate([x[:, :1, :], tokens], axis=1)
+        if not self.encoder_mask_tokens:
+            n, length = ids_restore.shape
+            # Broadcast, then rounded: the token's gradient is summed over the batch in float32.
+            mask_tokens = jnp.broadcast_to(self.mask_token, (n, length + 1 - x.shape[1], x.shape[2])).astype(x.dtype)
+            tokens = jnp.concatenate([x[:, 1:, :], mask_tokens], axis=1)
+            tokens = jnp.take_along_axis(tokens, ids_restore[:, :, None], axis=1)  # unshuffle
+            x = jnp.concatenate([x[:, :1, :], tokens], axis=1)
         x = x + self.decoder_pos_embed.value.astype(x.dtype)
         x = self.decoder_norm(self.decoder(x))
         return self.decoder_pred(x)[:, 1:, :].astype(jnp.float32)
@@ -695,13 +768,14 @@ class MaskedAutoencoderViT(_ViT):
     def __call__(self, images: Array, noise: Array | None = None) -> MAEOutput:
         """Masks, encodes, decodes and scores `images` [N, H, W, C].
 
-        `noise` [N, L] in [0, 1) fixes the masks (the smallest `len_keep` values are kept); without it the
-        noise is drawn from the "masking" rng, one stream per example (see `per_example_uniform`).
+        `noise` [N, L] in [0, 1) fixes the masks (the smallest `len_keep` values are kept; `mask_to_noise`
+        turns a boolean mask into noise); without it the noise of `mask_sampling` is drawn from the "masking"
+        rng, one stream per example (see `masking_noise`).
         """
         latent, mask, ids_restore = self.encode(images, noise)
         pred = self.decode(latent, ids_restore)
         target = patch_targets(images, self.patch_size, self.norm_pix_loss)
-        loss = mae_loss(pred, target, mask)
+        loss = mae_loss(pred, target, mask, self.loss_on)
         return MAEOutput(loss=loss, pred=pred, mask=mask, ids_restore=ids_restore, latent=latent)
 
 

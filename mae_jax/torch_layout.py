@@ -75,7 +75,10 @@ def official_layout(model: Model) -> dict[str, tuple[tuple[str, ...], str]]:
         linear(head_linear_key(model), ["head"])
         return out
     norm("norm", ["norm"])
-    add("mask_token", ["mask_token"])
+    if model.encoder_mask_tokens:  # Table 1c's "w/ [M]": no official counterpart; only mae_jax reads it back
+        add("encoder_mask_token", ["encoder_mask_token"])
+    else:
+        add("mask_token", ["mask_token"])
     linear("decoder_embed", ["decoder_embed"])
     blocks("decoder_blocks", model.decoder_depth)
     norm("decoder_norm", ["decoder_norm"])
@@ -98,7 +101,9 @@ def batch_stats_layout(model: Model) -> dict[str, tuple[str, ...]]:
 
 
 def is_decoder(key: str) -> bool:
-    return key.startswith(("decoder_", "mask_token"))
+    """Whether `key` belongs to the pretraining model only: the decoder, its mask token, or the encoder mask
+    token of an `encoder_mask_tokens` model (which a classifier does not use either)."""
+    return key.startswith(("decoder_", "mask_token", "encoder_mask_token"))
 
 
 def is_classifier_key(key: str) -> bool:

@@ -65,7 +65,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
     """
     images = pixels.model_input(batch["images"])
     rng = rng_stream(jax.random.wrap_key_data(state.rng), "masking", state.step)
-    noise = models.per_example_uniform(rng, images.shape[0], model.num_patches)
+    noise = models.masking_noise(rng, images.shape[0], model)
     grad_fn = jax.value_and_grad(loss_fn)
     if grad_accum_steps == 1:
         loss, grads = grad_fn(state.params, state.constants, model, images, noise)

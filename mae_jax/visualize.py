@@ -2,17 +2,18 @@ r"""Reconstructions to look at: the four panels of the paper's figure, for any c
 model is from a trivial guess.
 
   python -m mae_jax.visualize --checkpoint PATH --image a.jpg --image b.png --output out.png \
-      [--mask_ratio 0.75] [--seed 0] [--image_size 224]
+      [--mask_ratio 0.75] [--seed 0] [--image_size 224] [--mask_sampling block:0.5 --mask_sampling grid ...]
 
 PATH is one of ours (a workdir, its checkpoints directory, a step or an export), an official `.pth` or a
 Hugging Face directory. Per image, one row: original | masked input (removed patches grey) | reconstruction
 (the decoder's output for every patch; the loss trains only the removed ones, so on visible patches it is
-whatever the model happens to produce) | reconstruction with the visible patches pasted back. Models trained
-with the norm-pix loss predict per-patch normalised pixels; they are shown de-normalised with each patch's own
-mean and variance taken from the original image (the figure says so), as users of the official code ended up
-doing.
+whatever the model happens to produce) | reconstruction with the visible patches pasted back. The masks are the
+model's `mask_sampling` (random, BEiT's blocks, the grid); each `--mask_sampling KIND[:RATIO]` instead adds a
+row per image with that kind of mask, labelled. Models trained with the norm-pix loss predict per-patch
+normalised pixels; they are shown de-normalised with each patch's own mean and variance taken from the original
+image (the figure says so), as users of the official code ended up doing.
 
-Each image also gets its masked-patch loss (`masked_patch_losses`: the training objective on its removed
+Each row also gets its masked-patch loss (`masked_patch_losses`: the training objective on its removed
 patches) next to that of a trivial prediction that learnt nothing: every removed patch a flat patch of the mean
 colour of the image's visible patches. The figure's note and the command's output give both.
 """
@@ -29,7 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image, ImageDraw, ImageFont
 
-from mae_jax import models, pixels, runtime
+from mae_jax import masking, models, pixels, runtime
 
 PANEL_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
 NORM_PIX_NOTE = "norm-pix model: predictions de-normalised with each patch's true mean and variance"
@@ -40,6 +41,7 @@ MIN_PANEL = 128  # small images are upscaled to at least this many pixels
 _TITLE_HEIGHT = 18
 _LINE_HEIGHT = 14
 _GAP = 4
+_LABEL_WIDTH = 76  # the column of row labels, when there are any
 
 
 def masked_patch_losses(images: jax.Array, pred: jax.Array, mask: jax.Array, patch_size: int,
@@ -76,7 +78,7 @@ def reconstruct(model: models.MaskedAutoencoderViT, variables, images: jax.Array
     """The four panels, [N, 4, H, W, C] float pixels in [0, 1], for normalised `images` [N, H, W, C], and the
     masked-patch losses [N, 2] of the model and of the trivial prediction (`masked_patch_losses`).
 
-    `noise` [N, L] fixes the masks (see `models.random_masking`). Jit-compatible.
+    `noise` [N, L] fixes the masks (see `models.random_masking`, `models.masking_noise`). Jit-compatible.
     """
     out = model.apply(variables, images, noise=noise)
     p = model.patch_size
@@ -118,16 +120,20 @@ def panel_scale(image_size: tuple[int, int]) -> int:
     return max(1, -(-MIN_PANEL // min(image_size)))
 
 
-def panel_box(row: int, column: int, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(top, left, bottom, right) of panel `column` of image `row` in a `render` figure, in pixels."""
+def panel_box(row: int, column: int, image_size: tuple[int, int],
+              labelled: bool = False) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of panel `column` of image `row` in a `render` figure, in pixels
+    (`labelled`: a figure with row labels, which take a column on the left)."""
     scale = panel_scale(image_size)
     h, w = image_size[0] * scale, image_size[1] * scale
-    top, left = _TITLE_HEIGHT + row * (h + _GAP), column * (w + _GAP)
+    top, left = _TITLE_HEIGHT + row * (h + _GAP), column * (w + _GAP) + (_LABEL_WIDTH if labelled else 0)
     return top, left, top + h, left + w
 
 
-def render(panels: np.ndarray, note: str | None = None, titles: Sequence[str] = PANEL_TITLES) -> Image.Image:
-    """A figure: one row per image, one column per panel, titles on top, an optional note at the bottom.
+def render(panels: np.ndarray, note: str | None = None, titles: Sequence[str] = PANEL_TITLES,
+           row_labels: Sequence[str] | None = None) -> Image.Image:
+    """A figure: one row per image, one column per panel, titles on top, an optional note at the bottom, and
+    optional row labels in a column on the left.
 
     `panels` [N, 4, H, W, C] in [0, 1]; each panel is upscaled by `panel_scale` and placed at `panel_box`.
     """
@@ -137,17 +143,21 @@ def render(panels: np.ndarray, note: str | None = None, titles: Sequence[str] = 
     if c == 1:
         tiles = np.repeat(tiles, 3, axis=-1)
     font = ImageFont.load_default()
-    width = k * w * scale + (k - 1) * _GAP
+    labelled = row_labels is not None
+    width = k * w * scale + (k - 1) * _GAP + (_LABEL_WIDTH if labelled else 0)
     lines = _wrap(note, font, width) if note else []
     height = _TITLE_HEIGHT + n * h * scale + (n - 1) * _GAP + len(lines) * _LINE_HEIGHT + (4 if lines else 0)
     figure = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(figure)
     for j, title in enumerate(titles):
-        draw.text((j * (w * scale + _GAP) + 2, 3), title, fill="black", font=font)
+        draw.text((panel_box(0, j, (h, w), labelled)[1] + 2, 3), title, fill="black", font=font)
     for i in range(n):
         for j in range(k):
-            top, left, _, _ = panel_box(i, j, (h, w))
+            top, left, _, _ = panel_box(i, j, (h, w), labelled)
             figure.paste(Image.fromarray(tiles[i, j]), (left, top))
+        if labelled:
+            top, _, bottom, _ = panel_box(i, 0, (h, w), labelled)
+            draw.text((2, (top + bottom) // 2 - _LINE_HEIGHT // 2), row_labels[i], fill="black", font=font)
     for i, line in enumerate(lines):
         draw.text((2, height - (len(lines) - i) * _LINE_HEIGHT - 2), line, fill="black", font=font)
     return figure
@@ -164,19 +174,51 @@ def _wrap(text: str, font, width: int) -> list[str]:
     return lines + [line]
 
 
-def reconstructions(model: models.MaskedAutoencoderViT, variables, images: np.ndarray,
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """`reconstruct` of `images` (normalised, [N, H, W, C]) with masks drawn from `seed`: (panels, losses)."""
-    noise = models.per_example_uniform(jax.random.key(seed), images.shape[0], model.num_patches)
-    panels, losses = jax.jit(reconstruct, static_argnums=0)(model, variables, images, noise)
-    return np.asarray(panels), np.asarray(losses)
+def reconstructions(model: models.MaskedAutoencoderViT, variables, images: np.ndarray, seed: int = 0,
+                    masks: Sequence[tuple[str, float]] = ()) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """`reconstruct` of `images` (normalised, [N, H, W, C]) with masks drawn from `seed` (the model's
+    `mask_sampling`, see `models.masking_noise`): (panels, losses, row labels or None).
+
+    `masks`: (mask_sampling, mask_ratio) pairs, e.g. [("block", 0.5), ("grid", 0.75)]; each image then gets one
+    row per pair, labelled, with that kind of mask (all from the same `seed`), every mask of an image together.
+    """
+    variants = [model.clone(mask_sampling=kind, mask_ratio=ratio) for kind, ratio in masks] or [model]
+    reconstruct_jit = jax.jit(reconstruct, static_argnums=0)
+    panels, losses = [], []
+    for variant in variants:
+        noise = models.masking_noise(jax.random.key(seed), images.shape[0], variant)
+        p, l = reconstruct_jit(variant, variables, images, noise)
+        panels.append(np.asarray(p))
+        losses.append(np.asarray(l))
+    image_major = lambda rows: np.stack(rows, axis=1).reshape(-1, *rows[0].shape[1:])
+    labels = [mask_label(v) for v in variants] * images.shape[0] if masks else None
+    return image_major(panels), image_major(losses), labels
 
 
-def figure(model: models.MaskedAutoencoderViT, variables, images: np.ndarray, seed: int = 0) -> Image.Image:
-    """Reconstructs `images` (normalised, [N, H, W, C]) with masks drawn from `seed` and renders them, with the
-    masked-patch losses in the note."""
-    panels, losses = reconstructions(model, variables, images, seed)
-    return render(panels, figure_note(model, losses))
+def figure(model: models.MaskedAutoencoderViT, variables, images: np.ndarray, seed: int = 0,
+           masks: Sequence[tuple[str, float]] = ()) -> Image.Image:
+    """`reconstructions` rendered, with the masked-patch losses in the note."""
+    panels, losses, labels = reconstructions(model, variables, images, seed, masks)
+    return render(panels, figure_note(model, losses), row_labels=labels)
+
+
+def mask_label(model: models.MaskedAutoencoderViT) -> str:
+    """E.g. "block 75%": the model's mask sampling and ratio."""
+    return f"{model.mask_sampling} {model.mask_ratio:.0%}"
+
+
+def parse_masks(specs: Sequence[str], mask_ratio: float) -> list[tuple[str, float]]:
+    """`--mask_sampling` values "KIND" or "KIND:RATIO" -> (kind, ratio) pairs; `mask_ratio` where none is given.
+    A one-line ValueError for a malformed value (the model checks the kind and ratio themselves)."""
+    masks = []
+    for spec in specs:
+        kind, _, ratio = spec.partition(":")
+        try:
+            masks.append((kind, float(ratio) if ratio else mask_ratio))
+        except ValueError:
+            raise ValueError(f"--mask_sampling {spec!r}: expected KIND or KIND:RATIO, e.g. block:0.5, with KIND one "
+                             f"of {', '.join(masking.MASK_SAMPLING)}") from None
+    return masks
 
 
 class TrainingReconstructions:
@@ -194,7 +236,7 @@ class TrainingReconstructions:
         self.directory = directory
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         images = np.asarray(images, np.float32)
-        noise = np.asarray(models.per_example_uniform(jax.random.key(seed), len(images), model.num_patches))
+        noise = np.asarray(models.masking_noise(jax.random.key(seed), len(images), model))
         self.inputs = tuple(jax.make_array_from_callback(x.shape, replicated, lambda index, x=x: x[index])
                             for x in (images, noise))
         self.reconstruct = compiled or jax.jit(functools.partial(reconstruct, model), out_shardings=replicated)
@@ -268,6 +310,9 @@ def _define_flags():
     flags.DEFINE_integer("seed", 0, "Seed of the masks.")
     flags.DEFINE_integer("image_size", None, "Square image size (default: the checkpoint's).")
     flags.DEFINE_string("variant", None, "Architecture, e.g. B/16, for checkpoints whose shapes cannot tell it.")
+    flags.DEFINE_multi_string("mask_sampling", None, "A row per image with this kind of mask: random, block or "
+                              "grid, optionally with its ratio (block:0.5); repeat for several (default: one row "
+                              "with the checkpoint's).")
     flags.mark_flags_as_required(["checkpoint", "image"])
 
 
@@ -280,8 +325,9 @@ def main(argv):
         model, variables = load_model(FLAGS.checkpoint, FLAGS.image_size, FLAGS.mask_ratio, FLAGS.variant)
         size = model.image_shape[:2]
         images = np.stack([load_image(image, size, model.num_channels) for image in originals])
-        panels, losses = reconstructions(model, variables, images, FLAGS.seed)
-        fig = render(panels, figure_note(model, losses))
+        masks = parse_masks(FLAGS.mask_sampling or [], model.mask_ratio)
+        panels, losses, labels = reconstructions(model, variables, images, FLAGS.seed, masks)
+        fig = render(panels, figure_note(model, losses), row_labels=labels)
         output = os.path.abspath(FLAGS.output)
         os.makedirs(os.path.dirname(output), exist_ok=True)
         root, extension = os.path.splitext(output)
@@ -298,11 +344,13 @@ def main(argv):
         if verbose:
             raise
         raise SystemExit(f"python -m mae_jax.visualize: error: {' '.join(str(e).split())}") from None
-    logging.info("Wrote %s: %d image(s) at %dx%d, mask ratio %.2f%s.", FLAGS.output, len(images), *size,
-                 model.mask_ratio, " (norm-pix: de-normalised with true patch statistics)"
-                 if model.norm_pix_loss else "")
-    for path, (loss, trivial) in zip(FLAGS.image, losses):
-        logging.info("%s: loss on the removed patches %.3f; %s %.3f", path, loss,
+    shown = ", ".join(f"{kind} {ratio:.0%}" for kind, ratio in masks) if masks else \
+        f"{model.mask_sampling} masks, mask ratio {model.mask_ratio:.2f}"
+    logging.info("Wrote %s: %d image(s) at %dx%d, %s%s.", FLAGS.output, len(images), *size, shown,
+                 " (norm-pix: de-normalised with true patch statistics)" if model.norm_pix_loss else "")
+    rows = [(path, label) for path in FLAGS.image for label in (labels and labels[:len(masks)] or [None])]
+    for (path, label), (loss, trivial) in zip(rows, losses):
+        logging.info("%s%s: loss on the removed patches %.3f; %s %.3f", path, f" ({label})" if label else "", loss,
                      TRIVIAL_NAME[model.norm_pix_loss], trivial)
 
 

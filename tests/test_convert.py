@@ -445,3 +445,29 @@ def test_hf_names_in_error_messages_and_other_errors(tiny_hf, tiny_model, caplog
         convert.from_torch(hub, tiny_model)
     with pytest.raises(ValueError, match="unknown Hugging Face keys"):
         convert.from_torch(dict(hub, **{"vit.pooler.dense.weight": np.zeros((2, 2))}), tiny_model)
+
+
+def test_encoder_mask_tokens_model_round_trips_and_fine_tunes(tmp_path, caplog):
+    """A "w/ [M]" model (Table 1c) has an `encoder_mask_token` and no decoder `mask_token`: our checkpoints and
+    official-style exports carry it and read back exactly; Hugging Face export is refused in one line; a
+    classifier loads its encoder and drops the token with the decoder."""
+    fields = dict(TINY, encoder_mask_tokens=True, mask_sampling="block")
+    model = models.MaskedAutoencoderViT(**fields)
+    variables = jax.tree_util.tree_map(np.asarray, models.init_variables(model, jax.random.key(3)))
+    checkpoints.save_variables(tmp_path / "ours", variables, models.constructor_fields(model))
+    convert.save_official(variables, model, tmp_path / "mae.pth")
+    assert "encoder_mask_token" in torch.load(tmp_path / "mae.pth", weights_only=False)["model"]
+    for source in (tmp_path / "ours", tmp_path / "mae.pth"):
+        loaded_model, loaded = convert.load_model(source)
+        assert loaded_model == model
+        jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, variables)
+    with pytest.raises(ValueError, match=r"^encoder_mask_tokens=True: transformers' ViTMAE has no encoder mask "
+                                         r"token; export --to flax, or --to official"):
+        convert.save_hf(variables, model, tmp_path / "hf")
+    assert not (tmp_path / "hf" / "config.json").exists()
+    classifier = models.ViTClassifier(**models.classifier_fields(fields, num_classes=5))
+    with caplog.at_level(logging.INFO, logger="absl"):
+        loaded = convert.load_variables(tmp_path / "ours", classifier)
+    assert "encoder_mask_token" not in loaded["params"] and "encoder_mask_token" in caplog.text
+    np.testing.assert_array_equal(loaded["params"]["blocks_1"]["mlp"]["fc2"]["kernel"],
+                                  variables["params"]["blocks_1"]["mlp"]["fc2"]["kernel"])

@@ -202,3 +202,39 @@ def test_a_model_that_predicts_the_trivial_guess_scores_the_same():
     note = visualize.figure_note(model, ours)
     assert note.startswith("Loss on the removed patches, the model vs a flat patch of the mean colour of the "
                            f"visible patches: row 1: {ours[0, 0]:.3f} vs {ours[0, 1]:.3f}; row 2: ")
+
+
+def test_figure_rows_show_each_variant_mask(trained, photos, tmp_path):
+    """`--mask_sampling KIND[:RATIO]` (repeated): a labelled row per image and kind, each showing the masks of
+    that kind (`models.masking_noise` of the model with that sampling): BEiT blocks, the grid, random."""
+    output = tmp_path / "kinds.png"
+    specs = ["block:0.5", "grid", "random:0.25"]
+    result = subprocess.run([sys.executable, "-m", "mae_jax.visualize", "--checkpoint", str(trained),
+                             "--image", str(photos[0]), "--image", str(photos[1]), "--output", str(output),
+                             "--seed", "2", *[f"--mask_sampling={s}" for s in specs]],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "block 50%, grid 75%, random 25%" in result.stdout + result.stderr
+    figure = np.asarray(Image.open(output).convert("RGB"))
+    fields, _ = checkpoints.load_variables(trained)
+    size, p = (32, 32), fields["patch_size"]
+    assert figure.shape[1] == visualize.panel_box(0, 3, size, labelled=True)[3]
+    for j, (kind, ratio) in enumerate([("block", 0.5), ("grid", 0.75), ("random", 0.25)]):
+        model = models.MaskedAutoencoderViT(**dict(fields, mask_sampling=kind, mask_ratio=ratio))
+        noise = np.asarray(models.masking_noise(jax.random.key(2), 2, model))
+        for i in range(2):
+            removed = np.ones(16, bool)
+            removed[np.argsort(noise[i], kind="stable")[:model.len_keep]] = False
+            pixel_mask = np.repeat(np.repeat(removed.reshape(4, 4), p, 0), p, 1)
+            top, left, bottom, right = visualize.panel_box(i * 3 + j, 1, size, labelled=True)
+            masked = figure[top:bottom:4, left:right:4]  # the "masked" panel at the model's resolution
+            assert (masked[pixel_mask] == 128).all() and (masked[~pixel_mask] != 128).any(axis=-1).mean() > 0.9
+            if kind == "grid":  # one visible patch per 2 x 2 cell
+                assert removed.reshape(2, 2, 2, 2).transpose(0, 2, 1, 3).reshape(4, 4).sum(1).tolist() == [3] * 4
+    bad = subprocess.run([sys.executable, "-m", "mae_jax.visualize", "--checkpoint", str(trained), "--image",
+                          str(photos[0]), "--output", str(tmp_path / "x.png"), "--mask_sampling=grid:0.5"],
+                         cwd=ROOT, capture_output=True, text=True)
+    last = bad.stderr.strip().splitlines()[-1]  # after the log lines of loading the checkpoint
+    assert bad.returncode != 0 and last.startswith("python -m mae_jax.visualize: error: mask_ratio 0.5 cannot be "
+                                                   "sampled by mask_sampling 'grid'"), bad.stderr[-2000:]
+    assert not (tmp_path / "x.png").exists()
