@@ -166,11 +166,15 @@ def _memory(compiled) -> dict[str, int]:
 
 
 def _shortfall(message: str) -> str:
-    """The compiler's out-of-memory refusal in one short clause."""
+    """The compiler's out-of-memory refusal in one short clause, e.g. "temporaries need 24.04G, 15.75G of HBM
+    available"."""
     text = " ".join(message.split())
-    found = re.search(r"(Ran out of memory in memory space hbm[^.]*\.|[^.]*exceeds[^.]*\.|"
-                      r"[Tt]otal hbm usage[^.]*\.|Used [\d.]+[KMGT]? of [\d.]+[KMGT]? hbm[^.]*\.)", text)
-    return (found.group(1) if found else text[:240]).strip()
+    found = re.search(r"memory required for ([\w ]+?) \(([\d.]+[KMGT]?)\) exceeds available HBM \(([\d.]+[KMGT]?)\)",
+                      text)
+    if found:
+        what = found.group(1).replace("HLO temporaries", "temporaries")
+        return f"{what} need {found.group(2)}, {found.group(3)} of HBM available"
+    return re.sub(r"^RESOURCE_EXHAUSTED: ", "", text)[:240]
 
 
 def _is_out_of_memory(error: Exception) -> bool:
@@ -570,6 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if flag_values.config is None:
         print(f"{prog}: error: --config is required (e.g. configs/vit_base.py)", file=sys.stderr)
         return 2
+    logging.use_absl_handler()  # (app.run is not used: the flags are this function's own)
     runtime.quiet_logs()
     logging.get_absl_handler().python_handler.stream = sys.stdout
     try:
