@@ -5,7 +5,8 @@ r"""Pretrains, fine-tunes or linearly probes an MAE:
   python main.py --config configs/linprobe_vit_base.py --workdir DIR --config.init_from=PRETRAINED  # linear probe
 
 Flags only. The logic lives in the importable library (`mae_jax.trainer.train_and_evaluate`, which runs the task
-that `config.task` names) so that it can be tested and used from a notebook. Re-running the same command resumes from the latest checkpoint in DIR. The config fields,
+that `config.task` names) so that it can be tested and used from a notebook. Re-running the same command resumes
+from the latest checkpoint in DIR. The config fields,
 their defaults and meanings are in configs/vit_base.py (and README.md, "Pretraining"). Errors are one line;
 `-v 1` also shows their traceback and third-party INFO logs.
 """
@@ -101,7 +102,7 @@ def main(argv):
     if problem:
         end_process(1, f"{sys.argv[0]}: error: --workdir {FLAGS.workdir}: {problem}")
     logging.info("Process settings: %s.", SETTINGS)
-    from mae_jax import trainer  # TensorFlow and the tasks: after the flags are read
+    from mae_jax import trainer  # JAX and Orbax start here, after the flags: --help and flag errors answer at once
 
     try:
         trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, command=shlex.join(["python", *sys.argv]))
@@ -133,7 +134,8 @@ def workdir_problem(path: str) -> str | None:
         os.unlink(probe)
     except OSError as e:
         where = f" at {e.filename}" if e.filename and e.filename not in (path, probe) else ""
-        return f"{e.strerror or e} ({errno.errorcode.get(e.errno, '?')}){where}: use a directory you can create and write"
+        code = errno.errorcode.get(e.errno, "?")
+        return f"{e.strerror or e} ({code}){where}: use a directory you can create and write"
     return None
 
 

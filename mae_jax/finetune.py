@@ -36,7 +36,9 @@ import optax
 from absl import logging
 from etils import epath
 
-from mae_jax import checkpoints, input_pipeline, loop, mixup, models, optimizers, parallel, pixels, trainer
+from mae_jax import (checkpoints, convert, input_pipeline, loop, mixup, models, optimizers, parallel, pixels,
+                     trainer)
+from mae_jax import workdir as workdir_lib
 from mae_jax.train_state import TrainState, apply_gradients, rng_stream
 from mae_jax.trainer import ConfigError, check
 
@@ -294,9 +296,6 @@ class Classification(trainer.Task):
         """`eval_only`: the eval split through the weights of the workdir's latest checkpoint, else of
         `init_from`, else random ones (with a warning); one record in metrics.jsonl and one line. The run's
         settings (config.json) and the training state are neither read nor written."""
-        from mae_jax import convert  # reading PyTorch files imports torch
-        from mae_jax import workdir as workdir_lib
-
         stage = trainer.Stages()
         workdir = epath.Path(workdir)
         mesh = parallel.create_mesh(devices, config.mesh.data, config.mesh.fsdp)

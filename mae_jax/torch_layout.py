@@ -24,7 +24,7 @@ from absl import logging
 from mae_jax import models
 
 Model = models.MaskedAutoencoderViT | models.ViTClassifier
-POSITION_TABLES = ("pos_embed", "decoder_pos_embed")  # MaskedAutoencoderViT's "constants" tables (a ViTClassifier trains
+POSITION_TABLES = ("pos_embed", "decoder_pos_embed")  # MaskedAutoencoderViT's constants (a ViTClassifier trains
 # its pos_embed); in either model these are the tables that may come from another grid (interpolated)
 CLASSIFIER_KEYS = ("head", "fc_norm")  # first name components only a fine-tuned classifier checkpoint has
 SHOW = 8  # how many offending keys an error names per kind

@@ -16,7 +16,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from mae_jax import models, pixels, trainer
+from mae_jax import models, pixels, trainer, visualize
 from mae_jax.train_state import TrainState, apply_gradients, rng_stream
 
 PyTree = Any
@@ -129,8 +129,6 @@ class Pretraining(trainer.Task):
         config = setup.config
         if not config.visualize_every_steps:
             return {}
-        from mae_jax import visualize  # PIL
-
         images = jax.ShapeDtypeStruct((config.visualize_num_images, *self.model.image_shape), jnp.float32,
                                       sharding=setup.replicated)
         noise = jax.ShapeDtypeStruct((config.visualize_num_images, self.model.num_patches), jnp.float32,
@@ -144,7 +142,7 @@ class Pretraining(trainer.Task):
         config = context.config
         if not config.visualize_every_steps:
             return []
-        from mae_jax import input_pipeline, visualize  # TensorFlow, PIL
+        from mae_jax import input_pipeline  # TensorFlow: when a run starts, not when the task is built
 
         images = input_pipeline.load_eval_images(config.input, image_shape=self.model.image_shape, seed=config.seed,
                                                  num_images=config.visualize_num_images)

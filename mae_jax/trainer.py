@@ -23,7 +23,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import importlib
 import os
 import time
@@ -34,7 +33,8 @@ import optax
 from absl import logging
 from etils import epath
 
-from mae_jax import checkpoints, config_lib, loop, models, parallel
+from mae_jax import checkpoints, config_lib, convert, loop, models, parallel
+from mae_jax import workdir as workdir_lib
 from mae_jax.train_state import (TrainState, abstract_state, init_state, learning_rate_schedule, peak_lr,
                                  state_shardings, warmup_steps, with_shardings)
 
@@ -266,8 +266,6 @@ class Task:
     def init_from(self, path: str, state: TrainState, setup: Setup) -> TrainState:
         """The state with pretrained or converted weights (`convert.load_variables`) for its variables; what
         the source lacks keeps its fresh value. The optimizer state is kept."""
-        from mae_jax import convert  # reading PyTorch files imports torch
-
         variables = convert.load_variables(path, self.model, jax.device_get(state.variables))
         logging.info("Initialised the %s from %s", type(self.model).__name__, path)
         return state.replace_variables(jax.device_put(variables, setup.shardings.variables))
@@ -303,8 +301,6 @@ def open_workdir(workdir: epath.Path, config) -> Iterator[Any]:
     """Takes the workdir for this run and yields its Orbax CheckpointManager (closed, waiting for a save in
     flight, on exit). One run per workdir (a lock held by process 0, see mae_jax/workdir.py); a resume with
     another model or lr schedule is refused here, before anything is compiled or recorded."""
-    from mae_jax import workdir as workdir_lib
-
     with contextlib.ExitStack() as stack:
         if jax.process_index() == 0:
             stack.enter_context(workdir_lib.acquire_lock(workdir))
@@ -343,8 +339,6 @@ def run(config, workdir: str | os.PathLike, task: Task, devices, command: str | 
     from the dataset's metadata, `build`, the state (restored, or fresh and optionally `config.init_from`), the
     input at its saved position, every program compiled, the loop and the closing lines. `command` (the
     command line of this run) is what the closing lines tell to re-run. Returns the last logged metrics."""
-    from mae_jax import workdir as workdir_lib
-
     stage = Stages()
     workdir = epath.Path(workdir)
     resume_command = command or "the same command"

@@ -12,7 +12,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mae_jax import config_lib, datasets, finetune_augment, input_pipeline, pixels
+from mae_jax import config_lib, datasets, finetune_augment, input_pipeline
 
 # Solid images: class c is bright in channel CHANNEL[c] (classes sorted: blue 0, green 1, red 2), and the
 # example's brightness identifies it.

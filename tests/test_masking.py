@@ -163,7 +163,6 @@ def test_grid_keeps_one_patch_per_cell_at_a_uniform_offset(image_size, mask_rati
 
 
 def test_mask_to_noise_reproduces_a_full_mask_and_completes_others():
-    model = _model()  # 14 x 14 patches, 49 visible
     keep = np.zeros((14, 14), bool)
     keep[3:10, 3:10] = True  # a chosen region of 49 patches
     user = np.broadcast_to(~keep.reshape(-1), (2, 196))

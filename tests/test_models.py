@@ -3,7 +3,6 @@
 No PyTorch here: parity with Hugging Face ViTMAE and the official code is in tests/test_models_parity.py.
 """
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -194,7 +193,8 @@ def _loss_fn(model, constants, batch_size=4, seed=0):
 def _assert_same_loss_and_gradients(model_a, model_b, tol):
     variables = models.init_variables(model_a, jax.random.key(0))
     (loss_a, grads_a), (loss_b, grads_b) = (
-        jax.jit(jax.value_and_grad(_loss_fn(m, variables["constants"])))(variables["params"]) for m in (model_a, model_b))
+        jax.jit(jax.value_and_grad(_loss_fn(m, variables["constants"])))(variables["params"])
+        for m in (model_a, model_b))
     np.testing.assert_allclose(loss_b, loss_a, rtol=tol)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads_a))
     for a, b in zip(jax.tree_util.tree_leaves(grads_a), jax.tree_util.tree_leaves(grads_b)):

@@ -109,5 +109,6 @@ def test_convert_commands(tmp_path):
     from mae_jax import checkpoints
 
     fields, variables = checkpoints.load_variables(tmp_path / "out_mae_b16_448")
-    assert fields["image_size"] in (448, (448, 448)) and variables["constants"]["pos_embed"].shape == (1, 1 + 56 * 56, 32)
+    assert fields["image_size"] in (448, (448, 448))
+    assert variables["constants"]["pos_embed"].shape == (1, 1 + 56 * 56, 32)
     assert (tmp_path / "out_mae_b16_hf" / "config.json").exists() and (tmp_path / "out_mae_b16.pth").exists()
