@@ -3,7 +3,7 @@ r"""The paper's ablations (He et al. 2022, Table 1c, 1d, 1f): ViT-L/16, 800 epoc
   python main.py --config configs/ablations.py:block75 --workdir /path/to/workdir
   python main.py --config configs/ablations.py:block75,tiny --workdir /tmp/mae_block75   # a quick look, seconds
 
-The argument is a row, and optionally `tiny`: the row's switches on configs/tiny.py (the tiny model on synthetic
+The argument is a row (none: `baseline`), and optionally `tiny`: the row's switches on configs/tiny.py (the tiny model on synthetic
 images; its reconstructions under workdir/reconstructions show the row's masks). Every row starts from the
 paper's default, gray in Table 1: random masking at 75%, the encoder without mask tokens, the pixel target
 without normalisation, the loss on the removed patches; ViT-L/16 with the 512-wide 8-block decoder and
@@ -42,7 +42,7 @@ BASELINE = {"mask_ratio": 0.75, "mask_sampling": "random", "encoder_mask_tokens"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    row, *options = (arg or "").split(",")
+    row, *options = (arg or "baseline").split(",")
     if row not in ROWS or any(option != "tiny" for option in options):
         raise ValueError(f"configs/ablations.py:{arg}: expected ROW or ROW,tiny with ROW one of {', '.join(ROWS)}")
     config = tiny.get_config() if options else vit_large.get_config()
