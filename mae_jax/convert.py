@@ -58,7 +58,6 @@ import dataclasses
 import json
 import os
 import re
-import sys
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -834,8 +833,7 @@ def _parse_flags(argv: list[str]) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    verbose = runtime.quiet_logs()
-    try:
+    with runtime.one_line_errors("python -m mae_jax.convert"):  # bad input or output
         overrides = {"image_size": args.image_size} if args.image_size else {}
         model, variables = load_model(args.input, args.variant, **overrides)
         to = args.to or ("official" if args.output.endswith((".pth", ".pt")) else "flax")
@@ -847,10 +845,6 @@ def main(args: argparse.Namespace) -> None:
             save_official(variables, model, args.output)
         else:
             save_hf(variables, model, args.output)
-    except (ValueError, OSError) as e:  # bad input or output: one line, no traceback (unless -v 1)
-        if verbose:
-            raise
-        sys.exit(f"python -m mae_jax.convert: error: {' '.join(str(e).split())}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mae_jax import config_lib, convert, models, pixels, runtime, torch_layout
 
 POOLS = ("cls", "mean")
+PROG = "python -m mae_jax.features"
 LOG_EVERY_SECONDS = 30.0
 
 
@@ -207,28 +208,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         argv = FLAGS(argv)
     except flags.Error as e:
-        sys.exit(f"python -m mae_jax.features: error: {' '.join(str(e).split())}")
+        sys.exit(runtime.error_line(PROG, e))
     missing = [name for name in REQUIRED if FLAGS[name].value is None]
     if missing:
-        sys.exit("python -m mae_jax.features: error: " + "; ".join(f"--{name} is required ({REQUIRED[name]})"
-                                                                     for name in missing))
+        sys.exit(runtime.error_line(PROG, "; ".join(f"--{name} is required ({REQUIRED[name]})" for name in missing)))
     return argv
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        sys.exit(f"python -m mae_jax.features: error: unexpected arguments {' '.join(argv[1:])} (flags are "
-                 "--name=value)")
-    verbose = runtime.quiet_logs()
+        sys.exit(runtime.error_line(PROG, f"unexpected arguments {' '.join(argv[1:])} (flags are --name=value)"))
     logging.get_absl_handler().python_handler.stream = sys.stdout  # our lines, like main.py's, on stdout
-    try:
+    with runtime.one_line_errors(PROG):  # bad input or output
         run(checkpoint=FLAGS.checkpoint, dataset=FLAGS.dataset, output=FLAGS.output, split=FLAGS.split,
             data_dir=FLAGS.data_dir, image_folder=FLAGS.image_folder, batch_size=FLAGS.batch_size,
             pool=FLAGS.pool, variant=FLAGS.variant)
-    except (ValueError, OSError) as e:  # bad input or output: one line, no traceback (unless -v 1)
-        if verbose:
-            raise
-        sys.exit(f"python -m mae_jax.features: error: {' '.join(str(e).split())}")
 
 
 if __name__ == "__main__":

@@ -566,13 +566,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         flag_values(argv)
     except flags.Error as e:
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(runtime.error_line(prog, e), file=sys.stderr)
         return 2
     if flag_values.topology in (None, "help"):
         print(describe_topologies())
         return 0 if flag_values.topology == "help" else 2
     if flag_values.config is None:
-        print(f"{prog}: error: --config is required (e.g. configs/vit_base.py)", file=sys.stderr)
+        print(runtime.error_line(prog, "--config is required (e.g. configs/vit_base.py)"), file=sys.stderr)
         return 2
     logging.use_absl_handler()  # (app.run is not used: the flags are this function's own)
     runtime.quiet_logs()
@@ -584,11 +584,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = plan(flag_values.config, topo, num_examples=flag_values.num_examples, dump=flag_values.dump,
                       suggest=flag_values.suggest)
     except ValueError as e:
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(runtime.error_line(prog, e), file=sys.stderr)
         return 1
     print(format_plan(result))
     if not result.fits:
-        print(f"{prog}: error: {shortfall_message(result)}", file=sys.stderr)
+        print(runtime.error_line(prog, shortfall_message(result)), file=sys.stderr)
         return 1
     return 0
 

@@ -28,10 +28,13 @@ What it sets, each with its opt-out:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging as std_logging
 import os
 import re
+import sys
+from typing import Any, Callable, Iterator
 
 from absl import logging
 
@@ -131,6 +134,26 @@ def _is_third_party_chatter(record: std_logging.LogRecord) -> bool:
         return False
     return record.levelno < std_logging.WARNING or record.getMessage().startswith(
         ("Metadata file does not exist", "Variant folder "))
+
+
+def error_line(prog: str, error: BaseException | str) -> str:
+    """`prog: error: <message>`, the message on one line: how every command of this project reports bad input."""
+    return f"{prog}: error: {' '.join(str(error).split())}"
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str, errors: tuple[type[BaseException], ...] = (ValueError, OSError),
+                    exit: Callable[[str], Any] = sys.exit) -> Iterator[bool]:
+    """For command-line entry points: hides third-party INFO chatter (`quiet_logs`), and turns an error of
+    `errors` raised inside into `exit(error_line(prog, error))` (the line on stderr, exit status 1); with absl's
+    `-v 1` the error propagates with its traceback instead. Yields whether `-v 1` was given."""
+    verbose = quiet_logs()
+    try:
+        yield verbose
+    except errors as e:
+        if verbose:
+            raise
+        exit(error_line(prog, e))
 
 
 def quiet_logs() -> bool:

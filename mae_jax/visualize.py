@@ -319,8 +319,7 @@ def _define_flags():
 def main(argv):
     """Errors are one line (-v 1 also shows third-party logs and an error's traceback)."""
     del argv
-    verbose = runtime.quiet_logs()
-    try:
+    with runtime.one_line_errors("python -m mae_jax.visualize"):  # bad input or output
         originals = [read_image(p) for p in FLAGS.image]
         model, variables = load_model(FLAGS.checkpoint, FLAGS.image_size, FLAGS.mask_ratio, FLAGS.variant)
         size = model.image_shape[:2]
@@ -340,10 +339,6 @@ def main(argv):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    except (ValueError, OSError) as e:  # bad input: one line, no traceback (unless -v 1)
-        if verbose:
-            raise
-        raise SystemExit(f"python -m mae_jax.visualize: error: {' '.join(str(e).split())}") from None
     shown = ", ".join(f"{kind} {ratio:.0%}" for kind, ratio in masks) if masks else \
         f"{model.mask_sampling} masks, mask ratio {model.mask_ratio:.2f}"
     logging.info("Wrote %s: %d image(s) at %dx%d, %s%s.", FLAGS.output, len(images), *size, shown,
