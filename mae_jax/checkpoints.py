@@ -9,10 +9,13 @@ Layout (one format for both, so that anything that reads weights reads either):
     <root>/<step>/fingerprint  JSON: a uint32 checksum of every leaf of `state`, verified after restoring
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save never
-leaves a half-written checkpoint that the next run would pick up. What that cannot catch (a copy interrupted
-half-way, a truncated or damaged file, flipped bits) `restore_latest` does: a step that does not restore or
-whose checksums differ is renamed `<step>.corrupt-<reason>` (Orbax no longer sees it; nothing is deleted)
-with one warning, and the next newest step is tried.
+leaves a half-written checkpoint that the next run would pick up. A step folder counts only when it holds what a
+finished save leaves (`COMPLETE_STEP_FILES`: Orbax's commit marker and metadata, our fingerprint item), which
+`latest_step` decides without reading arrays: an empty folder or a partial copy named like a step is not the
+latest step. What the files cannot tell (a copy interrupted half-way, a truncated or damaged file, flipped
+bits) `restore_latest` finds: a step that is incomplete, does not restore or whose checksums differ is renamed
+`<step>.corrupt-<reason>` (Orbax no longer sees it; nothing is deleted) with one warning, and the next newest
+step is tried.
 
 Write failures (read-only or full disk, permissions) raise one `CheckpointError` naming the directory and
 the errno, and never leave the process waiting on Orbax's threads: the step directory is created in the
@@ -261,14 +264,15 @@ def nonfinite_leaves(tree: PyTree) -> list[str]:
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:
-    """The newest step folder under `directory` (a checkpoints root), without reading it; None if none.
-    Folders moved aside (`<step>.corrupt-<reason>`) and Orbax's temporary folders are not steps."""
+    """The newest complete step under `directory` (a checkpoints root), decided from its files without reading
+    any array (`_incomplete`); None if none. Folders moved aside (`<step>.corrupt-<reason>`), Orbax's temporary
+    folders and step folders that no finished save or copy left (empty, uncommitted, partial) are not steps."""
     directory = epath.Path(directory)
     try:
-        steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+        steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    return max(steps, default=None)
+    return next((step for step in steps if _incomplete(directory / str(step)) is None), None)
 
 
 class _Corrupt(Exception):
@@ -282,6 +286,27 @@ class _Corrupt(Exception):
 def _first_line(error: BaseException) -> str:
     text = " ".join(str(error).split(" See full TensorStore details")[0].split()) or type(error).__name__
     return text if len(text) <= 240 else text[:237] + "..."
+
+
+# What a finished save leaves in a step folder, besides the arrays: Orbax's commit marker (written last, before
+# the temporary folder is renamed; on GCS the marker alone says the step is complete), its step and tree
+# metadata, and our fingerprint item. A copy made file by file can lack any of them.
+COMPLETE_STEP_FILES = ("commit_success.txt", "_CHECKPOINT_METADATA", f"{STATE}/_METADATA", f"{FINGERPRINT}/metadata")
+
+
+def _incomplete(step_dir: epath.Path) -> _Corrupt | None:
+    """Why `step_dir` is not a complete checkpoint (a `_Corrupt` naming the reason), or None; reads no array."""
+    if not step_dir.is_dir():
+        return _Corrupt("not-a-folder", "it is not a folder")
+    names = sorted(p.name for p in step_dir.iterdir())
+    if not names:
+        return _Corrupt("empty", "the folder is empty (an interrupted copy?)")
+    if STATE not in names:
+        return _Corrupt("no-state", f"it has no '{STATE}' item (it has {names})")
+    missing = [name for name in COMPLETE_STEP_FILES if not (step_dir / name).exists()]
+    if missing:
+        return _Corrupt("incomplete", f"it lacks {', '.join(missing)} (an interrupted save or copy)")
+    return None
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -361,15 +386,13 @@ def _check_fits(step_dir: epath.Path, abstract_state: PyTree) -> None:
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree) -> tuple[PyTree, dict | None]:
     """The state and input position of `step`, verified against its fingerprint; raises _Corrupt."""
     step_dir = epath.Path(manager.directory) / str(step)
-    if not (step_dir / STATE).exists():
-        if not any(step_dir.iterdir()):
-            raise _Corrupt("empty", "the folder is empty (an interrupted copy?)")
-        raise _Corrupt("no-state", f"it has no '{STATE}' item (it has {sorted(p.name for p in step_dir.iterdir())})")
+    incomplete = _incomplete(step_dir)
+    if incomplete is not None:
+        raise incomplete
     _check_fits(step_dir, abstract_state)
-    items = {STATE: ocp.args.StandardRestore(abstract_state)}
-    for name in (INPUT, FINGERPRINT):
-        if (step_dir / name).exists():
-            items[name] = ocp.args.JsonRestore()
+    items = {STATE: ocp.args.StandardRestore(abstract_state), FINGERPRINT: ocp.args.JsonRestore()}
+    if (step_dir / INPUT).exists():
+        items[INPUT] = ocp.args.JsonRestore()
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
         state = restored[STATE]
@@ -378,18 +401,14 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: PyT
         if _is_transient(e):
             raise
         raise _Corrupt("unreadable-data", f"it does not restore ({_first_line(e)})") from None
-    saved = restored.get(FINGERPRINT) if FINGERPRINT in items else None
-    if FINGERPRINT in items:
-        if not isinstance(saved, dict) or not isinstance(saved.get("uint32_checksums"), dict):
-            raise _Corrupt("unreadable-fingerprint", f"its '{FINGERPRINT}' item is not the expected JSON")
-        checksums, _ = _summary(state)
-        differ = [name for name, value in saved["uint32_checksums"].items() if checksums.get(name) != value]
-        if differ:
-            raise _Corrupt("checksum-mismatch", f"the restored values differ from those saved (checksums of "
-                           f"{', '.join(differ[:3])}{' and more' if len(differ) > 3 else ''}): damaged data files")
-    else:
-        logging.info("Checkpoint %s has no fingerprint (written before mae_jax recorded them): not verified.",
-                     step_dir)
+    saved = restored.get(FINGERPRINT)
+    if not isinstance(saved, dict) or not isinstance(saved.get("uint32_checksums"), dict):
+        raise _Corrupt("unreadable-fingerprint", f"its '{FINGERPRINT}' item is not the expected JSON")
+    checksums, _ = _summary(state)
+    differ = [name for name, value in saved["uint32_checksums"].items() if checksums.get(name) != value]
+    if differ:
+        raise _Corrupt("checksum-mismatch", f"the restored values differ from those saved (checksums of "
+                       f"{', '.join(differ[:3])}{' and more' if len(differ) > 3 else ''}): damaged data files")
     return state, restored.get(INPUT) if INPUT in items else None
 
 
@@ -418,9 +437,9 @@ def restore_latest(manager: ocp.CheckpointManager,
     """(step, state, input position) of the newest step that restores and matches its fingerprint; None if
     there is no step at all.
 
-    A step that does not restore (an empty or partial folder, unreadable metadata, a truncated, missing or
-    damaged data file) is renamed `<step>.corrupt-<reason>` with one warning naming it and the reason, and
-    the next newest is tried. A step that reads but describes another model is not moved: that is a
+    A step that does not restore (an empty, uncommitted or partial folder (`_incomplete`), unreadable metadata,
+    a truncated, missing or damaged data file) is renamed `<step>.corrupt-<reason>` with one warning naming it
+    and the reason, and the next newest is tried. A step that reads but describes another model is not moved: that is a
     `CheckpointError` (the settings changed). When every step is unreadable: one `CheckpointError`.
     Memory and permission errors propagate unchanged (they say nothing about the files).
     """

@@ -588,7 +588,7 @@ def run(config, workdir: str | os.PathLike, task: Task, mesh_shape: tuple[int, i
 
     with contextlib.ExitStack() as cleanup:
         manager = cleanup.enter_context(open_workdir(workdir, config, config.keep_checkpoints))
-        resume_step = manager.latest_step()
+        resume_step = checkpoints.latest_step(manager.directory)  # complete steps only (Orbax lists any folder)
 
         def open_input(step):  # its length fixes the schedule; its position comes with the checkpoint
             return task.open_input(config, None if step is None else checkpoints.restore_input_state(manager, step))
