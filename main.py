@@ -95,7 +95,8 @@ def end_process(status: int, message: str | None = None) -> None:
     """Ends the process now, after `train_and_evaluate` has written and closed everything it opened (also when it
     raised): skips the interpreter's teardown, which waits seconds for tf.data's autotuning thread and collects
     every object (3-40 s after the last step line otherwise), and whose collection of Orbax's and TensorStore's
-    leftovers can print tracebacks after the one-line error ("Event loop is closed")."""
+    leftovers could print after the one-line error. The message comes last: after everything already logged."""
+    sys.stdout.flush()  # the step lines, before the message, also when both streams go to one pipe
     if message is not None:
         print(message, file=sys.stderr)
     if jax.distributed.is_initialized():

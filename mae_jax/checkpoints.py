@@ -22,7 +22,9 @@ the errno, and never leave the process waiting on Orbax's threads: the step dire
 calling thread (`create_directories_asynchronously=False`). With Orbax's default, the directory is made by a
 background thread while the other writer threads wait for its signal with a 20-minute timeout
 (`AsyncOptions.timeout_secs`); when the mkdir fails no signal ever comes, and the interpreter's exit blocks
-joining those non-daemon threads.
+joining those non-daemon threads. That error is the only report of the failure: what Orbax's threads log and
+TensorStore's callbacks print about it (`RuntimeError: Event loop is closed`) is held back or dropped
+(`_OrbaxNoise`), unless absl's -v 1 asks for everything.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import os
 import re
 import socket
 import sys
+import threading
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -61,16 +64,28 @@ class CheckpointError(ValueError):
 
 class CheckpointManager(ocp.CheckpointManager):
     """Orbax's CheckpointManager whose write failures, also those of a background save that surface while
-    waiting or closing, are one `CheckpointError` (see `write_error`)."""
+    waiting or closing, are one `CheckpointError` (see `write_error`), and the only report of them: while it is
+    open, what Orbax and TensorStore print about a failed background write is held back or dropped (`_NOISE`)."""
 
     in_flight: int | None = None  # the step whose (background) save was started last
+    failed: bool = False  # a write failure was raised; Orbax then raises it again at every wait
+    _open: bool = False
 
     def __init__(self, *args, **kwargs):
-        # A background save that fails logs from Orbax's threads while training goes on: one line each,
-        # not their tracebacks (the failure is raised, once, at the next save or at close).
-        self._tracebacks_dropped = _OrbaxTracebacks()
-        std_logging.getLogger("absl").addFilter(self._tracebacks_dropped)
-        super().__init__(*args, **kwargs)
+        _NOISE.enter()
+        self._open = True
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._open = False
+            _NOISE.exit()
+            raise
+
+    def failure(self, step: int | None, error: BaseException) -> CheckpointError:
+        """The one `CheckpointError` of a failed write of `step`, to raise."""
+        self.failed = True
+        _NOISE.write_failed()
+        return write_error(epath.Path(self.directory), step, error)
 
     def save(self, step: int, *args, **kwargs) -> bool:
         saved = super().save(step, *args, **kwargs)  # first waits for the previous one: still `in_flight`
@@ -84,18 +99,41 @@ class CheckpointManager(ocp.CheckpointManager):
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise bare Exceptions
-            raise write_error(epath.Path(self.directory), self.in_flight, e) from None
+            raise self.failure(self.in_flight, e) from None
+        _NOISE.release_held()
+
+    def raise_if_failed(self) -> None:
+        """Raises now, as `wait_until_finished` would, if the background save in flight has already failed;
+        returns at once otherwise (never waits). With several processes it does nothing: each would find out at
+        its own step and leave the others waiting in the next step's collectives; the failure is raised at the
+        next save instead."""
+        if jax.process_count() > 1:
+            return
+        finalize = getattr(self, "_finalize_thread", None)  # Orbax's thread that waits for the save and commits it
+        thread = finalize.get() if finalize is not None else None
+        if thread is not None and not thread.is_alive() and getattr(thread, "exception", None) is not None:
+            self.wait_until_finished()
 
     def close(self):
+        """Waits for the save in flight, then closes. Its failure is raised as one `CheckpointError`, unless a
+        failure was raised already: what closing meets then (the same failure again, a step metadata file that
+        could not be written either) is its aftermath, and the first error stays the one reported."""
+        if not self._open:
+            return
+        already_failed = self.failed
         try:
             self.wait_until_finished()
-        except CheckpointError as e:
-            with contextlib.suppress(Exception):  # the same failure again; release the rest anyway
+            with _quiet_orbax():
                 super().close()
-            raise e from None
+        except Exception as e:  # noqa: BLE001
+            if already_failed:
+                return
+            if isinstance(e, CheckpointError):
+                raise
+            raise self.failure(self.in_flight, e) from None
         finally:
-            std_logging.getLogger("absl").removeFilter(self._tracebacks_dropped)
-        super().close()
+            self._open = False
+            _NOISE.exit()
 
 
 def make_manager(directory: str | os.PathLike, *, max_to_keep: int | None = 3,
@@ -189,7 +227,19 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, model_fields:
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001
+        if isinstance(manager, CheckpointManager):
+            raise manager.failure(step, e) from None
+        _NOISE.write_failed()
         raise write_error(epath.Path(manager.directory), step, e) from None
+
+
+def raise_if_failed(manager: ocp.CheckpointManager) -> None:
+    """Raises the `CheckpointError` of a background save that has already failed, without waiting for one in
+    flight (a no-op for other managers and with several processes): a loop that calls it every step stops at
+    the step boundary after the failure, instead of training on until the next save only to fail there, while
+    its other writes (metrics, TensorBoard) meet the same full or read-only disk."""
+    if isinstance(manager, CheckpointManager):
+        manager.raise_if_failed()
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree) -> PyTree:
@@ -316,38 +366,119 @@ def _is_transient(error: BaseException) -> bool:
         "RESOURCE_EXHAUSTED" in text or "PERMISSION_DENIED" in text
 
 
-class _OrbaxTracebacks(std_logging.Filter):
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        if "/orbax/" in record.pathname and record.levelno >= std_logging.ERROR and logging.get_verbosity() < 1:
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-class _DropOrbaxErrors(std_logging.Filter):
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return "/orbax/" not in record.pathname or record.levelno < std_logging.WARNING
-
-
 @contextlib.contextmanager
 def _quiet_orbax() -> Iterator[None]:
-    """Orbax's own error logs (a 70-line traceback each) and TensorStore's never-awaited coroutines are
-    dropped while we read or write: the failure is reported once, by us. Kept with absl's -v 1."""
-    if logging.get_verbosity() >= 1:
-        yield
-        return
-    logger, log_filter, hook = std_logging.getLogger("absl"), _DropOrbaxErrors(), sys.unraisablehook
-
-    def unraisable(info):  # TensorStore's callbacks into the event loops of the failed read
-        if "coroutine" not in repr(info.object) and "Event loop is closed" not in str(info.exc_value):
-            hook(info)
-
-    logger.addFilter(log_filter)
-    sys.unraisablehook = unraisable
+    """While we read or write: Orbax's own warnings and error logs (a 70-line traceback each), and the reports of
+    TensorStore's never-awaited coroutines and closed event loops, are dropped: the failure is reported once, by
+    us. Kept with absl's -v 1."""
+    _NOISE.enter(quiet=True)
     try:
         yield
     finally:
-        logger.removeFilter(log_filter)
-        sys.unraisablehook = hook
+        _NOISE.exit(quiet=True)
+
+
+def _is_closed_loop_report(info) -> bool:
+    """Whether an unraisable-exception report is TensorStore's `RuntimeError: Event loop is closed`: an operation
+    ended after the asyncio loop awaiting it was closed, and handing its result over (`loop.call_soon_threadsafe`,
+    in TensorStore's callback thread) failed. No object: TensorStore calls `PyErr_WriteUnraisable(NULL)`."""
+    if info.object is not None or not isinstance(info.exc_value, RuntimeError) or \
+            str(info.exc_value) != "Event loop is closed":
+        return False
+    tb = info.exc_traceback
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _OrbaxNoise(std_logging.Filter):
+    """What Orbax and TensorStore print about a failed checkpoint read or write, besides our one line.
+
+    A background save that fails (full disk, read-only folder) does so in Orbax's threads while training goes
+    on. Orbax then logs the failure from each of its threads (an ERROR with a traceback), and ends the save's
+    asyncio loop on the first failed write, closing it while TensorStore still runs the save's other writes; as
+    each of those ends, TensorStore's callback thread finds the loop closed and reports `RuntimeError: Event loop
+    is closed` to `sys.unraisablehook`, which prints a traceback: dozens of them, mixed with the step lines, and
+    some after our error line, since they keep coming after the save was waited for. The failure itself is
+    raised once, as a `CheckpointError`, when the save is waited for (the next save, or closing).
+
+    So, unless absl's -v 1 asks for everything, while a manager is open (`enter`/`exit`):
+    - Orbax's ERROR records are held back until the next wait for a save: dropped if the save failed (its
+      `CheckpointError` says it), else logged then, one line each;
+    - the closed-loop reports are dropped (`_is_closed_loop_report`), also for the rest of the process after a
+      write failed (`write_failed`), since the abandoned writes may end later still;
+    and within `_quiet_orbax` blocks Orbax's warnings and errors and TensorStore's coroutine reports are dropped.
+    Other records and reports pass unchanged. One instance per process (`_NOISE`): `sys.unraisablehook` is one.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.RLock()
+        self._users = 0  # open managers and _quiet_orbax blocks
+        self._quiet = 0  # _quiet_orbax blocks
+        self._after_failure = False
+        self._held: list[std_logging.LogRecord] = []
+        self._previous_hook = None
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if "/orbax/" not in record.pathname or getattr(record, "mae_jax_released", False) or \
+                logging.get_verbosity() >= 1:
+            return True
+        if self._quiet:
+            return record.levelno < std_logging.WARNING
+        if record.levelno >= std_logging.ERROR and self._users:
+            self._held.append(record)
+            return False
+        return True
+
+    def __call__(self, info) -> None:  # as sys.unraisablehook
+        if _is_closed_loop_report(info) or self._quiet and logging.get_verbosity() < 1 and (
+                "coroutine" in repr(info.object) or "Event loop is closed" in str(info.exc_value)):
+            return
+        (self._previous_hook or sys.__unraisablehook__)(info)
+
+    def _install_hook(self) -> None:
+        if sys.unraisablehook is not self:
+            self._previous_hook, sys.unraisablehook = sys.unraisablehook, self
+
+    def enter(self, quiet: bool = False) -> None:
+        with self._lock:
+            if self._users == 0:
+                std_logging.getLogger("absl").addFilter(self)
+            self._install_hook()
+            self._users += 1
+            self._quiet += quiet
+
+    def exit(self, quiet: bool = False) -> None:
+        with self._lock:
+            self._users -= 1
+            self._quiet -= quiet
+            if self._users:
+                return
+            std_logging.getLogger("absl").removeFilter(self)
+            self._held.clear()
+            if not self._after_failure and sys.unraisablehook is self:
+                sys.unraisablehook, self._previous_hook = self._previous_hook, None
+
+    def write_failed(self) -> None:
+        """A write failed and is being raised: drops the records held back, keeps dropping closed-loop reports."""
+        with self._lock:
+            self._held.clear()
+            self._after_failure = True
+            self._install_hook()
+
+    def release_held(self) -> None:
+        """A save finished well: logs the Orbax errors held back meanwhile, one line each (no traceback)."""
+        with self._lock:
+            held, self._held = self._held, []
+        for record in held:
+            record.exc_info, record.exc_text, record.mae_jax_released = None, None, True
+            std_logging.getLogger("absl").handle(record)
+
+
+_NOISE = _OrbaxNoise()
 
 
 def _tree_shapes(tree: PyTree) -> dict[str, tuple]:

@@ -354,6 +354,7 @@ class Loop:
             for hook in self.hooks:
                 hook(step, state)
             preempted = preemption.reached(step)
+            checkpoints.raise_if_failed(self.manager)  # a background save that failed: stop now, not at the next save
             if step == self.total_steps or preempted or self._every(self.checkpoint_every_steps, step):
                 bad = int(jax.device_get(state.nonfinite_step))
                 if bad >= 0:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mae_jax import checkpoints, trainer
-from runs import FIVE_STEPS, ROOT, losses, run_main, xla_flags
+from runs import FIVE_STEPS, in_mount_namespace, losses, run_main
 
 pytestmark = pytest.mark.slow  # end-to-end runs or PyTorch comparisons: not in the quick subset
 
@@ -299,15 +299,7 @@ except checkpoints.CheckpointError as e:
 
 
 def _in_mount_namespace(setup: str, command: list[str]) -> subprocess.CompletedProcess:
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare(1) for a private mount namespace")
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount in a private namespace here: {probe.stderr.decode().strip()}")
-    script = f"{setup} && exec {' '.join(command)}"
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(1))
-    return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=30,
-                          cwd=ROOT, env=env)
+    return in_mount_namespace(f"{setup} && exec {' '.join(command)}", timeout=30)
 
 
 @pytest.mark.parametrize("how, cause", [("read-only", "Read-only file system (EROFS, errno 30)"),
