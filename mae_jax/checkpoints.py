@@ -393,23 +393,49 @@ def _is_closed_loop_report(info) -> bool:
     return False
 
 
+_ABANDONED = ("Task exception was never retrieved", "Future exception was never retrieved",
+              "Task was destroyed but it is pending")
+
+
+def _is_abandoned_orbax_task(record: std_logging.LogRecord) -> bool:
+    """Whether an asyncio log record is about a task or future of Orbax's or TensorStore's that was abandoned
+    with its loop (logged when the garbage collector meets it): its text or its error's frames name them."""
+    text = record.getMessage()
+    if not text.startswith(_ABANDONED):
+        return False
+    if "/orbax/" in text or "tensorstore" in text or "OCDBT" in text:
+        return True
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:
+        if re.search(r"/orbax/|tensorstore", tb.tb_frame.f_code.co_filename):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 class _OrbaxNoise(std_logging.Filter):
-    """What Orbax and TensorStore print about a failed checkpoint read or write, besides our one line.
+    """What Orbax, TensorStore and asyncio print about a failed checkpoint read or write, besides our one line.
 
     A background save that fails (full disk, read-only folder) does so in Orbax's threads while training goes
     on. Orbax then logs the failure from each of its threads (an ERROR with a traceback), and ends the save's
     asyncio loop on the first failed write, closing it while TensorStore still runs the save's other writes; as
     each of those ends, TensorStore's callback thread finds the loop closed and reports `RuntimeError: Event loop
     is closed` to `sys.unraisablehook`, which prints a traceback: dozens of them, mixed with the step lines, and
-    some after our error line, since they keep coming after the save was waited for. The failure itself is
-    raised once, as a `CheckpointError`, when the save is waited for (the next save, or closing).
+    some after our error line, since they keep coming after the save was waited for; and when the garbage
+    collector meets the abandoned tasks, asyncio logs "Task exception was never retrieved" with a traceback. A
+    failed read (a damaged step that `restore_latest` moves aside) leaves the same behind. The failure itself is
+    reported once by us: a `CheckpointError` raised when the save is waited for, a warning for a damaged step.
 
-    So, unless absl's -v 1 asks for everything, while a manager is open (`enter`/`exit`):
+    So, while a manager is open or a `_quiet_orbax` block runs (`enter`/`exit`), unless absl's -v 1 asks for
+    everything:
     - Orbax's ERROR records are held back until the next wait for a save: dropped if the save failed (its
-      `CheckpointError` says it), else logged then, one line each;
-    - the closed-loop reports are dropped (`_is_closed_loop_report`), also for the rest of the process after a
-      write failed (`write_failed`), since the abandoned writes may end later still;
-    and within `_quiet_orbax` blocks Orbax's warnings and errors and TensorStore's coroutine reports are dropped.
+      `CheckpointError` says it), else logged then, one line each; in `_quiet_orbax` blocks its warnings and
+      errors are dropped, and so are TensorStore's reports of never-awaited coroutines;
+    - the closed-loop reports (`_is_closed_loop_report`; even with -v 1: they say nothing) and asyncio's records of
+      Orbax's abandoned tasks (`_is_abandoned_orbax_task`) are dropped, also for the rest of the process after a
+      write or read failed (`write_failed`, `read_failed`), since the abandoned operations end, and are
+      collected, later still (after a failed read of a damaged step, a report came 1 time in 40 after its
+      manager was closed; an asyncio record 2 times in 200).
     Other records and reports pass unchanged. One instance per process (`_NOISE`): `sys.unraisablehook` is one.
     """
 
@@ -421,10 +447,13 @@ class _OrbaxNoise(std_logging.Filter):
         self._after_failure = False
         self._held: list[std_logging.LogRecord] = []
         self._previous_hook = None
+        self._attached: set[str] = set()  # the loggers this filter is on
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        if "/orbax/" not in record.pathname or getattr(record, "mae_jax_released", False) or \
-                logging.get_verbosity() >= 1:
+        verbose = logging.get_verbosity() >= 1
+        if record.name == "asyncio":
+            return verbose or not _is_abandoned_orbax_task(record)
+        if "/orbax/" not in record.pathname or getattr(record, "mae_jax_released", False) or verbose:
             return True
         if self._quiet:
             return record.levelno < std_logging.WARNING
@@ -439,35 +468,45 @@ class _OrbaxNoise(std_logging.Filter):
             return
         (self._previous_hook or sys.__unraisablehook__)(info)
 
-    def _install_hook(self) -> None:
-        if sys.unraisablehook is not self:
+    def _update(self) -> None:
+        """Puts the filter on the loggers and the hook in place, or takes them away, as the state asks."""
+        wanted = {"absl", "asyncio"} if self._users else {"asyncio"} if self._after_failure else set()
+        for name in wanted - self._attached:
+            std_logging.getLogger(name).addFilter(self)
+        for name in self._attached - wanted:
+            std_logging.getLogger(name).removeFilter(self)
+        self._attached = wanted
+        if wanted and sys.unraisablehook is not self:
             self._previous_hook, sys.unraisablehook = sys.unraisablehook, self
+        elif not wanted and sys.unraisablehook is self:
+            sys.unraisablehook, self._previous_hook = self._previous_hook, None
+        if not self._users:
+            self._held.clear()
 
     def enter(self, quiet: bool = False) -> None:
         with self._lock:
-            if self._users == 0:
-                std_logging.getLogger("absl").addFilter(self)
-            self._install_hook()
             self._users += 1
             self._quiet += quiet
+            self._update()
 
     def exit(self, quiet: bool = False) -> None:
         with self._lock:
             self._users -= 1
             self._quiet -= quiet
-            if self._users:
-                return
-            std_logging.getLogger("absl").removeFilter(self)
-            self._held.clear()
-            if not self._after_failure and sys.unraisablehook is self:
-                sys.unraisablehook, self._previous_hook = self._previous_hook, None
+            self._update()
 
     def write_failed(self) -> None:
-        """A write failed and is being raised: drops the records held back, keeps dropping closed-loop reports."""
+        """A write failed and is being raised: drops the records held back; see `read_failed`."""
         with self._lock:
             self._held.clear()
+        self.read_failed()
+
+    def read_failed(self) -> None:
+        """A read or write failed (and is reported by us): Orbax abandoned TensorStore operations and asyncio
+        tasks, which may end and be collected after the failure was reported; their reports stay dropped."""
+        with self._lock:
             self._after_failure = True
-            self._install_hook()
+            self._update()
 
     def release_held(self) -> None:
         """A save finished well: logs the Orbax errors held back meanwhile, one line each (no traceback)."""
@@ -586,6 +625,7 @@ def restore_latest(manager: ocp.CheckpointManager,
                 state, input_state = _restore_step(manager, step, abstract_state)
             except _Corrupt as e:
                 failure = e
+                _NOISE.read_failed()
                 gc.collect()  # the failed read's never-awaited coroutines, while their warnings are dropped
         if _all_agree(failure is None):
             if moved:
