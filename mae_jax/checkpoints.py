@@ -84,7 +84,7 @@ class CheckpointManager(ocp.CheckpointManager):
     def failure(self, step: int | None, error: BaseException) -> CheckpointError:
         """The one `CheckpointError` of a failed write of `step`, to raise."""
         self.failed = True
-        _NOISE.write_failed()
+        _NOISE.write_failed(epath.Path(self.directory), step)
         return write_error(epath.Path(self.directory), step, error)
 
     def save(self, step: int, *args, **kwargs) -> bool:
@@ -229,7 +229,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, model_fields:
     except Exception as e:  # noqa: BLE001
         if isinstance(manager, CheckpointManager):
             raise manager.failure(step, e) from None
-        _NOISE.write_failed()
+        _NOISE.write_failed(epath.Path(manager.directory), step)
         raise write_error(epath.Path(manager.directory), step, e) from None
 
 
@@ -432,10 +432,12 @@ class _OrbaxNoise(std_logging.Filter):
       `CheckpointError` says it), else logged then, one line each; in `_quiet_orbax` blocks its warnings and
       errors are dropped, and so are TensorStore's reports of never-awaited coroutines;
     - the closed-loop reports (`_is_closed_loop_report`; even with -v 1: they say nothing) and asyncio's records of
-      Orbax's abandoned tasks (`_is_abandoned_orbax_task`) are dropped, also for the rest of the process after a
-      write or read failed (`write_failed`, `read_failed`), since the abandoned operations end, and are
-      collected, later still (after a failed read of a damaged step, a report came 1 time in 40 after its
-      manager was closed; an asyncio record 2 times in 200).
+      Orbax's abandoned tasks (`_is_abandoned_orbax_task`) are dropped;
+    and for the rest of the process after a write or read failed (`write_failed`, `read_failed`), since the
+    abandoned operations end, and are collected, later still, those reports and Orbax's warnings and errors that
+    name the failed step's folder stay dropped. (After a failed read of a damaged step, a closed-loop report came
+    1 time in 40 after its manager was closed, an asyncio record 2 times in 200; after a save failed in one item,
+    another item's thread logged its own failure after the manager was closed, 1 time in 3.)
     Other records and reports pass unchanged. One instance per process (`_NOISE`): `sys.unraisablehook` is one.
     """
 
@@ -448,6 +450,7 @@ class _OrbaxNoise(std_logging.Filter):
         self._held: list[std_logging.LogRecord] = []
         self._previous_hook = None
         self._attached: set[str] = set()  # the loggers this filter is on
+        self._failed_steps: list[re.Pattern] = []  # the folders of failed reads and writes: `<root>/<step>[.tmp]`
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         verbose = logging.get_verbosity() >= 1
@@ -455,6 +458,9 @@ class _OrbaxNoise(std_logging.Filter):
             return verbose or not _is_abandoned_orbax_task(record)
         if "/orbax/" not in record.pathname or getattr(record, "mae_jax_released", False) or verbose:
             return True
+        if record.levelno >= std_logging.WARNING and self._failed_steps and \
+                any(failed.search(record.getMessage()) for failed in self._failed_steps):
+            return False
         if self._quiet:
             return record.levelno < std_logging.WARNING
         if record.levelno >= std_logging.ERROR and self._users:
@@ -470,7 +476,7 @@ class _OrbaxNoise(std_logging.Filter):
 
     def _update(self) -> None:
         """Puts the filter on the loggers and the hook in place, or takes them away, as the state asks."""
-        wanted = {"absl", "asyncio"} if self._users else {"asyncio"} if self._after_failure else set()
+        wanted = {"absl", "asyncio"} if self._users or self._after_failure else set()
         for name in wanted - self._attached:
             std_logging.getLogger(name).addFilter(self)
         for name in self._attached - wanted:
@@ -495,16 +501,20 @@ class _OrbaxNoise(std_logging.Filter):
             self._quiet -= quiet
             self._update()
 
-    def write_failed(self) -> None:
-        """A write failed and is being raised: drops the records held back; see `read_failed`."""
+    def write_failed(self, directory: epath.Path, step: int | None) -> None:
+        """A write of `step` under `directory` failed and is being raised: drops the records held back; see
+        `read_failed`."""
         with self._lock:
             self._held.clear()
-        self.read_failed()
+        self.read_failed(directory, step)
 
-    def read_failed(self) -> None:
-        """A read or write failed (and is reported by us): Orbax abandoned TensorStore operations and asyncio
-        tasks, which may end and be collected after the failure was reported; their reports stay dropped."""
+    def read_failed(self, directory: epath.Path, step: int | None) -> None:
+        """A read or write of `step` under `directory` failed (and is reported by us): Orbax abandoned threads,
+        TensorStore operations and asyncio tasks, which may end, log and be collected after the failure was
+        reported; their reports stay dropped."""
+        folder = re.escape(os.fspath(directory)) + (rf"/{step}(?![0-9])" if step is not None else "")
         with self._lock:
+            self._failed_steps.append(re.compile(folder))
             self._after_failure = True
             self._update()
 
@@ -625,7 +635,7 @@ def restore_latest(manager: ocp.CheckpointManager,
                 state, input_state = _restore_step(manager, step, abstract_state)
             except _Corrupt as e:
                 failure = e
-                _NOISE.read_failed()
+                _NOISE.read_failed(directory, step)
                 gc.collect()  # the failed read's never-awaited coroutines, while their warnings are dropped
         if _all_agree(failure is None):
             if moved:
