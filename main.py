@@ -97,28 +97,26 @@ def main(argv):
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required: the directory for checkpoints, metrics and TensorBoard events")
     logging.get_absl_handler().python_handler.stream = sys.stdout  # progress goes to stdout
-    verbose = runtime.quiet_logs()  # Orbax's narration of every save, jax's search for accelerators
     problem = workdir_problem(FLAGS.workdir)
     if problem:
-        end_process(1, f"{sys.argv[0]}: error: --workdir {FLAGS.workdir}: {problem}")
+        end_process(1, runtime.error_line(sys.argv[0], f"--workdir {FLAGS.workdir}: {problem}"))
     logging.info("Process settings: %s.", SETTINGS)
     from mae_jax import trainer  # JAX and Orbax start here, after the flags: --help and flag errors answer at once
 
-    try:
-        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, command=shlex.join(["python", *sys.argv]))
-    except (ValueError, OSError, FloatingPointError) as e:  # bad settings, data or weights; a NaN stop
-        if verbose:
-            raise
-        end_process(1, f"{sys.argv[0]}: error: {' '.join(str(e).split())}")
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started (the first in training saves)
-        if verbose:
-            raise
-        from mae_jax import checkpoints
+    # Bad settings, data or weights, a NaN stop: one line (-v 1: the traceback, and third-party INFO logs).
+    with runtime.one_line_errors(sys.argv[0], (ValueError, OSError, FloatingPointError),
+                                 exit=lambda line: end_process(1, line)) as verbose:
+        try:
+            trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, command=shlex.join(["python", *sys.argv]))
+        except KeyboardInterrupt:  # a second Ctrl-C, or one before training started (the first in training saves)
+            if verbose:
+                raise
+            from mae_jax import checkpoints
 
-        latest = checkpoints.latest_step(os.path.join(FLAGS.workdir, "checkpoints"))
-        end_process(130, f"{sys.argv[0]}: interrupted before anything was saved; re-running the same command starts "
-                    "again" if latest is None else f"{sys.argv[0]}: interrupted: stopped without saving; re-run the "
-                    f"same command to resume from the last checkpoint (step {latest})")
+            latest = checkpoints.latest_step(os.path.join(FLAGS.workdir, "checkpoints"))
+            end_process(130, f"{sys.argv[0]}: interrupted before anything was saved; re-running the same command "
+                        "starts again" if latest is None else f"{sys.argv[0]}: interrupted: stopped without saving; "
+                        f"re-run the same command to resume from the last checkpoint (step {latest})")
     end_process(0)
 
 
@@ -143,7 +141,8 @@ def end_process(status: int, message: str | None = None) -> None:
     """Ends the process now, after `train_and_evaluate` has written and closed everything it opened (also when it
     raised): skips the interpreter's teardown, which waits seconds for tf.data's autotuning thread and collects
     every object (3-40 s after the last step line otherwise), and whose collection of Orbax's and TensorStore's
-    leftovers can print tracebacks after the one-line error ("Event loop is closed")."""
+    leftovers could print after the one-line error. The message comes last: after everything already logged."""
+    sys.stdout.flush()  # the step lines, before the message, also when both streams go to one pipe
     if message is not None:
         print(message, file=sys.stderr)
     if jax.distributed.is_initialized():

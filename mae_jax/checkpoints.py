@@ -10,22 +10,28 @@ Layout (one format for both, so that anything that reads weights reads either):
     <root>/<step>/fingerprint  JSON: a uint32 checksum of every leaf of `state`, verified after restoring
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save never
-leaves a half-written checkpoint that the next run would pick up. What that cannot catch (a copy interrupted
-half-way, a truncated or damaged file, flipped bits) `restore_latest` does: a step that does not restore or
-whose checksums differ is renamed `<step>.corrupt-<reason>` (Orbax no longer sees it; nothing is deleted)
-with one warning, and the next newest step is tried.
+leaves a half-written checkpoint that the next run would pick up. A step folder counts only when it holds what a
+finished save leaves (`COMPLETE_STEP_FILES`: Orbax's commit marker and metadata, our fingerprint item), which
+`latest_step` decides without reading arrays: an empty folder or a partial copy named like a step is not the
+latest step. What the files cannot tell (a copy interrupted half-way, a truncated or damaged file, flipped
+bits) `restore_latest` finds: a step that is incomplete, does not restore or whose checksums differ is renamed
+`<step>.corrupt-<reason>` (Orbax no longer sees it; nothing is deleted) with one warning, and the next newest
+step is tried.
 
 Write failures (read-only or full disk, permissions) raise one `CheckpointError` naming the directory and
 the errno, and never leave the process waiting on Orbax's threads: the step directory is created in the
 calling thread (`create_directories_asynchronously=False`). With Orbax's default, the directory is made by a
 background thread while the other writer threads wait for its signal with a 20-minute timeout
 (`AsyncOptions.timeout_secs`); when the mkdir fails no signal ever comes, and the interpreter's exit blocks
-joining those non-daemon threads.
+joining those non-daemon threads. That error is the only report of the failure: what Orbax's threads log and
+TensorStore's callbacks print about it (`RuntimeError: Event loop is closed`) is held back or dropped
+(`_OrbaxNoise`), unless absl's -v 1 asks for everything.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno as errno_lib
 import gc
 import logging as std_logging
@@ -33,6 +39,7 @@ import os
 import re
 import socket
 import sys
+import threading
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -61,16 +68,28 @@ class CheckpointError(ValueError):
 
 class CheckpointManager(ocp.CheckpointManager):
     """Orbax's CheckpointManager whose write failures, also those of a background save that surface while
-    waiting or closing, are one `CheckpointError` (see `write_error`)."""
+    waiting or closing, are one `CheckpointError` (see `write_error`), and the only report of them: while it is
+    open, what Orbax and TensorStore print about a failed background write is held back or dropped (`_NOISE`)."""
 
     in_flight: int | None = None  # the step whose (background) save was started last
+    failed: bool = False  # a write failure was raised; Orbax then raises it again at every wait
+    _open: bool = False
 
     def __init__(self, *args, **kwargs):
-        # A background save that fails logs from Orbax's threads while training goes on: one line each,
-        # not their tracebacks (the failure is raised, once, at the next save or at close).
-        self._tracebacks_dropped = _OrbaxTracebacks()
-        std_logging.getLogger("absl").addFilter(self._tracebacks_dropped)
-        super().__init__(*args, **kwargs)
+        _NOISE.enter()
+        self._open = True
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._open = False
+            _NOISE.exit()
+            raise
+
+    def failure(self, step: int | None, error: BaseException) -> CheckpointError:
+        """The one `CheckpointError` of a failed write of `step`, to raise."""
+        self.failed = True
+        _NOISE.write_failed(epath.Path(self.directory), step)
+        return write_error(epath.Path(self.directory), step, error)
 
     def save(self, step: int, *args, **kwargs) -> bool:
         saved = super().save(step, *args, **kwargs)  # first waits for the previous one: still `in_flight`
@@ -84,18 +103,41 @@ class CheckpointManager(ocp.CheckpointManager):
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise bare Exceptions
-            raise write_error(epath.Path(self.directory), self.in_flight, e) from None
+            raise self.failure(self.in_flight, e) from None
+        _NOISE.release_held()
+
+    def raise_if_failed(self) -> None:
+        """Raises now, as `wait_until_finished` would, if the background save in flight has already failed;
+        returns at once otherwise (never waits). With several processes it does nothing: each would find out at
+        its own step and leave the others waiting in the next step's collectives; the failure is raised at the
+        next save instead."""
+        if jax.process_count() > 1:
+            return
+        finalize = getattr(self, "_finalize_thread", None)  # Orbax's thread that waits for the save and commits it
+        thread = finalize.get() if finalize is not None else None
+        if thread is not None and not thread.is_alive() and getattr(thread, "exception", None) is not None:
+            self.wait_until_finished()
 
     def close(self):
+        """Waits for the save in flight, then closes. Its failure is raised as one `CheckpointError`, unless a
+        failure was raised already: what closing meets then (the same failure again, a step metadata file that
+        could not be written either) is its aftermath, and the first error stays the one reported."""
+        if not self._open:
+            return
+        already_failed = self.failed
         try:
             self.wait_until_finished()
-        except CheckpointError as e:
-            with contextlib.suppress(Exception):  # the same failure again; release the rest anyway
+            with _quiet_orbax():
                 super().close()
-            raise e from None
+        except Exception as e:  # noqa: BLE001
+            if already_failed:
+                return
+            if isinstance(e, CheckpointError):
+                raise
+            raise self.failure(self.in_flight, e) from None
         finally:
-            std_logging.getLogger("absl").removeFilter(self._tracebacks_dropped)
-        super().close()
+            self._open = False
+            _NOISE.exit()
 
 
 def make_manager(directory: str | os.PathLike, *, max_to_keep: int | None = 3,
@@ -189,7 +231,19 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, model_fields:
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001
+        if isinstance(manager, CheckpointManager):
+            raise manager.failure(step, e) from None
+        _NOISE.write_failed(epath.Path(manager.directory), step)
         raise write_error(epath.Path(manager.directory), step, e) from None
+
+
+def raise_if_failed(manager: ocp.CheckpointManager) -> None:
+    """Raises the `CheckpointError` of a background save that has already failed, without waiting for one in
+    flight (a no-op for other managers and with several processes): a loop that calls it every step stops at
+    the step boundary after the failure, instead of training on until the next save only to fail there, while
+    its other writes (metrics, TensorBoard) meet the same full or read-only disk."""
+    if isinstance(manager, CheckpointManager):
+        manager.raise_if_failed()
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree) -> PyTree:
@@ -264,14 +318,15 @@ def nonfinite_leaves(tree: PyTree) -> list[str]:
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:
-    """The newest step folder under `directory` (a checkpoints root), without reading it; None if none.
-    Folders moved aside (`<step>.corrupt-<reason>`) and Orbax's temporary folders are not steps."""
+    """The newest complete step under `directory` (a checkpoints root), decided from its files without reading
+    any array (`_incomplete`); None if none. Folders moved aside (`<step>.corrupt-<reason>`), Orbax's temporary
+    folders and step folders that no finished save or copy left (empty, uncommitted, partial) are not steps."""
     directory = epath.Path(directory)
     try:
-        steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+        steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    return max(steps, default=None)
+    return next((step for step in steps if _incomplete(directory / str(step)) is None), None)
 
 
 class _Corrupt(Exception):
@@ -287,6 +342,29 @@ def _first_line(error: BaseException) -> str:
     return text if len(text) <= 240 else text[:237] + "..."
 
 
+# What a finished save leaves in a step folder, besides the arrays: Orbax's commit marker (written last, before
+# the temporary folder is renamed; on GCS the marker alone says the step is complete), its step and tree
+# metadata, and our fingerprint item. A copy made file by file can lack any of them.
+# The files every finished save leaves. (The fingerprint is verified where there is one: checkpoints written before
+# 2026-11-23 have none.)
+COMPLETE_STEP_FILES = ("commit_success.txt", "_CHECKPOINT_METADATA", f"{STATE}/_METADATA")
+
+
+def _incomplete(step_dir: epath.Path) -> _Corrupt | None:
+    """Why `step_dir` is not a complete checkpoint (a `_Corrupt` naming the reason), or None; reads no array."""
+    if not step_dir.is_dir():
+        return _Corrupt("not-a-folder", "it is not a folder")
+    names = sorted(p.name for p in step_dir.iterdir())
+    if not names:
+        return _Corrupt("empty", "the folder is empty (an interrupted copy?)")
+    if STATE not in names:
+        return _Corrupt("no-state", f"it has no '{STATE}' item (it has {names})")
+    missing = [name for name in COMPLETE_STEP_FILES if not (step_dir / name).exists()]
+    if missing:
+        return _Corrupt("incomplete", f"it lacks {', '.join(missing)} (an interrupted save or copy)")
+    return None
+
+
 def _is_transient(error: BaseException) -> bool:
     """Failures that say nothing about the files: memory, permissions, interruptions."""
     text = str(error)
@@ -294,38 +372,168 @@ def _is_transient(error: BaseException) -> bool:
         "RESOURCE_EXHAUSTED" in text or "PERMISSION_DENIED" in text
 
 
-class _OrbaxTracebacks(std_logging.Filter):
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        if "/orbax/" in record.pathname and record.levelno >= std_logging.ERROR and logging.get_verbosity() < 1:
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-class _DropOrbaxErrors(std_logging.Filter):
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return "/orbax/" not in record.pathname or record.levelno < std_logging.WARNING
-
-
 @contextlib.contextmanager
 def _quiet_orbax() -> Iterator[None]:
-    """Orbax's own error logs (a 70-line traceback each) and TensorStore's never-awaited coroutines are
-    dropped while we read or write: the failure is reported once, by us. Kept with absl's -v 1."""
-    if logging.get_verbosity() >= 1:
-        yield
-        return
-    logger, log_filter, hook = std_logging.getLogger("absl"), _DropOrbaxErrors(), sys.unraisablehook
-
-    def unraisable(info):  # TensorStore's callbacks into the event loops of the failed read
-        if "coroutine" not in repr(info.object) and "Event loop is closed" not in str(info.exc_value):
-            hook(info)
-
-    logger.addFilter(log_filter)
-    sys.unraisablehook = unraisable
+    """While we read or write: Orbax's own warnings and error logs (a 70-line traceback each), and the reports of
+    TensorStore's never-awaited coroutines and closed event loops, are dropped: the failure is reported once, by
+    us. Kept with absl's -v 1."""
+    _NOISE.enter(quiet=True)
     try:
         yield
     finally:
-        logger.removeFilter(log_filter)
-        sys.unraisablehook = hook
+        _NOISE.exit(quiet=True)
+
+
+def _is_closed_loop_report(info) -> bool:
+    """Whether an unraisable-exception report is TensorStore's `RuntimeError: Event loop is closed`: an operation
+    ended after the asyncio loop awaiting it was closed, and handing its result over (`loop.call_soon_threadsafe`,
+    in TensorStore's callback thread) failed. No object: TensorStore calls `PyErr_WriteUnraisable(NULL)`."""
+    if info.object is not None or not isinstance(info.exc_value, RuntimeError) or \
+            str(info.exc_value) != "Event loop is closed":
+        return False
+    tb = info.exc_traceback
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+_ABANDONED = ("Task exception was never retrieved", "Future exception was never retrieved",
+              "Task was destroyed but it is pending")
+
+
+def _is_abandoned_orbax_task(record: std_logging.LogRecord) -> bool:
+    """Whether an asyncio log record is about a task or future of Orbax's or TensorStore's that was abandoned
+    with its loop (logged when the garbage collector meets it): its text or its error's frames name them."""
+    text = record.getMessage()
+    if not text.startswith(_ABANDONED):
+        return False
+    if "/orbax/" in text or "tensorstore" in text or "OCDBT" in text:
+        return True
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:
+        if re.search(r"/orbax/|tensorstore", tb.tb_frame.f_code.co_filename):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _OrbaxNoise(std_logging.Filter):
+    """What Orbax, TensorStore and asyncio print about a failed checkpoint read or write, besides our one line.
+
+    A background save that fails (full disk, read-only folder) does so in Orbax's threads while training goes
+    on. Orbax then logs the failure from each of its threads (an ERROR with a traceback), and ends the save's
+    asyncio loop on the first failed write, closing it while TensorStore still runs the save's other writes; as
+    each of those ends, TensorStore's callback thread finds the loop closed and reports `RuntimeError: Event loop
+    is closed` to `sys.unraisablehook`, which prints a traceback: dozens of them, mixed with the step lines, and
+    some after our error line, since they keep coming after the save was waited for; and when the garbage
+    collector meets the abandoned tasks, asyncio logs "Task exception was never retrieved" with a traceback. A
+    failed read (a damaged step that `restore_latest` moves aside) leaves the same behind. The failure itself is
+    reported once by us: a `CheckpointError` raised when the save is waited for, a warning for a damaged step.
+
+    So, while a manager is open or a `_quiet_orbax` block runs (`enter`/`exit`), unless absl's -v 1 asks for
+    everything:
+    - Orbax's ERROR records are held back until the next wait for a save: dropped if the save failed (its
+      `CheckpointError` says it), else logged then, one line each; in `_quiet_orbax` blocks its warnings and
+      errors are dropped, and so are TensorStore's reports of never-awaited coroutines;
+    - the closed-loop reports (`_is_closed_loop_report`; even with -v 1: they say nothing) and asyncio's records of
+      Orbax's abandoned tasks (`_is_abandoned_orbax_task`) are dropped;
+    and for the rest of the process after a write or read failed (`write_failed`, `read_failed`), since the
+    abandoned operations end, and are collected, later still, those reports and Orbax's warnings and errors that
+    name the failed step's folder stay dropped. (After a failed read of a damaged step, a closed-loop report came
+    1 time in 40 after its manager was closed, an asyncio record 2 times in 200; after a save failed in one item,
+    another item's thread logged its own failure after the manager was closed, 1 time in 3.)
+    Other records and reports pass unchanged. One instance per process (`_NOISE`): `sys.unraisablehook` is one.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.RLock()
+        self._users = 0  # open managers and _quiet_orbax blocks
+        self._quiet = 0  # _quiet_orbax blocks
+        self._after_failure = False
+        self._held: list[std_logging.LogRecord] = []
+        self._previous_hook = None
+        self._attached: set[str] = set()  # the loggers this filter is on
+        self._failed_steps: list[re.Pattern] = []  # the folders of failed reads and writes: `<root>/<step>[.tmp]`
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        verbose = logging.get_verbosity() >= 1
+        if record.name == "asyncio":
+            return verbose or not _is_abandoned_orbax_task(record)
+        if "/orbax/" not in record.pathname or getattr(record, "mae_jax_released", False) or verbose:
+            return True
+        if record.levelno >= std_logging.WARNING and self._failed_steps and \
+                any(failed.search(record.getMessage()) for failed in self._failed_steps):
+            return False
+        if self._quiet:
+            return record.levelno < std_logging.WARNING
+        if record.levelno >= std_logging.ERROR and self._users:
+            self._held.append(record)
+            return False
+        return True
+
+    def __call__(self, info) -> None:  # as sys.unraisablehook
+        if _is_closed_loop_report(info) or self._quiet and logging.get_verbosity() < 1 and (
+                "coroutine" in repr(info.object) or "Event loop is closed" in str(info.exc_value)):
+            return
+        (self._previous_hook or sys.__unraisablehook__)(info)
+
+    def _update(self) -> None:
+        """Puts the filter on the loggers and the hook in place, or takes them away, as the state asks."""
+        wanted = {"absl", "asyncio"} if self._users or self._after_failure else set()
+        for name in wanted - self._attached:
+            std_logging.getLogger(name).addFilter(self)
+        for name in self._attached - wanted:
+            std_logging.getLogger(name).removeFilter(self)
+        self._attached = wanted
+        if wanted and sys.unraisablehook is not self:
+            self._previous_hook, sys.unraisablehook = sys.unraisablehook, self
+        elif not wanted and sys.unraisablehook is self:
+            sys.unraisablehook, self._previous_hook = self._previous_hook, None
+        if not self._users:
+            self._held.clear()
+
+    def enter(self, quiet: bool = False) -> None:
+        with self._lock:
+            self._users += 1
+            self._quiet += quiet
+            self._update()
+
+    def exit(self, quiet: bool = False) -> None:
+        with self._lock:
+            self._users -= 1
+            self._quiet -= quiet
+            self._update()
+
+    def write_failed(self, directory: epath.Path, step: int | None) -> None:
+        """A write of `step` under `directory` failed and is being raised: drops the records held back; see
+        `read_failed`."""
+        with self._lock:
+            self._held.clear()
+        self.read_failed(directory, step)
+
+    def read_failed(self, directory: epath.Path, step: int | None) -> None:
+        """A read or write of `step` under `directory` failed (and is reported by us): Orbax abandoned threads,
+        TensorStore operations and asyncio tasks, which may end, log and be collected after the failure was
+        reported; their reports stay dropped."""
+        folder = re.escape(os.fspath(directory)) + (rf"/{step}(?![0-9])" if step is not None else "")
+        with self._lock:
+            self._failed_steps.append(re.compile(folder))
+            self._after_failure = True
+            self._update()
+
+    def release_held(self) -> None:
+        """A save finished well: logs the Orbax errors held back meanwhile, one line each (no traceback)."""
+        with self._lock:
+            held, self._held = self._held, []
+        for record in held:
+            record.exc_info, record.exc_text, record.mae_jax_released = None, None, True
+            std_logging.getLogger("absl").handle(record)
+
+
+_NOISE = _OrbaxNoise()
 
 
 def _tree_shapes(tree: PyTree) -> dict[str, tuple]:
@@ -364,12 +572,12 @@ def _check_fits(step_dir: epath.Path, abstract_state: PyTree) -> None:
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree) -> tuple[PyTree, dict | None]:
     """The state and input position of `step`, verified against its fingerprint; raises _Corrupt."""
     step_dir = epath.Path(manager.directory) / str(step)
-    if not (step_dir / STATE).exists():
-        if not any(step_dir.iterdir()):
-            raise _Corrupt("empty", "the folder is empty (an interrupted copy?)")
-        raise _Corrupt("no-state", f"it has no '{STATE}' item (it has {sorted(p.name for p in step_dir.iterdir())})")
-    _check_fits(step_dir, abstract_state)
-    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    incomplete = _incomplete(step_dir)
+    if incomplete is not None:
+        raise incomplete
+    target = _as_saved(step_dir, abstract_state)
+    _check_fits(step_dir, target)
+    items = {STATE: ocp.args.StandardRestore(target)}
     for name in (INPUT, FINGERPRINT):
         if (step_dir / name).exists():
             items[name] = ocp.args.JsonRestore()
@@ -381,8 +589,8 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: PyT
         if _is_transient(e):
             raise
         raise _Corrupt("unreadable-data", f"it does not restore ({_first_line(e)})") from None
-    saved = restored.get(FINGERPRINT) if FINGERPRINT in items else None
     if FINGERPRINT in items:
+        saved = restored.get(FINGERPRINT)
         if not isinstance(saved, dict) or not isinstance(saved.get("uint32_checksums"), dict):
             raise _Corrupt("unreadable-fingerprint", f"its '{FINGERPRINT}' item is not the expected JSON")
         checksums, _ = _summary(state)
@@ -393,7 +601,38 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: PyT
     else:
         logging.info("Checkpoint %s has no fingerprint (written before mae_jax recorded them): not verified.",
                      step_dir)
-    return state, restored.get(INPUT) if INPUT in items else None
+    return _from_saved(state, abstract_state), restored.get(INPUT) if INPUT in items else None
+
+
+def _as_saved(step_dir: epath.Path, abstract_state: PyTree) -> PyTree:
+    """`abstract_state` in the layout the step stores: itself, or for a train state saved before 0.2.0 (no
+    "constants" / "batch_stats" fields, a "frozen" one instead) a dict of the old fields."""
+    if not dataclasses.is_dataclass(abstract_state) or not hasattr(abstract_state, "constants"):
+        return abstract_state
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(step_dir / STATE)
+        metadata = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
+        tree = getattr(metadata, "tree", metadata)
+    except Exception:  # noqa: BLE001 - unreadable metadata is _check_fits's to report
+        return abstract_state
+    if not isinstance(tree, dict) or LEGACY_COLLECTION not in tree:
+        return abstract_state
+    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+    constants, batch_stats = fields.pop("constants"), fields.pop("batch_stats")
+    fields[LEGACY_COLLECTION] = {"batch_stats": batch_stats} if batch_stats else constants
+    return fields
+
+
+def _from_saved(state: PyTree, abstract_state: PyTree) -> PyTree:
+    """The inverse of `_as_saved`: a train state of today's fields."""
+    if not isinstance(state, dict) or LEGACY_COLLECTION not in state:
+        return state
+    legacy = dict(state)
+    frozen = legacy.pop(LEGACY_COLLECTION)
+    batch_stats = frozen.get("batch_stats", {}) if isinstance(frozen, dict) and "batch_stats" in frozen else {}
+    constants = {} if batch_stats else frozen
+    return type(abstract_state)(**legacy, constants=constants, batch_stats=batch_stats)
 
 
 def move_aside(step_dir: epath.Path, slug: str) -> epath.Path:
@@ -421,9 +660,9 @@ def restore_latest(manager: ocp.CheckpointManager,
     """(step, state, input position) of the newest step that restores and matches its fingerprint; None if
     there is no step at all.
 
-    A step that does not restore (an empty or partial folder, unreadable metadata, a truncated, missing or
-    damaged data file) is renamed `<step>.corrupt-<reason>` with one warning naming it and the reason, and
-    the next newest is tried. A step that reads but describes another model is not moved: that is a
+    A step that does not restore (an empty, uncommitted or partial folder (`_incomplete`), unreadable metadata,
+    a truncated, missing or damaged data file) is renamed `<step>.corrupt-<reason>` with one warning naming it
+    and the reason, and the next newest is tried. A step that reads but describes another model is not moved: that is a
     `CheckpointError` (the settings changed). When every step is unreadable: one `CheckpointError`.
     Memory and permission errors propagate unchanged (they say nothing about the files).
     """
@@ -439,6 +678,7 @@ def restore_latest(manager: ocp.CheckpointManager,
                 state, input_state = _restore_step(manager, step, abstract_state)
             except _Corrupt as e:
                 failure = e
+                _NOISE.read_failed(directory, step)
                 gc.collect()  # the failed read's never-awaited coroutines, while their warnings are dropped
         if _all_agree(failure is None):
             if moved:

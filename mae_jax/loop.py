@@ -246,6 +246,7 @@ class Loop:
             for hook in self.hooks:
                 hook(step, state)
             preempted = preemption.reached(step)
+            checkpoints.raise_if_failed(self.manager)  # a background save that failed: stop now, not at the next
             if preempted or itstime(step, self.checkpoint_every_steps, self.total_steps):
                 bad = int(jax.device_get(state.nonfinite_step))
                 if bad >= 0:

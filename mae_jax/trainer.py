@@ -344,7 +344,7 @@ def run(config, workdir: str | os.PathLike, task: Task, devices, command: str | 
     resume_command = command or "the same command"
     with contextlib.ExitStack() as cleanup:
         manager = cleanup.enter_context(open_workdir(workdir, config))
-        resume_step = manager.latest_step()
+        resume_step = checkpoints.latest_step(manager.directory)  # complete steps only (Orbax lists any folder)
         num_examples = task.num_train_examples(config)
         length = run_length(config, num_examples)
         if resume_step is not None and resume_step >= length[1]:

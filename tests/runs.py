@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -88,3 +89,33 @@ def count_cpu_only_barriers(hlo_text: str) -> int:
             elif op == "stablehlo.exponential" and operands & times_zero:
                 count += 1
     return count
+
+
+# --------------------------------------------------------------------------------------------------------
+# Disks that fill up or turn read-only: a private mount namespace (its mounts vanish with it; as root).
+# --------------------------------------------------------------------------------------------------------
+
+
+def in_mount_namespace(script: str, timeout: float = 300, devices: int = 1) -> subprocess.CompletedProcess:
+    """Runs the shell `script` in a private mount namespace (`unshare -m`), from the repository root with
+    `devices` CPU devices; skips the calling test, with the reason, where mounting is not allowed."""
+    import pytest
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) for a private mount namespace")
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount in a private namespace here: {probe.stderr.decode().strip()}")
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(devices))
+    return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=env)
+
+
+STEP_LINE = re.compile(r"\] step \d+/\d+ \|")  # a logged step of the training loop
+
+
+def after_last_step(output: str) -> tuple[int, list[str]]:
+    """(the last logged step, the lines after its line) of a run's output."""
+    lines = output.splitlines()
+    last = max(i for i, line in enumerate(lines) if STEP_LINE.search(line))
+    return int(re.search(r"\] step (\d+)/", lines[last]).group(1)), lines[last + 1:]
