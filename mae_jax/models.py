@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mae_jax import attention as attention_lib
 from mae_jax import masking, parallel, xla_cpu
 
 Array = jax.Array
@@ -255,7 +256,7 @@ def mae_loss(pred: Array, target: Array, mask: Array, loss_on: str = "masked") -
 xavier_uniform = nn.initializers.xavier_uniform()
 token_init = nn.initializers.normal(stddev=0.02)
 OPS = ("auto", "xla_cpu", "generic")
-ATTENTION_IMPLEMENTATIONS = ("auto", "custom_vjp", "einsum", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "lean", "custom_vjp", "einsum", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 LOSS_ON = ("masked", "all")
 
@@ -356,9 +357,10 @@ class Attention(nn.Module):
             logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) * head_dim**-0.5
             weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
             out = jnp.einsum("nhqk,nkhd->nqhd", weights, v)
-        else:  # "auto": cuDNN's fused attention where it applies (GPU, 16-bit), else XLA's
-            implementation = None if self.implementation == "auto" else self.implementation
-            out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+        elif self.implementation in ("xla", "cudnn"):
+            out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        else:  # "lean", or "auto" off the CPU
+            out = attention_lib.attention(q, k, v)
         return dense(d, name="proj")(out.reshape(n, t, d))
 
 
@@ -516,15 +518,16 @@ class _ViT(nn.Module):
     mlp_ratio: float = 4.0  # MLP hidden width / token width, encoder and decoder
     layer_norm_eps: float = 1e-6  # LayerNorm epsilon (the official models' 1e-6)
     dtype: Any = "float32"  # compute dtype ("float32", "bfloat16" or "float16"); params stay float32
-    # "auto": with the xla_cpu ops, "custom_vjp" (xla_cpu.softmax_attention: hand-written backward, fewest
-    # passes over the score tensors); otherwise jax.nn.dot_product_attention (cuDNN flash attention where
-    # it applies, XLA's otherwise); "xla", "cudnn" force one of those; "einsum" is the reference's order of
-    # operations.
+    # "auto": with the xla_cpu ops "custom_vjp" (xla_cpu.softmax_attention: hand-written backward, fewest passes
+    # over the score tensors), otherwise "lean" (mae_jax/attention.py: the backward keeps one score tensor, in the
+    # compute dtype, where differentiating XLA's attention keeps two in float32); "xla", "cudnn":
+    # jax.nn.dot_product_attention with that implementation; "einsum": the reference's order of operations.
     attention: str = "auto"
     # Backend-specific implementations of the same function (mae_jax/xla_cpu.py): "xla_cpu" uses xla_cpu.gelu,
     # xla_cpu.materialize_grad on each residual branch input and (attention "auto") xla_cpu.softmax_attention;
-    # "generic" uses jax.nn.gelu(approximate=False), no gradient barrier and jax.nn.dot_product_attention;
-    # "auto" is "xla_cpu" when jax.default_backend() is the CPU, else "generic". Set it to override that.
+    # "generic" uses jax.nn.gelu(approximate=False), no gradient barrier and (attention "auto") attention.attention;
+    # "auto" is "xla_cpu" for programs compiled for the CPU (the trainer: its mesh's platform; a model called
+    # directly: jax.default_backend()), else "generic". Set it to override that.
     ops: str = "auto"
     remat: str = "none"  # per-block rematerialisation: "none", "full", "dots", "dots_no_batch"
     scan_blocks: bool = False  # nn.scan over blocks (stacked params, fast compile for deep models)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax import models, xla_cpu
+from mae_jax import attention, models, xla_cpu
 from runs import count_cpu_only_barriers
 
 TINY = models.variant("test/8", image_size=32)
@@ -149,9 +149,11 @@ def test_parameter_paths_and_shapes(scan, remat):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
-def test_softmax_attention_matches_autodiff_of_reference(dtype, tol):
-    """The hand-written backward of xla_cpu.softmax_attention against jax.vjp of softmax(q k^T / sqrt d) v."""
+@pytest.mark.parametrize("implementation", ["xla_cpu", "lean"])
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])  # of the largest value
+def test_softmax_attention_matches_autodiff_of_reference(implementation, dtype, tol):
+    """The hand-written backwards (xla_cpu.softmax_attention for the CPU, attention.attention elsewhere) against
+    jax.vjp of softmax(q k^T / sqrt d) v."""
     qkv = jax.random.normal(jax.random.key(0), (3, 19, 3, 4, 8)) * 2.0
     dout = jax.random.normal(jax.random.key(1), (3, 19, 4, 8))
 
@@ -161,7 +163,9 @@ def test_softmax_attention_matches_autodiff_of_reference(dtype, tol):
         return jnp.einsum("nhqk,nkhd->nqhd", weights, v)
 
     out_ref, vjp_ref = jax.vjp(reference, qkv)
-    out, vjp = jax.vjp(xla_cpu.softmax_attention, qkv.astype(dtype))
+    function = xla_cpu.softmax_attention if implementation == "xla_cpu" else \
+        lambda qkv: attention.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    out, vjp = jax.vjp(function, qkv.astype(dtype))
     assert out.dtype == dtype
     np.testing.assert_allclose(out.astype(jnp.float32), out_ref, atol=tol * float(jnp.abs(out_ref).max()))
     (grad_ref,), (grad,) = vjp_ref(dout), vjp(dout.astype(dtype))
@@ -172,6 +176,7 @@ def test_softmax_attention_matches_autodiff_of_reference(dtype, tol):
 @pytest.mark.parametrize("overrides, tol", [
     (dict(attention="einsum"), 1e-5),
     (dict(attention="xla"), 1e-5),
+    (dict(attention="lean"), 1e-5),
     (dict(remat="dots"), 1e-5),
     (dict(remat="dots_no_batch"), 1e-5),
     (dict(dtype="bfloat16"), 5e-2),
