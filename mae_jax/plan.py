@@ -234,6 +234,10 @@ def gpu_topology(name: str) -> Topology:
         with _native_stderr_hidden():  # the plugin's start says "Could not find cuda drivers" when there is no GPU
             devices = topologies.get_topology_desc(platform="cuda", topology=f"1x{hosts}x{per_host}",
                                                    target_config=chip.target_config).devices
+    except NotImplementedError:  # the plugin did not register: its start-up check of the CUDA libraries failed
+        raise PlanError(f"--topology {name!r}: JAX's CUDA plugin did not start (JAX_PLATFORMS="
+                        f"{os.environ.get('JAX_PLATFORMS', '')!r}: its check of the CUDA libraries runs unless "
+                        "JAX_PLATFORMS=cpu, which planning sets when JAX_PLATFORMS is not set)") from None
     except Exception as e:  # noqa: BLE001 - the plugin's errors are bare runtime errors
         raise PlanError(f"--topology {name!r}: JAX's CUDA plugin cannot describe it "
                         f"({' '.join(str(e).split())[:200]})") from None

@@ -3,6 +3,7 @@ and A100 hosts described by XLA's target descriptions, on a machine with no GPU 
 skip unless the plugin and CUDA's ptxas are installed (pip install -e '.[gpu]'); the HLO traffic count and the
 refusals run everywhere. Tiny models only: each GPU compile takes 10-20 s here."""
 
+import ctypes.util
 import glob
 import json
 import os
@@ -206,3 +207,11 @@ def test_command_line_plans_for_gpus_quietly(tmp_path):
     assert "on h100:1: 1 H100 SXM chips, 1 devices, 1 host" in result.stdout, result.stdout
     assert "train_step" in result.stdout and "no cost-model figure: roofline" in result.stdout
     assert result.stderr == "", result.stderr[-3000:]
+    if ctypes.util.find_library("cuda"):
+        return  # a CUDA driver: the plugin's own start-up check would pass
+    # With JAX_PLATFORMS naming CUDA the plugin checks the CUDA libraries, fails and is not registered.
+    env["JAX_PLATFORMS"] = "cpu,cuda"
+    result = subprocess.run([sys.executable, "-m", "mae_jax.plan", "--config", "configs/tiny.py", "--topology",
+                             "h100:8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and result.stdout == "", result.stdout
+    assert result.stderr.count("\n") == 1 and "JAX's CUDA plugin did not start" in result.stderr, result.stderr
