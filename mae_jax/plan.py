@@ -271,8 +271,8 @@ def describe_topologies() -> str:
                  "<gpu>:<hosts>x<GPUs per host>")
     lines.append("(compiled by JAX's CUDA plugin without a GPU: pip install -e \".[gpu]\"):")
     for gpu, chip in GPUS.items():
-        lines.append(f"  {gpu:4} {chip.name}: {chip.hbm_gib:.1f} GiB (JAX's allocator takes 75%), {chip.bf16_tflops:g} / "
-                     f"{chip.tf32_tflops:g} TFLOP/s, {chip.hbm_gbps:g} GB/s; e.g. "
+        lines.append(f"  {gpu:4} {chip.name}: {chip.hbm_gib:.1f} GiB (JAX's allocator takes 75% by default), "
+                     f"{chip.bf16_tflops:g} / {chip.tf32_tflops:g} TFLOP/s, {chip.hbm_gbps:g} GB/s; e.g. "
                      + ", ".join(f"{gpu}:{s}" for s in chip.slices))
     return "\n".join(lines)
 

@@ -4,7 +4,6 @@ skip unless the plugin and CUDA's ptxas are installed (pip install -e '.[gpu]');
 refusals run everywhere. Tiny models only: each GPU compile takes 10-20 s here."""
 
 import ctypes.util
-import glob
 import json
 import os
 import subprocess
@@ -161,8 +160,8 @@ def test_tiny_pretraining_compiles_for_h100_with_cublas_and_tf32_roofline(tmp_pa
     assert {(c["kind"], c["dtype"]) for c in report.collectives} == {("all-reduce", "f32")}
     text = (tmp_path / "train_step.hlo.txt").read_text()
     assert "__cublas$lt$matmul" in text and "__triton_gemm" not in text
-    ptx = glob.glob(str(tmp_path / "train_step" / "*.ptx"))
-    assert ptx and all(".target sm_90a" in open(f).read() for f in ptx)
+    ptx = list((tmp_path / "train_step").glob("*.ptx"))
+    assert ptx and all(".target sm_90a" in f.read_text() for f in ptx)
     config_lib.resolve(config)
     task = trainer.task_class(config)(config, topo.platform)
     assert task.model.ops == "generic"
@@ -186,8 +185,8 @@ def test_bfloat16_fsdp_finetuning_compiles_for_two_a100_hosts(tmp_path):
     kinds = {(c["kind"], c["dtype"]) for c in train.collectives}
     assert ("reduce-scatter", "f32") in kinds and ("all-gather", "bf16") in kinds, kinds
     assert {dtype for kind, dtype in kinds if kind in ("all-reduce", "reduce-scatter")} == {"f32"}, kinds
-    ptx = glob.glob(str(tmp_path / "train_step" / "*.ptx"))
-    assert ptx and all(".target sm_80" in open(f).read() for f in ptx)
+    ptx = list((tmp_path / "train_step").glob("*.ptx"))
+    assert ptx and all(".target sm_80" in f.read_text() for f in ptx)
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert saved["topology"] == "a100:2x8" and saved["chip"] == "A100 SXM4 80GB"
 
@@ -202,7 +201,7 @@ def test_command_line_plans_for_gpus_quietly(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mae_jax.plan", "--config", "configs/tiny.py", "--topology", "h100:1",
          "--config.batch_size=16", "--config.visualize_every_steps=0"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on h100:1: 1 H100 SXM chips, 1 devices, 1 host" in result.stdout, result.stdout
     assert "train_step" in result.stdout and "no cost-model figure: roofline" in result.stdout
@@ -212,6 +211,7 @@ def test_command_line_plans_for_gpus_quietly(tmp_path):
     # With JAX_PLATFORMS naming CUDA the plugin checks the CUDA libraries, fails and is not registered.
     env["JAX_PLATFORMS"] = "cpu,cuda"
     result = subprocess.run([sys.executable, "-m", "mae_jax.plan", "--config", "configs/tiny.py", "--topology",
-                             "h100:8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                             "h100:8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                            check=False)
     assert result.returncode == 1 and result.stdout == "", result.stdout
     assert result.stderr.count("\n") == 1 and "JAX's CUDA plugin did not start" in result.stderr, result.stderr
