@@ -209,6 +209,39 @@ def analyze(text: str) -> Analysis:
     return Analysis(collectives, trips, traffic[True] / traffic[False] if traffic[False] else 1.0)
 
 
+def kernel_traffic(text: str) -> float:
+    """Bytes a compiled module reads and writes per execution, estimated from its HLO text as the operands and
+    results of every top-level instruction (on a GPU each is a kernel or a library call: a fusion, a cuBLAS
+    gemm, a collective, a copy), loop bodies counted as often as they run. For targets whose compiler gives no
+    cost analysis (XLA:GPU's compile-only executables). A custom call's result tuple counts its first array only
+    (the rest is scratch space, e.g. cuBLAS's workspace); an async op counts at its start."""
+    module = Module.parse(text)
+    counts, _ = module.execution_counts()
+    inside = {c for instructions in module.computations.values() for i in instructions if i.opcode == "fusion"
+              for c in i.called("calls")}
+    pending = list(inside)
+    while pending:  # computations called from inside a fusion are inside it too
+        for instruction in module.computations.get(pending.pop(), []):
+            for callee in instruction.called("calls"):
+                if callee not in inside:
+                    inside.add(callee)
+                    pending.append(callee)
+    total = 0.0
+    for name, instructions in module.computations.items():
+        if name not in counts or name in inside:
+            continue
+        shapes = {i.name: i.shape for i in instructions}
+        for instruction in instructions:
+            if instruction.opcode in _NOT_MEMORY or instruction.opcode.endswith("-done"):
+                continue
+            written = arrays(instruction.shape)
+            if instruction.opcode == "custom-call":
+                written = written[:1]
+            read = sum(nbytes(shapes.get(o, "")) for o in instruction.operands)
+            total += counts[name] * (sum(size for _, size in written) + read)
+    return total
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Buffer assignment dumps.
 # ---------------------------------------------------------------------------------------------------------

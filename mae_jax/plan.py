@@ -1,6 +1,7 @@
-r"""Plan a run for a TPU slice from any machine: compile the run's own programs for the slice and report them.
+r"""Plan a run for a TPU slice (or GPUs) from any machine: compile the run's own programs for it and report them.
 
   python -m mae_jax.plan --config configs/vit_large.py --topology v3:8x8 [--config.field=value ...] [--dump DIR]
+  python -m mae_jax.plan --config configs/vit_base.py --topology h100:8     # 8 H100 SXM on one host (see GPUs)
   python -m mae_jax.plan --topology help          # the known chips and slices
 
 Nothing runs and no TPU is needed: libtpu (`pip install -e ".[tpu]"`) compiles for a topology it describes
@@ -20,12 +21,23 @@ FLOPs: XLA's cost analysis of a compiled module counts a loop body (a scan over 
 once, so the FLOPs here are those of the same program lowered unrolled (blocks unrolled, one micro-batch; the
 remat policy kept), divided over the devices; the compiled module's bytes are scaled by its loops' trip counts
 (`hlo.analyze`).
+
+GPUs: `--topology h100:8` (8 H100 SXM on one host; `h100:2x8`: 2 hosts of 8; also `a100`). JAX's CUDA plugin
+(`pip install -e ".[gpu]"`: jax-cuda12-plugin and CUDA's ptxas and libdevice from nvidia-cuda-nvcc-cu12) compiles
+for a GPU it is only described to (XLA's target description of the chip, `GPUS`), without a GPU or a driver. XLA
+has no cost model for these executables: the step time is the roofline's, its bytes read from the optimized HLO
+(`hlo.kernel_traffic`), float32 matmuls at the TF32 peak (JAX's default precision on GPUs). Nothing is autotuned
+without a GPU, and XLA's untuned Triton GEMM tiling refuses some of the model's matmuls ("Couldn't find output tile
+sizes"), so GPU programs are compiled with cuBLAS GEMMs (`xla_gpu_enable_triton_gemm=False`). HBM is what JAX's
+allocator takes of the device memory (XLA_CLIENT_MEM_FRACTION, default 0.75).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -46,6 +58,29 @@ def configure() -> None:
     for name, value in _LIBTPU_QUIET.items():
         os.environ.setdefault(name, value)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if _cuda_plugin() and "jax" not in sys.modules:
+        with _native_stderr_hidden():  # each CUDA library jax loads says "Could not find cuda drivers"
+            import jax  # noqa: F401
+
+
+def _cuda_plugin() -> str | None:
+    """The installed CUDA plugin of JAX (jax-cuda12-plugin or jax-cuda13-plugin), if any."""
+    return next((name for name in ("jax_cuda12_plugin", "jax_cuda13_plugin") if importlib.util.find_spec(name)),
+                None)
+
+
+@contextlib.contextmanager
+def _native_stderr_hidden():
+    """Hides what native code writes to file descriptor 2 (Python's exceptions still propagate)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -68,6 +103,14 @@ class Chip:
     def per_device(self, value: float) -> float:
         return value / self.devices_per_chip
 
+    def matmul_tflops(self, dtype: str) -> float:
+        """The dense matmul peak of a chip for a model computing in `dtype` (TPUs: bf16 passes either way)."""
+        return self.bf16_tflops
+
+    def usable_bytes(self) -> float:
+        """HBM a device's programs may use."""
+        return self.per_device(self.hbm_gib) * 2**30
+
 
 CHIPS = {
     "v3": Chip("TPU v3", 2, 32, 123, 900, "default", ("2x2", "4x4", "4x8", "8x8", "8x16", "16x16")),
@@ -75,6 +118,51 @@ CHIPS = {
     "v5e": Chip("TPU v5e", 1, 16, 197, 819, "default", ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
     "v5p": Chip("TPU v5p", 1, 95, 459, 2765, "megacore", ("2x2x1", "2x2x2", "2x2x4", "4x4x4", "4x4x8", "8x8x8")),
     "v6e": Chip("TPU v6e", 1, 32, 918, 1640, "default", ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "16x16")),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuChip(Chip):
+    """A GPU (one JAX device each): public dense peaks, and XLA's description of it to compile for."""
+
+    tf32_tflops: float  # dense: float32 matmuls at JAX's default precision use TF32 on Ampere and later
+    target_config: str  # XLA's GpuTargetConfigProto, text format
+
+    def matmul_tflops(self, dtype: str) -> float:
+        return self.tf32_tflops if dtype == "float32" else self.bf16_tflops
+
+    def usable_bytes(self) -> float:
+        """The share of the device memory that JAX's allocator takes (XLA_CLIENT_MEM_FRACTION, default 0.75)."""
+        fraction = os.environ.get("XLA_CLIENT_MEM_FRACTION") or os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+        return self.hbm_gib * 2**30 * float(fraction or 0.75)
+
+
+def _gpu_spec(device: str, compute_capability: int, cores: int, fpus: int, shared_per_core: int,
+              shared_optin: int, bandwidth: int, l2: int, ghz: float, memory: int) -> str:
+    """XLA's target description of a CUDA GPU: the fields of its spec files that differ between the chips."""
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {shared_per_core} threads_per_core_limit: 2048 core_count: {cores} fpus_per_core: {fpus}
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth} l2_cache_size: {l2} clock_rate_ghz: {ghz} device_memory_size: {memory}
+  shared_memory_per_block_optin: {shared_optin} cuda_compute_capability {{ major: {compute_capability} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+device_description_str: "{device}"
+"""
+
+
+# Per chip: HBM (the device memory XLA's spec gives), dense bf16 and TF32 peaks and HBM bandwidth from NVIDIA's
+# datasheets; the target descriptions transcribed from XLA's xla/tools/hlo_opt/gpu_specs/{h100_sxm,a100_sxm_80}.txtpb
+# (openxla/xla, Apache-2.0).
+GPUS = {
+    "h100": GpuChip("H100 SXM", 1, 84_978_434_048 / 2**30, 989, 3350, "", ("1", "8", "2x8", "4x8"), 495,
+                    _gpu_spec("NVIDIA H100 80GB HBM3", 9, 132, 128, 233472, 232448, 3_352_320_000_000, 52_428_800,
+                              1.98, 84_978_434_048)),
+    "a100": GpuChip("A100 SXM4 80GB", 1, 85_100_068_864 / 2**30, 312, 2039, "", ("1", "8", "2x8", "4x8"), 156,
+                    _gpu_spec("NVIDIA A100-SXM4-80GB", 8, 108, 64, 167936, 166912, 2_039_040_000_000, 41_943_040,
+                              1.41, 85_100_068_864)),
 }
 
 
@@ -93,13 +181,22 @@ class Topology:
     def num_chips(self) -> int:
         return len(self.devices) // self.chip.devices_per_chip
 
+    @property
+    def platform(self) -> str:
+        """The platform the programs are compiled for ("tpu", "gpu"), as a run on these devices would."""
+        return self.devices[0].platform
+
 
 def topology(name: str) -> Topology:
-    """The compile-only devices of a TPU slice named "<generation>:<chips per dimension>", e.g. "v5e:4x4"."""
+    """The compile-only devices of a TPU slice named "<generation>:<chips per dimension>", e.g. "v5e:4x4", or of
+    GPUs named "<gpu>:<per host>" or "<gpu>:<hosts>x<per host>", e.g. "h100:8"."""
     generation, _, shape = name.partition(":")
+    if generation in GPUS:
+        return gpu_topology(name)
     if generation not in CHIPS or not re.fullmatch(r"\d+(x\d+){1,2}", shape):
         raise PlanError(f"--topology {name!r}: expected <generation>:<shape> with generation one of {sorted(CHIPS)}, "
-                        "e.g. v5e:4x4, v4:4x4x8, v3:8x8 (--topology help lists them)")
+                        f"e.g. v5e:4x4, v4:4x4x8, v3:8x8, or a GPU {sorted(GPUS)}, e.g. h100:8 (--topology help "
+                        "lists them)")
     try:
         import libtpu  # noqa: F401
     except ImportError:
@@ -115,6 +212,54 @@ def topology(name: str) -> Topology:
     return Topology(name, chip, list(devices), len({d.process_index for d in devices}))
 
 
+def gpu_topology(name: str) -> Topology:
+    """The compile-only devices of hosts of GPUs, "<gpu>:<GPUs per host>" or "<gpu>:<hosts>x<GPUs per host>"."""
+    gpu, _, shape = name.partition(":")
+    match = re.fullmatch(r"(?:(\d+)x)?(\d+)", shape)
+    if gpu not in GPUS or not match or int(match.group(2)) < 1 or int(match.group(1) or 1) < 1:
+        raise PlanError(f"--topology {name!r}: expected <gpu>:<GPUs per host> or <gpu>:<hosts>x<GPUs per host> with "
+                        f"gpu one of {sorted(GPUS)}, e.g. h100:8, a100:2x8")
+    hosts, per_host = int(match.group(1) or 1), int(match.group(2))
+    plugin = _cuda_plugin()
+    if plugin is None:
+        raise PlanError("planning for a GPU needs JAX's CUDA plugin, which compiles for GPUs without one: pip install "
+                        "-e \".[gpu]\" (jax-cuda12-plugin and nvidia-cuda-nvcc-cu12)")
+    if not _ptxas_found(plugin):
+        raise PlanError("planning for a GPU needs CUDA's ptxas and libdevice: pip install nvidia-cuda-nvcc-cu12 (in "
+                        "the gpu extra), or a CUDA toolkit in /usr/local/cuda or on PATH")
+    from jax.experimental import topologies
+
+    chip = GPUS[gpu]
+    try:
+        with _native_stderr_hidden():  # the plugin's start says "Could not find cuda drivers" when there is no GPU
+            devices = topologies.get_topology_desc(platform="cuda", topology=f"1x{hosts}x{per_host}",
+                                                   target_config=chip.target_config).devices
+    except NotImplementedError:  # the plugin did not register: its start-up check of the CUDA libraries failed
+        raise PlanError(f"--topology {name!r}: JAX's CUDA plugin did not start (JAX_PLATFORMS="
+                        f"{os.environ.get('JAX_PLATFORMS', '')!r}: its check of the CUDA libraries runs unless "
+                        "JAX_PLATFORMS=cpu, which planning sets when JAX_PLATFORMS is not set)") from None
+    except Exception as e:  # noqa: BLE001 - the plugin's errors are bare runtime errors
+        raise PlanError(f"--topology {name!r}: JAX's CUDA plugin cannot describe it "
+                        f"({' '.join(str(e).split())[:200]})") from None
+    return Topology(name, chip, list(devices), len({d.process_index for d in devices}))
+
+
+def _ptxas_found(plugin: str) -> bool:
+    """Whether XLA will find ptxas: where it looks (the nvidia-cuda-nvcc package, a CUDA toolkit, PATH)."""
+    import shutil
+
+    package = "nvidia.cuda_nvcc" if plugin == "jax_cuda12_plugin" else "nvidia.cu13"
+    try:
+        if importlib.util.find_spec(package):
+            return True
+    except ModuleNotFoundError:
+        pass
+    flag = re.search(r"--xla_gpu_cuda_data_dir=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    roots = [flag.group(1)] if flag else []
+    return bool(shutil.which("ptxas")) or any(os.path.exists(os.path.join(root, "bin", "ptxas"))
+                                              for root in roots + ["/usr/local/cuda", "/opt/cuda"])
+
+
 def describe_topologies() -> str:
     lines = ["Known TPU generations (per chip: HBM, dense bf16 FLOP/s, HBM bandwidth) and example slices; any",
              "<generation>:<shape> that libtpu knows works (chips per dimension, e.g. v5e:4x4 is 16 chips):"]
@@ -122,6 +267,13 @@ def describe_topologies() -> str:
         lines.append(f"  {generation:4} {chip.name}: {chip.hbm_gib:g} GiB, {chip.bf16_tflops:g} TFLOP/s, "
                      f"{chip.hbm_gbps:g} GB/s; {chip.devices_per_chip} device(s) per chip; slices "
                      + ", ".join(f"{generation}:{s}" for s in chip.slices))
+    lines.append("GPUs (per GPU: HBM, dense bf16 / TF32 FLOP/s, HBM bandwidth), <gpu>:<GPUs per host> or "
+                 "<gpu>:<hosts>x<GPUs per host>")
+    lines.append("(compiled by JAX's CUDA plugin without a GPU: pip install -e \".[gpu]\"):")
+    for gpu, chip in GPUS.items():
+        lines.append(f"  {gpu:4} {chip.name}: {chip.hbm_gib:.1f} GiB (JAX's allocator takes 75% by default), "
+                     f"{chip.bf16_tflops:g} / {chip.tf32_tflops:g} TFLOP/s, {chip.hbm_gbps:g} GB/s; e.g. "
+                     + ", ".join(f"{gpu}:{s}" for s in chip.slices))
     return "\n".join(lines)
 
 
@@ -186,6 +338,8 @@ def _compile(program, hbm_bytes: float, dump_dir: str | None) -> tuple[Any, Prog
     start = time.perf_counter()
     lowered = program.lower()
     options = {"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True} if dump_dir else None
+    if program.mesh.devices.flat[0].platform == "gpu":  # untuned Triton GEMMs fail to tile (module docstring)
+        options = {**(options or {}), "xla_gpu_enable_triton_gemm": False}
     try:
         compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA raises a bare runtime error
@@ -199,8 +353,9 @@ def _compile(program, hbm_bytes: float, dump_dir: str | None) -> tuple[Any, Prog
                                    memory=memory)
 
 
-def _measure(report: ProgramReport, compiled, global_flops: float, topo: Topology, dump_dir: str | None) -> None:
-    """Fills in FLOPs, bytes, step times, collectives and buffers of a compiled program."""
+def _measure(report: ProgramReport, compiled, global_flops: float, topo: Topology, dump_dir: str | None,
+             dtype: str = "bfloat16") -> None:
+    """Fills in FLOPs, bytes, step times, collectives and buffers of a compiled program computing in `dtype`."""
     from mae_jax import hlo
 
     chip = topo.chip
@@ -210,8 +365,11 @@ def _measure(report: ProgramReport, compiled, global_flops: float, topo: Topolog
     analysis = hlo.analyze(text)
     report.loop_trip_counts = analysis.loop_trip_counts
     report.flops = global_flops / len(topo.devices)
-    report.bytes_accessed = float(cost.get("bytes accessed", 0.0)) * analysis.loop_factor
-    peak = chip.per_device(chip.bf16_tflops) * 1e12
+    if "bytes accessed" in cost:
+        report.bytes_accessed = float(cost["bytes accessed"]) * analysis.loop_factor
+    else:  # XLA:GPU's compile-only executables have no cost analysis
+        report.bytes_accessed = hlo.kernel_traffic(text)
+    peak = chip.per_device(chip.matmul_tflops(dtype)) * 1e12
     bandwidth = chip.per_device(chip.hbm_gbps) * 1e9
     report.roofline_seconds = max(report.flops / peak, report.bytes_accessed / bandwidth)
     modelled = cost.get("optimal_seconds")
@@ -314,9 +472,9 @@ def _task(config, platform: str):
     return cls(config, platform)
 
 
-def _unrolled_flops(config, num_examples: int) -> dict[str, float]:
-    """Global FLOPs of each program as written: lowered (not compiled) with blocks unrolled and one micro-batch,
-    for one CPU device (lowering is target-independent; the TPU compile-only client has no cost analysis)."""
+def _unrolled_flops(config, num_examples: int, platform: str = "tpu") -> dict[str, float]:
+    """Global FLOPs of each program as written for `platform`: lowered (not compiled) with blocks unrolled and one
+    micro-batch, for one CPU device (lowering is target-independent; compile-only clients have no cost analysis)."""
     import jax
 
     from mae_jax import trainer
@@ -325,7 +483,7 @@ def _unrolled_flops(config, num_examples: int) -> dict[str, float]:
     config.model.scan_blocks = False
     config.grad_accum_steps = 1
     config.mesh.data, config.mesh.fsdp = -1, 1
-    task = _task(config, "tpu")  # the TPU's ops, lowered for the CPU only to count them
+    task = _task(config, platform)  # the target's ops, lowered for the CPU only to count them
     setup = trainer.build(config, task, jax.devices("cpu")[:1], num_examples)
     flops = {}
     for name, program in setup.programs.items():
@@ -351,10 +509,10 @@ def plan(config, topo: Topology, *, num_examples: int | None = None, dump: str |
         raise PlanError(f"on {topo.name} ({len(topo.devices)} devices, {topo.num_processes} hosts): {e}") from None
     found, eval_examples, data_note = _data(config)
     num_examples = num_examples or found
-    task = _task(config, "tpu")
+    task = _task(config, topo.platform)
     setup = trainer.build(config, task, topo.devices, num_examples)
-    hbm = topo.chip.per_device(topo.chip.hbm_gib) * 2**30
-    flops = _unrolled_flops(config, num_examples)
+    hbm = topo.chip.usable_bytes()
+    flops = _unrolled_flops(config, num_examples, topo.platform)
     reports = {}
     for name, program in setup.programs.items():
         if programs is not None and name not in programs:
@@ -362,7 +520,7 @@ def plan(config, topo: Topology, *, num_examples: int | None = None, dump: str |
         program_dump = os.path.join(dump, name) if dump else tempfile.mkdtemp(prefix=f"mae_jax_plan_{name}_")
         compiled, report = _compile(program, hbm, program_dump)
         if compiled is not None:
-            _measure(report, compiled, flops[name], topo, program_dump)
+            _measure(report, compiled, flops[name], topo, program_dump, str(config.model.dtype))
             if dump:
                 with open(os.path.join(dump, f"{name}.hlo.txt"), "w") as f:
                     f.write(compiled.as_text())
@@ -555,7 +713,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "Training configuration file, e.g. configs/vit_large.py.",
                                     flag_values=flag_values, lock_config=True, sys_argv=argv)
-    flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:4x4, v4:4x4x8, v3:8x8; 'help' lists them.",
+    flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:4x4, v4:4x4x8, v3:8x8, or GPUs, e.g. h100:8, "
+                        "a100:2x8; 'help' lists them.",
                         flag_values=flag_values)
     flags.DEFINE_string("dump", None, "Write each program's optimized HLO and plan.json here.",
                         flag_values=flag_values)
