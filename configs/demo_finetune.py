@@ -10,24 +10,18 @@ your own (root/<class>/<image>) use `--config.input.dataset=folder --config.inpu
 
 import ml_collections
 
-from configs import demo, finetune_vit_base
+from configs import demo, finetune_tiny
 from mae_jax import models
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = finetune_vit_base.get_config()
+    config = finetune_tiny.get_config()  # the offline fine-tuning recipe, on the demo's encoder and image size
     config.model = {**models.classifier_fields(demo.get_config().model.to_dict(), num_classes=1000,
                                                drop_path_rate=0.1), "num_classes": 0}
-    config.input.dataset = "synthetic"
     config.input.synthetic_num_examples = 64 * 16
-    config.input.synthetic_num_classes = 10
     config.input.synthetic_num_eval_examples = 256
-    config.input.rand_augment = ""  # synthetic images come augmentation-free
-    config.input.random_erasing = 0.0
     config.batch_size = 64
     config.eval_batch_size = 128
-    config.num_epochs = 5
-    config.warmup_epochs = 1
     config.base_lr = 4e-3  # lr 1e-3 at batch 64
     config.log_every_steps = 16
     config.checkpoint_every_steps = 0  # at the end only

@@ -2,7 +2,8 @@
 beit/masking_generator.py), transcribed twice. Nothing here imports mae_jax or JAX.
 
 `MaskingGenerator` is BEiT's class as written, drawing from Python's `random` (only `np.int`, gone from NumPy,
-is `int`); `_mask` also records the size of each rectangle it applies. `TableMaskingGenerator` is the same code
+is `int`; one attempt's draws are in `_rectangle`, so that the table version can replace them); `_mask` also
+records the size of each rectangle it applies. `TableMaskingGenerator` is the same code
 with its four random calls per attempt read from a pre-drawn table of uniforms [rounds, 10, 4] (target
 area, aspect ratio, top, left), in float32 like the JAX generator, so both can be fed the same draws.
 """
@@ -39,13 +40,9 @@ class MaskingGenerator:
     def _mask(self, mask, max_mask_patches):
         delta = 0
         for attempt in range(10):
-            target_area = random.uniform(self.min_num_patches, max_mask_patches)
-            aspect_ratio = math.exp(random.uniform(*self.log_aspect_ratio))
-            h = int(round(math.sqrt(target_area * aspect_ratio)))
-            w = int(round(math.sqrt(target_area / aspect_ratio)))
-            if w < self.width and h < self.height:
-                top = random.randint(0, self.height - h)
-                left = random.randint(0, self.width - w)
+            rectangle = self._rectangle(attempt, max_mask_patches)
+            if rectangle is not None:
+                h, w, top, left = rectangle
 
                 num_masked = mask[top: top + h, left: left + w].sum()
                 # Overlap
@@ -61,6 +58,17 @@ class MaskingGenerator:
         if delta > 0:
             self.rectangles[-1].append(delta)
         return delta
+
+    def _rectangle(self, attempt, max_mask_patches):
+        """BEiT's draws of one attempt, in its order: (h, w, top, left), or None where it does not fit (its
+        `if w < self.width and h < self.height`, which then draws no position)."""
+        target_area = random.uniform(self.min_num_patches, max_mask_patches)
+        aspect_ratio = math.exp(random.uniform(*self.log_aspect_ratio))
+        h = int(round(math.sqrt(target_area * aspect_ratio)))
+        w = int(round(math.sqrt(target_area / aspect_ratio)))
+        if w < self.width and h < self.height:
+            return h, w, random.randint(0, self.height - h), random.randint(0, self.width - w)
+        return None
 
     def __call__(self):
         self.rectangles.append([])
@@ -88,31 +96,18 @@ class TableMaskingGenerator(MaskingGenerator):
         return super().__call__()
 
     def _mask(self, mask, max_mask_patches):
-        f32 = np.float32
-        u = self.table[self.round]
+        self.u = self.table[self.round]
         self.round += 1
+        return super()._mask(mask, max_mask_patches)
+
+    def _rectangle(self, attempt, max_mask_patches):
+        f32, u = np.float32, self.u
         lo, hi = self.log_aspect_ratio
-        delta = 0
-        for attempt in range(10):
-            target_area = f32(self.min_num_patches) + f32(max_mask_patches - self.min_num_patches) * u[attempt, 0]
-            aspect_ratio = np.exp(f32(lo) + f32(hi - lo) * u[attempt, 1])
-            h = int(np.round(np.sqrt(target_area * aspect_ratio)))
-            w = int(np.round(np.sqrt(target_area / aspect_ratio)))
-            if w < self.width and h < self.height:
-                top = min(int(np.floor(u[attempt, 2] * f32(self.height - h + 1))), self.height - h)
-                left = min(int(np.floor(u[attempt, 3] * f32(self.width - w + 1))), self.width - w)
-
-                num_masked = mask[top: top + h, left: left + w].sum()
-                # Overlap
-                if 0 < h * w - num_masked <= max_mask_patches:
-                    for i in range(top, top + h):
-                        for j in range(left, left + w):
-                            if mask[i, j] == 0:
-                                mask[i, j] = 1
-                                delta += 1
-
-                if delta > 0:
-                    break
-        if delta > 0:
-            self.rectangles[-1].append(delta)
-        return delta
+        target_area = f32(self.min_num_patches) + f32(max_mask_patches - self.min_num_patches) * u[attempt, 0]
+        aspect_ratio = np.exp(f32(lo) + f32(hi - lo) * u[attempt, 1])
+        h = int(np.round(np.sqrt(target_area * aspect_ratio)))
+        w = int(np.round(np.sqrt(target_area / aspect_ratio)))
+        if w < self.width and h < self.height:
+            return (h, w, min(int(np.floor(u[attempt, 2] * f32(self.height - h + 1))), self.height - h),
+                    min(int(np.floor(u[attempt, 3] * f32(self.width - w + 1))), self.width - w))
+        return None
