@@ -274,6 +274,32 @@ def largest_buffers(buffer_assignment: str, hlo_text: str, count: int = 8) -> li
     return [Buffer(size, shape, short_op_name(op_names.get(name, name))) for name, (size, shape) in ranked]
 
 
+def peak_buffers(live_range: str, hlo_text: str) -> tuple[int, list[Buffer]]:
+    """(the peak's bytes, the buffers live at it with the JAX operation that wrote each) from XLA's live-range
+    dump (`*after_optimizations-live-range.txt`, "Live ranges at N (peak)"): what fills the memory at its
+    highest point, as opposed to the largest buffers, which need not be live together."""
+    op_names, shapes = {}, {}
+    for computation in Module.parse(hlo_text).computations.values():
+        for instruction in computation:
+            op_names[instruction.name] = instruction.op_name
+            shapes[instruction.name] = instruction.shape
+    buffers, peak, inside = [], 0, False
+    for line in live_range.splitlines():
+        if re.match(r"\s*Live ranges at \d+ \(peak\):", line):
+            inside = True
+            continue
+        if not inside:
+            continue
+        match = re.match(r"\s*([\w.\-]+)\{[\d,]*\}: (\d+) bytes \(cumulative: (\d+) bytes\)", line)
+        if match is None:
+            break
+        name, size = match.group(1), int(match.group(2))
+        peak = int(match.group(3))
+        shape = re.sub(r"\{[^}]*\}", "", shapes.get(name, "")).strip()
+        buffers.append(Buffer(size, shape, short_op_name(op_names.get(name, name))))
+    return peak, buffers
+
+
 def short_op_name(op_name: str) -> str:
     """A JAX op_name without the jit wrapper and module class prefixes: "backward: encoder/blocks_3/attn/qkv"."""
     backward = "transpose(" in op_name

@@ -302,6 +302,8 @@ class ProgramReport:
     loop_trip_counts: list[int] = dataclasses.field(default_factory=list)
     collectives: list[dict] = dataclasses.field(default_factory=list)
     largest_buffers: list[dict] = dataclasses.field(default_factory=list)
+    peak_bytes: int = 0  # temporaries live at the program's memory peak (XLA's live ranges)
+    peak_by_part: dict[str, int] = dataclasses.field(default_factory=dict)  # ... by the part of the model
 
     @property
     def total_bytes(self) -> int:
@@ -353,6 +355,22 @@ def _compile(program, hbm_bytes: float, dump_dir: str | None) -> tuple[Any, Prog
                                    memory=memory)
 
 
+def by_part(buffers) -> dict[str, int]:
+    """Bytes of `hlo.Buffer`s by the part of the model whose operation wrote them ("decoder attention", "encoder
+    MLP", "backward: decoder MLP", ...; else the operation's last name), largest first."""
+    parts: dict[str, int] = {}
+    for b in buffers:
+        where = next((w for key, w in (("decoder", "decoder"), ("encoder", "encoder"), (r"blocks", "encoder"),
+                                       ("head", "head")) if re.search(rf"\b{key}", b.op_name)), "")
+        what = next((label for key, label in (("attn", "attention"), ("mlp", "MLP"), ("norm", "norms"))
+                     if re.search(rf"\b{key}", b.op_name)), "")
+        name = " ".join(filter(None, [where, what])) or b.op_name.split("/")[-1] or "unnamed"
+        if b.op_name.startswith("backward: ") and not name.startswith("backward: "):
+            name = "backward: " + name
+        parts[name] = parts.get(name, 0) + b.bytes
+    return dict(sorted(parts.items(), key=lambda item: -item[1]))
+
+
 def _measure(report: ProgramReport, compiled, global_flops: float, topo: Topology, dump_dir: str | None,
              dtype: str = "bfloat16") -> None:
     """Fills in FLOPs, bytes, step times, collectives and buffers of a compiled program computing in `dtype`."""
@@ -390,6 +408,11 @@ def _measure(report: ProgramReport, compiled, global_flops: float, topo: Topolog
         if found:
             with open(os.path.join(dump_dir, found[-1])) as f:
                 report.largest_buffers = [dataclasses.asdict(b) for b in hlo.largest_buffers(f.read(), text)]
+        found = sorted(f for f in os.listdir(dump_dir) if f.endswith("after_optimizations-live-range.txt"))
+        if found:
+            with open(os.path.join(dump_dir, found[-1])) as f:
+                peak, buffers = hlo.peak_buffers(f.read(), text)
+            report.peak_bytes, report.peak_by_part = peak, by_part(buffers)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -685,9 +708,12 @@ def format_plan(result: Plan) -> str:
                 hlo.Collective(**c) for c in r.collectives))
         if r.loop_trip_counts:
             lines.append(f"{name} loops (trip counts): {r.loop_trip_counts}")
+        if r.peak_by_part:
+            lines.append(f"{name} at its memory peak, {r.peak_bytes / 2**30:.2f} GiB of temporaries (GiB): " + ", ".join(
+                f"{part} {size / 2**30:.2f}" for part, size in list(r.peak_by_part.items())[:6]))
         if r.largest_buffers:
             lines.append(f"{name} largest temporaries: " + "; ".join(
-                f"{b['bytes'] / 2**30:.2f} GiB {b['shape']} ({b['op_name']})" for b in r.largest_buffers[:5]))
+                f"{b['bytes'] / 2**30:.2f} GiB {b['shape']} ({b['op_name']})" for b in r.largest_buffers[:3]))
     if "train_step" in result.programs and result.programs["train_step"].seconds:
         hours = result.wall_seconds / 3600
         evals = f", evaluation included ({result.evaluations} passes)" if result.evaluations else ""

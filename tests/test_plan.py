@@ -141,7 +141,12 @@ def test_command_line_prints_the_table_and_dumps(tmp_path, capsys):
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert saved["topology"] == "v5e:2x2" and saved["fits"] and saved["programs"]["train_step"]["flops"] > 0
     assert "HloModule" in (tmp_path / "train_step.hlo.txt").read_text()
-    assert saved["programs"]["train_step"]["largest_buffers"]  # from the dumped buffer assignment
+    step = saved["programs"]["train_step"]
+    assert step["largest_buffers"]  # from the dumped buffer assignment
+    # What fills the memory at its peak (XLA's live ranges), by part of the model: the buffers add up to it.
+    assert step["peak_by_part"] and sum(step["peak_by_part"].values()) == step["peak_bytes"] > 0
+    assert any(part.startswith(("encoder", "decoder")) for part in step["peak_by_part"])
+    assert "at its memory peak" in out.out
 
 
 def test_topology_help_and_bad_names(capsys):
