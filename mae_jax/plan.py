@@ -709,8 +709,8 @@ def format_plan(result: Plan) -> str:
         if r.loop_trip_counts:
             lines.append(f"{name} loops (trip counts): {r.loop_trip_counts}")
         if r.peak_by_part:
-            lines.append(f"{name} at its memory peak, {r.peak_bytes / 2**30:.2f} GiB of temporaries (GiB): " + ", ".join(
-                f"{part} {size / 2**30:.2f}" for part, size in list(r.peak_by_part.items())[:6]))
+            parts = ", ".join(f"{part} {size / 2**30:.2f}" for part, size in list(r.peak_by_part.items())[:6])
+            lines.append(f"{name} at its memory peak, {r.peak_bytes / 2**30:.2f} GiB of temporaries (GiB): {parts}")
         if r.largest_buffers:
             lines.append(f"{name} largest temporaries: " + "; ".join(
                 f"{b['bytes'] / 2**30:.2f} GiB {b['shape']} ({b['op_name']})" for b in r.largest_buffers[:3]))
