@@ -4,7 +4,9 @@ r"""Multi-scale pretraining: which process should resize to the step's size? Ima
   "device":   the pipeline always emits the largest size and the compiled step resizes the batch to the step's
               size on the device (jax.image.resize, bicubic, antialiased), then runs the same train step.
 
-Two measurements, rounds alternating between the two ways (this shared machine drifts between minutes):
+Two measurements, rounds alternating between the two ways (this shared machine drifts between minutes), each
+in images per second (wall) and in CPU milliseconds per image (the process's CPU time, every thread: what the
+host spends, much less sensitive than the wall time to other processes on a busy machine):
   --measure input  the tf.data pipeline alone (read, decode, RandomResizedCrop, flip) on 500 x 375 JPEGs
                    (benchmarks/input_pipeline.py's photographs), at --sizes (default 224,256,288), one process;
   --measure run    a tiny run: configs/tiny.py's model and batch, data from --data (synthetic, or the same JPEG
@@ -52,6 +54,14 @@ def _iterator(input_config, way: str, sizes, batch_size: int, seed: int = 0):
                                                     global_batch_size=batch_size, process_index=0, process_count=1)
 
 
+def _record(results: dict, measure: str, way: str, round_: int, images: int, seconds: float, cpu_seconds: float,
+            **more) -> None:
+    rate, cpu_ms = images / seconds, 1000 * cpu_seconds / images
+    results[way].append((rate, cpu_ms))
+    print(json.dumps({"measure": measure, "way": way, "round": round_, "images_per_second": round(rate, 1),
+                      "cpu_ms_per_image": round(cpu_ms, 3), **more}), flush=True)
+
+
 def measure_input(args, folder: str, data_dir: str) -> dict:
     config = vit_base.get_config()
     config.input.dataset, config.input.image_folder, config.input.data_dir = "folder", folder, data_dir
@@ -61,16 +71,14 @@ def measure_input(args, folder: str, data_dir: str) -> dict:
             it = _iterator(config.input, way, args.sizes, args.batch_size)
             for _ in range(3):
                 next(it)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             pixels_out = 0
             for _ in range(args.batches):
                 images = next(it)["images"]
                 pixels_out += images.shape[1] * images.shape[2]
-            seconds = time.perf_counter() - start
-            rate = args.batches * args.batch_size / seconds
-            results[way].append(rate)
-            print(json.dumps({"measure": "input", "way": way, "round": round_, "images_per_second": round(rate, 1),
-                              "mean_output_side": round((pixels_out / args.batches) ** 0.5, 1)}), flush=True)
+            images = args.batches * args.batch_size
+            _record(results, "input", way, round_, images, time.perf_counter() - start, time.process_time() - cpu_start,
+                    mean_output_side=round((pixels_out / args.batches) ** 0.5, 1))
             del it
     return results
 
@@ -113,11 +121,11 @@ def measure_run(args, folder: str | None, data_dir: str | None) -> dict:
             it = _iterator(config.input, way, args.run_sizes, config.batch_size, seed=config.seed)
             state = setup.init_state()
             steps = 3 + args.steps
-            start = None
+            start = cpu_start = None
             for step in range(steps):
                 if step == 3:
                     jax.block_until_ready(state)
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                 batch = {"images": parallel.global_batch(next(it)["images"], sharding)}
                 if way == "pipeline":
                     state, metrics = pipeline_step(state, batch)
@@ -125,10 +133,8 @@ def measure_run(args, folder: str | None, data_dir: str | None) -> dict:
                     size = input_pipeline.step_image_size(config.seed, step, args.run_sizes)
                     state, metrics = device_programs[size](state, batch)
             jax.block_until_ready((state, metrics))
-            rate = args.steps * config.batch_size / (time.perf_counter() - start)
-            results[way].append(rate)
-            print(json.dumps({"measure": "run", "way": way, "round": round_, "images_per_second": round(rate, 1),
-                              "last_loss": round(float(metrics["loss"]), 4)}), flush=True)
+            _record(results, "run", way, round_, args.steps * config.batch_size, time.perf_counter() - start,
+                    time.process_time() - cpu_start, last_loss=round(float(metrics["loss"]), 4))
             del it
     return results
 
@@ -155,12 +161,14 @@ def main() -> None:
             results = measure_input(args, folder, data_dir)
         else:
             results = measure_run(args, folder if args.data == "folder" else None, data_dir)
-    medians = {way: round(statistics.median(rates), 1) for way, rates in results.items()}
+    rates = {way: round(statistics.median(r for r, _ in rounds), 1) for way, rounds in results.items()}
+    cpu = {way: round(statistics.median(c for _, c in rounds), 3) for way, rounds in results.items()}
     print(json.dumps({
         "benchmark": "multiscale_input", "measure": args.measure,
         "data": "500x375 JPEG folder" if args.measure == "input" or args.data == "folder" else "synthetic",
         "sizes": args.sizes if args.measure == "input" else args.run_sizes,
-        "median_images_per_second": medians, "pipeline_over_device": round(medians["pipeline"] / medians["device"], 3),
+        "median_images_per_second": rates, "pipeline_over_device": round(rates["pipeline"] / rates["device"], 3),
+        "median_cpu_ms_per_image": cpu, "device_cpu_over_pipeline_cpu": round(cpu["device"] / cpu["pipeline"], 3),
         "rounds": args.rounds, "cpu_cores": os.cpu_count(), "cpu": common.cpu_info(),
         "load_average_1min": round(os.getloadavg()[0], 2)}))
 

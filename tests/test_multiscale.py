@@ -189,6 +189,23 @@ def test_resume_mid_run_continues_exactly(runs):
         assert resumed[s] == straight[s], (s, resumed[s], straight[s])
 
 
+@pytest.mark.slow
+def test_checkpoints_hold_the_nominal_model_for_visualize_and_the_converters(runs):
+    """A multi-scale run's checkpoint is the model at its nominal `image_size` (32), with that grid's tables:
+    `visualize` reconstructs 32 px images from it and the official export carries the 4 x 4 grid's table."""
+    from mae_jax import convert, visualize
+
+    model, variables = visualize.load_model(str(runs["8 devices"][0]))
+    assert model.image_size in (32, (32, 32)) and model.num_patches == 16
+    np.testing.assert_array_equal(variables["constants"]["pos_embed"][0],
+                                  models.get_2d_sincos_pos_embed(32, (4, 4), cls_token=True))
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    panels, losses, _ = visualize.reconstructions(model, variables, images)
+    assert panels.shape[0] == 2 and np.all(np.isfinite(losses))
+    state_dict = convert.to_torch(variables, model, format="official")
+    assert state_dict["pos_embed"].shape == (1, 17, 32) and state_dict["decoder_pos_embed"].shape == (1, 17, 16)
+
+
 # --------------------------------------------------------------------------------------------------------
 # A step at another size is the official model built at that size, with the same parameters.
 # --------------------------------------------------------------------------------------------------------
@@ -227,6 +244,26 @@ def test_step_at_another_size_matches_the_official_model_at_that_size():
     assert max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(grads)) > 1e-3
     # The 48 px tables are the official ones of the 6 x 6 grid, not the 4 x 4 grid's interpolated.
     np.testing.assert_array_equal(constants["pos_embed"][0], reference.pos_embed[0].numpy())
+
+
+@pytest.mark.slow
+def test_plan_compiles_and_reports_every_sizes_step():
+    """`mae_jax.plan` compiles each size's train step for a TPU slice (libtpu, no TPU) and reports each: the
+    largest as "train_step" (the memory check sees the worst case), more FLOPs per step at the larger size."""
+    pytest.importorskip("libtpu", reason="libtpu compiles for TPUs (pip install -e '.[tpu]')")
+    from mae_jax import plan
+
+    plan.configure()
+    config = _config()
+    config.batch_size = 32
+    result = plan.plan(config, plan.topology("v5e:2x2"), suggest=0)
+    assert sorted(result.programs) == ["train_step", "train_step_32"]
+    big, small = result.programs["train_step"], result.programs["train_step_32"]
+    assert (big.name, small.name) == ("the train step at 48 x 48", "the train step at 32 x 32")
+    assert big.fits and small.fits and 0 < small.total_bytes <= big.total_bytes
+    assert big.flops > 1.5 * small.flops > 0 and big.seconds > 0 and small.seconds > 0
+    text = plan.format_plan(result)
+    assert "train_step_32" in text and "train_step" in text
 
 
 # --------------------------------------------------------------------------------------------------------
