@@ -39,6 +39,12 @@ def _shapes(batch: PyTree) -> tuple:
     return treedef, tuple((tuple(x.shape), np.dtype(x.dtype)) for x in leaves)
 
 
+def _describe(batch: PyTree) -> str:
+    """E.g. "images [16, 48, 48, 3] uint8"."""
+    return ", ".join(f"{jax.tree_util.keystr(path, simple=True)} [{', '.join(map(str, x.shape))}] {np.dtype(x.dtype)}"
+                     for path, x in jax.tree_util.tree_flatten_with_path(batch)[0])
+
+
 def dispatch_by_batch_shapes(steps: Sequence[tuple[PyTree, StepFn]]) -> StepFn:
     """One step function over compiled steps that take batches of different shapes, given as (the batch they take,
     as arrays or ShapeDtypeStructs; the step): each batch runs on the step compiled for its shapes and dtypes. A
@@ -46,12 +52,12 @@ def dispatch_by_batch_shapes(steps: Sequence[tuple[PyTree, StepFn]]) -> StepFn:
     if len(steps) == 1:
         return steps[0][1]
     by_shapes = {_shapes(spec): step for spec, step in steps}
+    compiled_for = "; ".join(_describe(spec) for spec, _ in steps)
 
     def step_fn(state: TrainState, batch: PyTree) -> tuple[TrainState, dict[str, jax.Array]]:
         step = by_shapes.get(_shapes(batch))
         if step is None:
-            raise ValueError(f"a batch of shapes {_shapes(batch)[1]} matches none of the compiled steps "
-                             f"({[shapes for _, shapes in by_shapes]})")
+            raise ValueError(f"a batch of {_describe(batch)} matches none of the compiled steps ({compiled_for})")
         return step(state, batch)
 
     return step_fn
