@@ -33,7 +33,6 @@ from mae_jax import runtime  # noqa: E402
 runtime.configure()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from absl import logging  # noqa: E402
 
 from benchmarks import common  # noqa: E402
@@ -104,7 +103,6 @@ def measure_run(args, folder: str | None, data_dir: str | None) -> dict:
     task = train.Pretraining(config, platform=jax.devices()[0].platform)
     num_examples = task.num_train_examples(config)
     setup = trainer.build(config, task, jax.devices(), num_examples)
-    largest = max(args.run_sizes)
     # "pipeline": the trainer's programs, one per size, dispatched by the batch's shape.
     compiled = {name: setup.programs[name].lower().compile() for name in setup.train_steps}
     pipeline_step = loop.dispatch_by_batch_shapes([(setup.programs[n].args[1], compiled[n]) for n in setup.train_steps])

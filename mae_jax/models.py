@@ -167,8 +167,8 @@ def position_tables(model: "MaskedAutoencoderViT") -> dict[str, np.ndarray]:
     """The exact sin-cos tables of `model`'s patch grid, as its "constants" collection holds them: `pos_embed`
     [1, 1 + L, D] and `decoder_pos_embed` [1, 1 + L, D_dec] (`get_2d_sincos_pos_embed`, cls row first). What a
     pretraining step at another image size uses: `position_tables(model.clone(image_size=(S, S)))`."""
-    return {"pos_embed": get_2d_sincos_pos_embed(model.embed_dim, model.grid_size, cls_token=True)[None],
-            "decoder_pos_embed": get_2d_sincos_pos_embed(model.decoder_embed_dim, model.grid_size, cls_token=True)[None]}
+    return {name: get_2d_sincos_pos_embed(dim, model.grid_size, cls_token=True)[None]
+            for name, dim in (("pos_embed", model.embed_dim), ("decoder_pos_embed", model.decoder_embed_dim))}
 
 
 def per_example_uniform(rng: Array, batch_size: int, length: int, offset: Array | int = 0) -> Array:

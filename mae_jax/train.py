@@ -126,7 +126,6 @@ def image_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return sizes
 
 
-
 class Pretraining(trainer.Task):
     """MAE pretraining: masked-patch reconstruction on unlabelled images."""
 
