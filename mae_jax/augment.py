@@ -75,16 +75,22 @@ def to_uint8(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0.0, 255.0), tf.uint8)
 
 
+def _is_static(image_size) -> bool:
+    return not any(tf.is_tensor(side) for side in image_size)
+
+
 def resize_bicubic(image: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
     """[h, w, C] -> [H, W, C] float32, bicubic with antialiasing (PIL's). A crop already of the output size is
     only cast: the resize is exactly the identity there (each output pixel's kernel weights are 1 on its own
-    input pixel and 0 elsewhere), and skipping it makes small datasets' pipelines (e.g. digits) a third faster."""
+    input pixel and 0 elsewhere), and skipping it makes small datasets' pipelines (e.g. digits) a third faster.
+    `image_size` (H, W): ints, or scalar int32 tensors (a size chosen in the graph: multi-scale pretraining)."""
     image = tf.cast(image, tf.float32)
     shape = tf.shape(image)
     channels = image.shape[-1]
-    return tf.cond(tf.reduce_all(shape[:2] == tf.constant(image_size, tf.int32)),
+    size = tf.constant(image_size, tf.int32) if _is_static(image_size) else tf.stack(image_size)
+    return tf.cond(tf.reduce_all(shape[:2] == size),
                    lambda: tf.reshape(image, [*image_size, channels if channels is not None else shape[2]]),
-                   lambda: tf.image.resize(image, image_size, method="bicubic", antialias=True))
+                   lambda: tf.image.resize(image, size, method="bicubic", antialias=True))
 
 
 def preprocess_for_train(encoded: tf.Tensor, key: tf.Tensor, *, image_size: tuple[int, int], num_channels: int,
@@ -93,6 +99,7 @@ def preprocess_for_train(encoded: tf.Tensor, key: tf.Tensor, *, image_size: tupl
     """Encoded JPEG/PNG/GIF/BMP -> RandomResizedCrop, random horizontal flip: [H, W, C] uint8.
 
     `hflip` is the flip's probability (the paper's 0.5; 0 for images that are not mirror-symmetric, e.g. digits).
+    `image_size` (H, W): ints, or scalar int32 tensors (then the output's static shape is [None, None, C]).
 
     JPEGs are cropped while decoding (only the box's rows and blocks are decoded); other formats are decoded
     whole and then cropped. Both give the same pixels. The same key gives the same output.
@@ -121,7 +128,7 @@ def preprocess_for_train(encoded: tf.Tensor, key: tf.Tensor, *, image_size: tupl
         flip = tf.random.stateless_uniform([], seed=flip_key, alg="philox") < hflip
         image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
     image = to_uint8(image)
-    image.set_shape([*image_size, num_channels])
+    image.set_shape([*image_size, num_channels] if _is_static(image_size) else [None, None, num_channels])
     return image
 
 

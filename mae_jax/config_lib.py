@@ -56,6 +56,8 @@ def input_config() -> ml_collections.ConfigDict:
     c.crop_scale = (0.2, 1.0)  # RandomResizedCrop: range of the crop's area, as a fraction of the image's
     c.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop: range of the crop's aspect ratio, width / height
     c.hflip = 0.5  # probability of a random horizontal flip (0: never, for images such as digits)
+    c.image_sizes = ()  # multi-scale pretraining: each step's images are S x S, S drawn uniformly from these
+    #   by (seed, step), e.g. (224, 256, 288); () = off, every step at model.image_size (see README, Variants)
     c.rand_augment = ""  # timm RandAugment config string, e.g. "rand-m9-mstd0.5-inc1" ("": off)
     c.random_erasing = 0.0  # probability of timm's RandomErasing (mode "pixel"), after normalisation
     c.eval_crop_pct = 224 / 256  # evaluation: the shorter side is resized to size / eval_crop_pct, then center-cropped
@@ -88,11 +90,16 @@ def apply_renamed(config: ml_collections.ConfigDict) -> None:
 
 def resolve(config: ml_collections.ConfigDict) -> None:
     """Applies RENAMED, and reads `--config.model.image_size=448` (which the command line turns into the
-    1-tuple (448,) of the pair field) as a square size."""
+    1-tuple (448,) of the pair field) as a square size. Raises a one-line ValueError for `input.image_sizes` in a
+    config whose task is not pretraining (multi-scale training is implemented for pretraining only)."""
     apply_renamed(config)
     size = config.model.get("image_size")
     if isinstance(size, (tuple, list)) and len(size) == 1:
         config.model.image_size = (size[0], size[0])
+    sizes, task = config.input.get("image_sizes"), config.get("task", "pretrain")
+    if sizes and task != "pretrain":
+        raise ValueError(f"input.image_sizes {tuple(sizes)}: multi-scale training is implemented for pretraining "
+                         f"only; task {task!r} trains at model.image_size: leave input.image_sizes empty")
 
 
 def _field_comments(source_files: list[str]) -> dict[str, str]:

@@ -13,7 +13,7 @@ Position tables. `from_torch` returns `params` only, what an optimizer trains. T
   - `from_torch_variables` and `load_variables` return {"params", "constants"}: the checkpoint's tables, checked
     against the formula (a warning if they differ) and bicubically interpolated when the checkpoint's grid
     differs from the model's (as the official fine-tuning code does);
-  - `default_constants(model)` gives the formula tables that `model.init` creates;
+  - `models.position_tables(model)` gives the formula tables that `model.init` creates;
   - `to_torch` and `save_hf` accept params (tables from the formula) or variables (tables as given).
 
 Fine-tuning (`models.ViTClassifier`, official `models_vit` keys; its `pos_embed` is a parameter, no constants):
@@ -77,13 +77,6 @@ SHOW = torch_layout.SHOW
 
 
 CheckpointError = checkpoints.CheckpointError  # what every reader raises: a one-line message naming the path
-
-
-def default_constants(model: models.MaskedAutoencoderViT) -> dict[str, np.ndarray]:
-    """The position tables `model.init` creates: {"pos_embed" [1, 1+L, D], "decoder_pos_embed" [1, 1+L, Dd]}."""
-    return {"pos_embed": models.get_2d_sincos_pos_embed(model.embed_dim, model.grid_size, True)[None],
-            "decoder_pos_embed": models.get_2d_sincos_pos_embed(model.decoder_embed_dim, model.grid_size,
-                                                                True)[None]}
 
 
 def as_variables(tree: Mapping) -> Mapping:
@@ -293,7 +286,7 @@ def _variables_from_official(sd: Mapping, origin: Mapping, model: Model,
             else:
                 torch_layout.set_path(params, layout[key][0], torch_layout.get(base_params, layout[key][0]))
         if absent_tables:
-            base_constants = base.get("constants") or default_constants(model)
+            base_constants = base.get("constants") or models.position_tables(model)
             for name in absent_tables:
                 constants[name] = base_constants[name]
             logging.info("%s has no %s: taken from %s", description, absent_tables, base_name)
@@ -387,7 +380,7 @@ def to_torch(variables: PyTree, model: Model,
         counter = key.endswith(torch_layout.COUNTER_SUFFIX)
         sd[key] = np.array(torch_layout.get(batch_stats, path), np.int64 if counter else np.float32)
     if not classifier:  # the classifier's pos_embed is a parameter, in the layout
-        constants = variables.get("constants") or default_constants(model)
+        constants = variables.get("constants") or models.position_tables(model)
         for key in POSITION_TABLES:
             sd[key] = np.array(constants[key], np.float32)
     expected = torch_layout.expected_shapes(model)

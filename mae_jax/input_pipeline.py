@@ -37,6 +37,12 @@ torchvision's box sampling, cropped while decoding JPEGs, bicubic; horizontal fl
 mean/std normalisation runs in the compiled step, `pixels.model_input`: a quarter of float32's bytes travel from
 host to device). Non-square `model.image_size` (H, W) works.
 
+Multi-scale pretraining (`config.image_sizes`, e.g. (224, 256, 288); empty: off). The batch of training step s
+holds S x S images, S = `step_image_size(seed, s, config.image_sizes)`: a pure function of (seed, step), so every
+process, and a resumed run, emits the same size at the same step. The crop is resized straight to S (one bicubic
+resampling, as at a single size); the box, the flip and the data order do not depend on S. Batches of different
+steps then differ in shape; the trainer compiles one train step per size and runs each batch on its size's.
+
 Determinism and resume. Each process reads its own sub-split (`tfds.split_for_jax_process`: disjoint, together
 the whole split) as one endless stream of epochs. Epoch e of a process is a pure function of (seed, e):
   1. its shard files (tfds file instructions) in an order permuted with (seed, e);
@@ -59,6 +65,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import zlib
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -75,6 +82,60 @@ _SYNTHETIC_EVAL_BATCH = 2**40  # a batch index that no synthetic training run re
 _SYNTHETIC_EVAL_SEED = 0  # the labelled held-out stream is the same whatever the run's seed
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Multi-scale: the image size of every step.
+# ---------------------------------------------------------------------------------------------------------
+
+_MASK64 = 2**64 - 1
+_GOLDEN64 = 0x9E3779B97F4A7C15  # SplitMix64's increment
+_IMAGE_SIZE_STREAM = zlib.crc32(b"image_size")  # keeps this stream apart from any other use of the seed
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's output function (Steele, Lea & Flood 2014) on a 64-bit unsigned integer."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _image_size_key(seed: int) -> int:
+    return _mix64((int(seed) * _GOLDEN64 + _IMAGE_SIZE_STREAM) & _MASK64)
+
+
+def check_image_sizes(image_sizes: Sequence[int]) -> tuple[int, ...]:
+    """`config.image_sizes` as a tuple of ints; a one-line DataError unless every entry is a positive int."""
+    sizes = tuple(image_sizes)
+    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in sizes):
+        raise DataError(f"config.input.image_sizes={sizes}: each entry must be a positive int (the side of the square "
+                        "images of a step, in pixels), e.g. (224, 256, 288)")
+    return tuple(int(s) for s in sizes)
+
+
+def step_image_size(seed: int, step: int, image_sizes: Sequence[int]) -> int:
+    """The image size (side of the square) of training step `step` (0-based: the step that takes the batch
+    `step`) of a multi-scale run: `image_sizes[i]`, i = (h >> 32) mod len(image_sizes), where h is output number
+    `step + 1` of a SplitMix64 generator seeded with a key of `seed` (h = mix64(key + (step + 1) * golden)).
+
+    Distribution: uniform over the entries (a size listed twice is drawn twice as often), independently from step
+    to step. A pure function of (seed, step): every host and a resumed run draw the same size at the same step;
+    `_step_image_size_tf` computes the same in the tf.data graph.
+    """
+    h = _mix64((_image_size_key(seed) + (int(step) + 1) * _GOLDEN64) & _MASK64)
+    return int(image_sizes[(h >> 32) % len(image_sizes)])
+
+
+def _step_image_size_tf(seed: int, step: tf.Tensor, image_sizes: Sequence[int]) -> tf.Tensor:
+    """`step_image_size` of an int64 step tensor, in TensorFlow (uint64 arithmetic wraps as the mask does)."""
+    u64 = lambda x: tf.constant(x, tf.uint64)
+    z = u64(_image_size_key(seed)) + (tf.cast(step, tf.uint64) + u64(1)) * u64(_GOLDEN64)
+    xor_shift = lambda z, bits: tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, u64(bits)))
+    z = xor_shift(z, 30) * u64(0xBF58476D1CE4E5B9)
+    z = xor_shift(z, 27) * u64(0x94D049BB133111EB)
+    h = xor_shift(z, 31)
+    index = tf.cast(tf.bitwise.right_shift(h, u64(32)), tf.int64) % len(image_sizes)
+    return tf.gather(tf.constant(image_sizes, tf.int32), index)
+
+
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     """[..., C] pixels in [0, 1] -> uint8 levels (rounded)."""
     return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
@@ -89,13 +150,17 @@ class SyntheticIterator(Iterator[dict]):
 
     With `num_classes` (labelled data), row r's label is a pure function of (seed, b, r) too, and sets the
     orientation and frequency of the image's dominant wave (`labelled_image`): the class is learnable.
+
+    With `image_sizes` (multi-scale pretraining), batch b holds S x S images, S = `step_image_size(seed, b,
+    image_sizes)`: the same smooth patterns, sampled on that grid.
     """
 
     def __init__(self, *, seed: int, image_size: tuple[int, int], num_channels: int, global_batch_size: int,
                  process_index: int, process_count: int, num_examples: int, state: dict | None = None,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, image_sizes: Sequence[int] = ()):
         self.seed = seed
         self.height, self.width = image_size
+        self.image_sizes = tuple(image_sizes)
         self.num_channels = num_channels
         self.local_batch_size = global_batch_size // process_count
         self.row_offset = process_index * self.local_batch_size
@@ -106,6 +171,9 @@ class SyntheticIterator(Iterator[dict]):
     def __next__(self) -> dict:
         rows = np.arange(self.row_offset, self.row_offset + self.local_batch_size)
         batch_index, self.batch_index = self.batch_index, self.batch_index + 1
+        if self.image_sizes:
+            size = step_image_size(self.seed, batch_index, self.image_sizes)
+            return {"images": _to_uint8(np.stack([self._pixels(batch_index, r, (size, size)) for r in rows]))}
         if self.num_classes is None:
             return {"images": _to_uint8(np.stack([self._pixels(batch_index, r) for r in rows]))}
         images, labels = zip(*(self.labelled_pixels(batch_index, r) for r in rows))
@@ -130,10 +198,11 @@ class SyntheticIterator(Iterator[dict]):
         image = 0.5 + 0.28 * amplitude * wave + 0.3 * nuisance  # in (0.1, 0.9)
         return image.astype(np.float32), label
 
-    def _pixels(self, batch_index: int, row: int) -> np.ndarray:
+    def _pixels(self, batch_index: int, row: int, size: tuple[int, int] | None = None) -> np.ndarray:
+        height, width = size or (self.height, self.width)
         rng = np.random.default_rng([self.seed, batch_index, row])
-        y = np.linspace(0.0, 1.0, self.height, dtype=np.float32)[:, None, None]
-        x = np.linspace(0.0, 1.0, self.width, dtype=np.float32)[None, :, None]
+        y = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+        x = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :, None]
         fy, fx, py, px = rng.uniform(0.5, 3.0, size=(4, self.num_channels)).astype(np.float32) * [[6], [6], [1], [1]]
         return 0.5 + 0.4 * np.sin(fy * y + py) * np.cos(fx * x + px)  # [H, W, C] in (0.1, 0.9)
 
@@ -233,15 +302,20 @@ def _options(threads: int, prefetch_batches: int) -> tf.data.Options:
 def train_dataset(builder: tfds.core.DatasetBuilder, split, *, seed: int, start: int, batch_size: int,
                   image_size: tuple[int, int], num_channels: int, shuffle_buffer: int,
                   crop_scale: Sequence[float], crop_ratio: Sequence[float], prefetch_batches: int = 2,
-                  threads: int = 0, preprocess: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None,
-                  label_key: str | None = None) -> tf.data.Dataset:
+                  threads: int = 0, preprocess: Callable[..., tf.Tensor] | None = None,
+                  label_key: str | None = None, image_sizes: Sequence[int] = (),
+                  first_step: int = 0) -> tf.data.Dataset:
     """The endless, batched training stream of (sub-)split `split`, from its `start`-th example.
 
     Elements: {"images" [B, H, W, C] uint8, "epoch" [B] int64, "example_id" [B] int64}, and "labels" [B]
     int32 (the `label_key` feature) when given. `preprocess(encoded, key)` replaces the pretraining transform
     (`augment.preprocess_for_train` with crop_scale and crop_ratio); it returns the image, or a dict of the image
-    ("images") and more per-example tensors (e.g. "erase_boxes") that the batches carry. See the module docstring for the order,
-    the keys and resuming.
+    ("images") and more per-example tensors (e.g. "erase_boxes") that the batches carry. See the module docstring
+    for the order, the keys and resuming.
+
+    With `image_sizes` (multi-scale), the batch of step `first_step + k` (the k-th batch of this stream) holds
+    S x S images, S = `step_image_size(seed, first_step + k, image_sizes)`, and `preprocess(encoded, key,
+    (S, S))` takes the size as a third argument (scalar int32 tensors).
     """
     file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
     if file_format != "tfrecord":
@@ -287,16 +361,26 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split, *, seed: int, start:
     first_epoch, skip = divmod(start, num_local)
     ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(one_epoch).skip(skip)
     if preprocess is None:
-        def preprocess(encoded, key):
-            return preprocess_for_train(encoded, key, image_size=image_size, num_channels=num_channels,
+        def preprocess(encoded, key, size=image_size):
+            return preprocess_for_train(encoded, key, image_size=size, num_channels=num_channels,
                                         scale=crop_scale, ratio=crop_ratio)
 
-    def augment(epoch, example_id, encoded, label):
-        out = preprocess(encoded, example_key(seed, epoch, example_id))
+    def augment(epoch, example_id, encoded, label, size=None):
+        key = example_key(seed, epoch, example_id)
+        out = preprocess(encoded, key) if size is None else preprocess(encoded, key, size)
         batch = {**(out if isinstance(out, dict) else {"images": out}), "epoch": epoch, "example_id": example_id}
         return {**batch, "labels": label} if label_key else batch
 
-    ds = ds.map(augment, num_parallel_calls=parallel, deterministic=True)
+    if not image_sizes:
+        ds = ds.map(augment, num_parallel_calls=parallel, deterministic=True)
+        return _batch_and_prefetch(ds, batch_size, prefetch_batches, threads)
+
+    def augment_at_size(index, element):
+        # Element `index` of this stream goes into its batch number index // batch_size, of step first_step + that.
+        size = _step_image_size_tf(seed, first_step + index // batch_size, tuple(image_sizes))
+        return augment(*element, size=(size, size))
+
+    ds = ds.enumerate().map(augment_at_size, num_parallel_calls=parallel, deterministic=True)
     return _batch_and_prefetch(ds, batch_size, prefetch_batches, threads)
 
 
@@ -305,7 +389,8 @@ class TfdsIterator(Iterator[dict]):
 
     Besides `num_examples` and `get_state()`: `local_num_examples` (this process's share of the split),
     `num_skipped_files` (undecodable image files left out when a folder was prepared), and the epoch and
-    example id of every row of the last batch (`last_epochs`, `last_example_ids`).
+    example id of every row of the last batch (`last_epochs`, `last_example_ids`). With `config.image_sizes`
+    the state also counts the batches returned (`"batches"`: the next batch's step), which sets their sizes.
     """
 
     def __init__(self, builder: tfds.core.DatasetBuilder, config, *, image_shape: tuple[int, int, int], seed: int,
@@ -328,6 +413,17 @@ class TfdsIterator(Iterator[dict]):
             raise DataError(f"{builder.name} {config.train_split} has {self.num_examples} examples: too few for "
                             f"{process_count} processes")
         self.examples_consumed = self._restore(state)
+        self.image_sizes = check_image_sizes(config.get("image_sizes", ()))
+        preprocess = train_transform(config, tuple(image_shape[:2]), image_shape[2])
+        if self.image_sizes:
+            if label_key or config.get("rand_augment", "") or float(config.get("random_erasing", 0.0)):
+                raise DataError(f"config.input.image_sizes={self.image_sizes}: per-step image sizes are implemented "
+                                "for the pretraining input only (no labels, rand_augment or random_erasing)")
+            # A batch's step is the number of batches before it in the run, counted from the start of the run
+            # (not from the examples consumed: those stop counting steps when a resume changes the batch size).
+            self.batches = int(state["batches"]) if state and "batches" in state \
+                else self.examples_consumed // self.local_batch_size
+            preprocess = lambda encoded, key, size: train_transform(config, size, image_shape[2])(encoded, key)
         if self.examples_consumed % self.local_num_examples:
             logging.info("Resuming %s at epoch %d: skipping %d encoded examples before decoding.", builder.name,
                          self.examples_consumed // self.local_num_examples,
@@ -337,8 +433,8 @@ class TfdsIterator(Iterator[dict]):
             image_size=tuple(image_shape[:2]), num_channels=image_shape[2],
             shuffle_buffer=config.shuffle_buffer, crop_scale=tuple(config.crop_scale),
             crop_ratio=tuple(config.crop_ratio), prefetch_batches=config.prefetch_batches,
-            threads=config.threads, preprocess=train_transform(config, tuple(image_shape[:2]), image_shape[2]),
-            label_key=label_key)
+            threads=config.threads, preprocess=preprocess, label_key=label_key, image_sizes=self.image_sizes,
+            first_step=self.batches if self.image_sizes else 0)
         self._iterator = dataset.as_numpy_iterator()
         self.last_epochs = self.last_example_ids = None
 
@@ -360,12 +456,15 @@ class TfdsIterator(Iterator[dict]):
     def __next__(self) -> dict:
         batch = next(self._iterator)
         self.examples_consumed += self.local_batch_size
+        if self.image_sizes:
+            self.batches += 1
         self.last_epochs, self.last_example_ids = batch["epoch"], batch["example_id"]
         return {k: v for k, v in batch.items() if k not in ("epoch", "example_id")}
 
     def get_state(self) -> dict:
-        return {"examples_per_process": self.examples_consumed, "process_count": self.process_count,
-                "seed": self.seed}
+        state = {"examples_per_process": self.examples_consumed, "process_count": self.process_count,
+                 "seed": self.seed}
+        return {**state, "batches": self.batches} if self.image_sizes else state
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -548,7 +647,8 @@ def _synthetic_eval(config, *, image_shape, local_batch_size: int, process_index
 
 def create_train_iterator(config, *, image_shape: Sequence[int], seed: int, global_batch_size: int,
                           process_index: int, process_count: int, state: dict | None = None) -> Iterator[dict]:
-    """The training input for this process: `config` is `config.input`, `image_shape` the model's (H, W, C)."""
+    """The training input for this process: `config` is `config.input`, `image_shape` the model's (H, W, C) (with
+    `config.image_sizes`, each batch's images are of its step's size instead, see the module docstring)."""
     if global_batch_size % process_count:
         raise DataError(f"batch size {global_batch_size} does not split evenly over {process_count} processes")
     if config.dataset == "synthetic":
@@ -556,11 +656,20 @@ def create_train_iterator(config, *, image_shape: Sequence[int], seed: int, glob
             seed=seed, image_size=tuple(image_shape[:2]), num_channels=image_shape[2],
             global_batch_size=global_batch_size, process_index=process_index, process_count=process_count,
             num_examples=config.synthetic_num_examples, state=state,
-            num_classes=num_classes(config) if config.get("labels", False) else None)
+            num_classes=num_classes(config) if config.get("labels", False) else None,
+            image_sizes=_synthetic_image_sizes(config))
     _keep_tf_off_accelerators()
     return TfdsIterator(datasets.get_builder(config), config, image_shape=tuple(image_shape), seed=seed,
                         global_batch_size=global_batch_size, process_index=process_index,
                         process_count=process_count, state=state)
+
+
+def _synthetic_image_sizes(config) -> tuple[int, ...]:
+    sizes = check_image_sizes(config.get("image_sizes", ()))
+    if sizes and config.get("labels", False):
+        raise DataError(f"config.input.image_sizes={sizes}: per-step image sizes are implemented for the pretraining "
+                        "input only (unlabelled batches)")
+    return sizes
 
 
 def num_train_examples(config) -> int:

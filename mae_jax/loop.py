@@ -1,9 +1,10 @@
 """Running compiled steps: the training loop, its metrics log, preemption, and when periodic work is due.
 
-`Loop` steps a compiled train step over global batches until the run's last step or a preemption: it sums
-the step's metrics on the device, logs their means over each logging window (with what the run measures on
-the host at that step, e.g. the learning rate), saves checkpoints, runs the task's hooks and stops on a
-non-finite loss. It knows no task: whatever metrics a step returns are what it logs.
+`Loop` steps a compiled train step (or several, one per batch shape: `dispatch_by_batch_shapes`) over global
+batches until the run's last step or a preemption: it sums the step's metrics on the device, logs their means
+over each logging window (with what the run measures on the host at that step, e.g. the learning rate), saves
+checkpoints, runs the task's hooks and stops on a non-finite loss. It knows no task: whatever metrics a step
+returns are what it logs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,35 @@ from mae_jax.train_state import TrainState
 PyTree = Any
 StepFn = Callable[[TrainState, PyTree], tuple[TrainState, dict[str, jax.Array]]]
 Hook = Callable[[int, TrainState], None]  # called after every step with (step, state)
+
+
+def _shapes(batch: PyTree) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(batch)
+    return treedef, tuple((tuple(x.shape), np.dtype(x.dtype)) for x in leaves)
+
+
+def _describe(batch: PyTree) -> str:
+    """E.g. "images [16, 48, 48, 3] uint8"."""
+    return ", ".join(f"{jax.tree_util.keystr(path, simple=True)} [{', '.join(map(str, x.shape))}] {np.dtype(x.dtype)}"
+                     for path, x in jax.tree_util.tree_flatten_with_path(batch)[0])
+
+
+def dispatch_by_batch_shapes(steps: Sequence[tuple[PyTree, StepFn]]) -> StepFn:
+    """One step function over compiled steps that take batches of different shapes, given as (the batch they take,
+    as arrays or ShapeDtypeStructs; the step): each batch runs on the step compiled for its shapes and dtypes. A
+    single step is returned as it is."""
+    if len(steps) == 1:
+        return steps[0][1]
+    by_shapes = {_shapes(spec): step for spec, step in steps}
+    compiled_for = "; ".join(_describe(spec) for spec, _ in steps)
+
+    def step_fn(state: TrainState, batch: PyTree) -> tuple[TrainState, dict[str, jax.Array]]:
+        step = by_shapes.get(_shapes(batch))
+        if step is None:
+            raise ValueError(f"a batch of {_describe(batch)} matches none of the compiled steps ({compiled_for})")
+        return step(state, batch)
+
+    return step_fn
 
 
 def itstime(step: int, every_steps: int, total_steps: int) -> bool:

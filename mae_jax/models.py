@@ -164,6 +164,14 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | Sequence[int],
     return table.astype(np.float32)
 
 
+def position_tables(model: "MaskedAutoencoderViT") -> dict[str, np.ndarray]:
+    """The exact sin-cos tables of `model`'s patch grid, as its "constants" collection holds them: `pos_embed`
+    [1, 1 + L, D] and `decoder_pos_embed` [1, 1 + L, D_dec] (`get_2d_sincos_pos_embed`, cls row first). What a
+    pretraining step at another image size uses: `position_tables(model.clone(image_size=(S, S)))`."""
+    return {name: get_2d_sincos_pos_embed(dim, model.grid_size, cls_token=True)[None]
+            for name, dim in (("pos_embed", model.embed_dim), ("decoder_pos_embed", model.decoder_embed_dim))}
+
+
 def per_example_uniform(rng: Array, batch_size: int, length: int, offset: Array | int = 0) -> Array:
     """Masking noise [N, L] in [0, 1): example i draws from `fold_in(rng, offset + i)`.
 

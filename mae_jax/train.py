@@ -45,6 +45,17 @@ def loss_fn(params: PyTree, constants: PyTree, model: models.MaskedAutoencoderVi
     return model.apply({"params": params, "constants": constants}, images, noise=noise).loss
 
 
+def at_image_size(model: models.MaskedAutoencoderViT, constants: PyTree,
+                  image_size: tuple[int, int]) -> tuple[models.MaskedAutoencoderViT, PyTree]:
+    """(model, position tables) for images of `image_size` (H, W): the model and the state's tables at the model's
+    own size; at any other size the model for that size and the exact sin-cos tables of its grid
+    (`models.position_tables`: no interpolation). The parameters are the same at every size."""
+    if tuple(image_size) == model.image_shape[:2]:
+        return model, constants
+    model = model.clone(image_size=tuple(image_size))
+    return model, jax.tree_util.tree_map(jnp.asarray, models.position_tables(model))
+
+
 def _microbatches(x: jax.Array, accum: int, num_shards: int) -> jax.Array:
     """[B, ...] -> [accum, B / accum, ...] such that every micro-batch takes an equal slice of each
     device's rows (no data moves between devices)."""
@@ -59,22 +70,26 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
     """One AdamW step on the global batch {"images" [B, H, W, C]}: uint8 pixels (the input pipelines'; normalised
     here, on the device) or images already normalised (float). Pure; jit it with the state donated.
 
+    Images of another size than the model's (multi-scale pretraining: each size is its own compiled program) go
+    through the same parameters with the sin-cos position tables of their own patch grid (`at_image_size`).
+
     Masking noise: example i of the batch at step s draws from fold_in(rng_stream(rng, "masking", s), i), so
     losses do not depend on devices, mesh shape, processes or gradient accumulation. `param_shardings`: see
     `train_state.apply_gradients`.
     """
     images = pixels.model_input(batch["images"])
+    model, constants = at_image_size(model, state.constants, images.shape[1:3])
     rng = rng_stream(jax.random.wrap_key_data(state.rng), "masking", state.step)
     noise = models.masking_noise(rng, images.shape[0], model)
     grad_fn = jax.value_and_grad(loss_fn)
     if grad_accum_steps == 1:
-        loss, grads = grad_fn(state.params, state.constants, model, images, noise)
+        loss, grads = grad_fn(state.params, constants, model, images, noise)
     else:
         micro = (_microbatches(images, grad_accum_steps, num_batch_shards),
                  _microbatches(noise, grad_accum_steps, num_batch_shards))
 
         def accumulate(carry, batch):
-            loss, grads = grad_fn(state.params, state.constants, model, *batch)
+            loss, grads = grad_fn(state.params, constants, model, *batch)
             return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state.params))
@@ -92,6 +107,25 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
 # -------------------------------------------------------------------------------------------------------
 
 
+def image_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """`config.input.image_sizes` (multi-scale pretraining; () = off), checked: one-line ConfigErrors for an
+    entry that is not a positive int, not a multiple of the patch size, or that the model cannot take (e.g. a
+    grid mask that does not tile its patch grid)."""
+    sizes = tuple(config.input.get("image_sizes", ()) or ())
+    patch = config.model.patch_size
+    for size in sizes:
+        trainer.check(isinstance(size, int) and not isinstance(size, bool) and size > 0,
+                      f"input.image_sizes {sizes}: {size!r} is not a positive int (each entry is the side of a "
+                      "step's square images, in pixels, e.g. (224, 256, 288))")
+        trainer.check(size % patch == 0, f"input.image_sizes {sizes}: {size} is not divisible by model.patch_size "
+                                         f"{patch}: each size must be a multiple of it")
+        try:
+            models.MaskedAutoencoderViT(**{**config.model, "image_size": (size, size)})
+        except ValueError as e:
+            raise trainer.ConfigError(f"input.image_sizes {sizes}: at {size} x {size}, model: {e}") from None
+    return sizes
+
+
 class Pretraining(trainer.Task):
     """MAE pretraining: masked-patch reconstruction on unlabelled images."""
 
@@ -107,6 +141,7 @@ class Pretraining(trainer.Task):
             models.MaskedAutoencoderViT(**config.model)  # the model checks its own fields
         except ValueError as e:
             raise trainer.ConfigError(f"model: {e}") from None
+        image_sizes(config)
         return mesh_shape
 
     def init_variables(self, rng):
@@ -115,8 +150,25 @@ class Pretraining(trainer.Task):
     def make_optimizer(self, config, schedule):
         return make_optimizer(config, schedule)
 
-    def batch_spec(self, config):
-        return {"images": jax.ShapeDtypeStruct((config.batch_size, *self.model.image_shape), jnp.uint8)}
+    def batch_spec(self, config, image_size: int | None = None):
+        """{"images": uint8 [B, H, W, C]} at the model's size, or at `image_size` x `image_size`."""
+        height, width, channels = self.model.image_shape
+        if image_size is not None:
+            height = width = image_size
+        return {"images": jax.ShapeDtypeStruct((config.batch_size, height, width, channels), jnp.uint8)}
+
+    def train_step_programs(self, setup):
+        """One train step; with `input.image_sizes`, one per size, compiled up front: the largest is
+        "train_step" (the plan's memory check then sees the worst case), the others "train_step_<size>"."""
+        sizes = image_sizes(setup.config)
+        if not sizes:
+            return super().train_step_programs(setup)
+        programs = {}
+        for size in sorted(set(sizes), reverse=True):
+            name = "train_step" if not programs else f"train_step_{size}"
+            programs[name] = setup.train_step_program(f"the train step at {size} x {size}",
+                                                      self.batch_spec(setup.config, size))
+        return programs
 
     def train_step(self, setup):
         mesh = setup.mesh

@@ -9,7 +9,9 @@ owns what does not differ, in two parts:
   process's real devices, or the compile-only devices of a TPU topology: `mae_jax/plan.py` compiles a run for
   a pod slice from any machine), the run's length and lr schedule, the optimizer, the abstract state with its
   shardings, and every program of the run (`Program`: a function with the abstract arguments it is compiled
-  for). Nothing is allocated or compiled; nothing reads `jax.devices()` or `jax.default_backend()`.
+  for): the train step (one program per shape of batch the task's input delivers, `Task.train_step_programs`),
+  then the task's others. Nothing is allocated or compiled; nothing reads `jax.devices()` or
+  `jax.default_backend()`.
 - `run(config, workdir, task)`: the workdir (lock, settings, resume), `build` for this process's devices,
   the state (restored, or fresh and optionally `config.init_from`), the input at its saved position, the
   programs compiled ahead of time, `loop.Loop`, the closing summary.
@@ -138,6 +140,12 @@ class Setup:
     abstract: TrainState  # the state's ShapeDtypeStructs, carrying their shardings
     shardings: TrainState
     programs: dict[str, Program] = dataclasses.field(default_factory=dict)  # "train_step" first
+    train_steps: tuple[str, ...] = ("train_step",)  # the programs of `programs` the loop steps with
+
+    def train_step_program(self, description: str, spec: Mapping[str, jax.ShapeDtypeStruct]) -> Program:
+        """The task's train step compiled for global batches of `spec` (global shapes), the state donated."""
+        return Program(description, self.mesh, self.task.train_step(self), (self.abstract, self.batch(spec)),
+                       out_shardings=(self.shardings, self.replicated), donate_argnums=(0,))
 
     def batch(self, spec: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.ShapeDtypeStruct]:
         """`spec` (global shapes) with every leaf split over the mesh's batch axes."""
@@ -169,9 +177,9 @@ def build(config, task: "Task", devices, num_examples: int) -> Setup:
     shardings = state_shardings(abstract, tx, mesh)
     setup = Setup(config=config, task=task, mesh=mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                   schedule=schedule, tx=tx, abstract=with_shardings(abstract, shardings), shardings=shardings)
-    setup.programs["train_step"] = Program(
-        "the train step", mesh, task.train_step(setup), (setup.abstract, setup.batch(task.batch_spec(config))),
-        out_shardings=(shardings, setup.replicated), donate_argnums=(0,))
+    train_steps = task.train_step_programs(setup)
+    setup.programs.update(train_steps)
+    setup.train_steps = tuple(train_steps)
     setup.programs.update(task.programs(setup))
     return setup
 
@@ -237,6 +245,12 @@ class Task:
     def train_step(self, setup: Setup) -> loop.StepFn:
         """The pure step (state, batch) -> (state, metrics) that `build` compiles with the state donated."""
         raise NotImplementedError
+
+    def train_step_programs(self, setup: Setup) -> dict[str, Program]:
+        """The compiled train step(s), "train_step" first (`setup.train_step_program`): one by default, on
+        `batch_spec`. A task whose input delivers batches of several shapes (pretraining over several image sizes)
+        returns one program per shape; the loop runs each batch on the program compiled for its shapes."""
+        return {"train_step": setup.train_step_program("the train step", self.batch_spec(setup.config))}
 
     def programs(self, setup: Setup) -> dict[str, Program]:
         """The run's other programs (compiled at start-up, and by the planner)."""
@@ -381,8 +395,10 @@ def run(config, workdir: str | os.PathLike, task: Task, devices, command: str | 
         cleanup.callback(log.close)
         context = RunContext(config=config, workdir=workdir, setup=setup, compiled=compiled, log=log, stage=stage)
         param_norm = jax.jit(optax.tree.norm)
+        step_fn = loop.dispatch_by_batch_shapes(
+            [(setup.programs[name].args[1], compiled[name]) for name in setup.train_steps])
         runner = loop.Loop(
-            step_fn=compiled["train_step"], batches=task.batches(data_iter, setup.mesh), manager=manager, log=log,
+            step_fn=step_fn, batches=task.batches(data_iter, setup.mesh), manager=manager, log=log,
             total_steps=setup.total_steps, batch_size=config.batch_size, log_every_steps=config.log_every_steps,
             checkpoint_every_steps=config.checkpoint_every_steps, model_fields=task.model_fields,
             measure=lambda step, state: {"lr": float(setup.schedule(step - 1)),

@@ -101,7 +101,7 @@ def test_load_hf_tiny_matches_transformers(tiny_hf, tiny_model, tiny_apply, tmp_
     assert model == tiny_model
     _assert_trees_equal(params, torch_reference.hf_to_flax(tiny_hf)["params"])
     images, noise = _images(3, 32), _noise(3, 16)
-    out = tiny_apply({"params": params, "constants": convert.default_constants(model)}, images, noise)
+    out = tiny_apply({"params": params, "constants": models.position_tables(model)}, images, noise)
     errors = _assert_matches_hf(out, _hf_forward(tiny_hf, images, noise))
     print(f"tiny load_hf: max |pred - hf| {errors[0]:.2e}, |loss - hf| {errors[1]:.2e}")
     # load_variables reads the same directory with its tables.
@@ -116,7 +116,7 @@ def test_official_full_tiny_matches_transformers(tiny_hf, tiny_model, tiny_apply
     params = convert.from_torch(official, tiny_model)
     _assert_trees_equal(params, torch_reference.hf_to_flax(tiny_hf)["params"])
     images, noise = _images(2, 32, 5), _noise(2, 16, 6)
-    out = tiny_apply({"params": params, "constants": convert.default_constants(tiny_model)}, images, noise)
+    out = tiny_apply({"params": params, "constants": models.position_tables(tiny_model)}, images, noise)
     _assert_matches_hf(out, _hf_forward(tiny_hf, images, noise))
     # Torch tensors in, same numbers out.
     _assert_trees_equal(convert.from_torch({k: torch.from_numpy(v) for k, v in official.items()}, tiny_model),
@@ -225,11 +225,11 @@ def test_vit_b16_hf_and_official(tmp_path):
     del hf
     loaded_model, params = convert.load_hf(tmp_path)
     assert loaded_model == model
-    out = apply({"params": params, "constants": convert.default_constants(model)}, images, noise)
+    out = apply({"params": params, "constants": models.position_tables(model)}, images, noise)
     hf_err = _assert_matches_hf(out, ref)
     official_params = convert.from_torch(official, model)
     _assert_trees_equal(official_params, params)
-    out = apply({"params": official_params, "constants": convert.default_constants(model)}, images, noise)
+    out = apply({"params": official_params, "constants": models.position_tables(model)}, images, noise)
     official_err = _assert_matches_hf(out, ref)
     print(f"ViT-B/16 load_hf: max |pred - hf| {hf_err[0]:.2e}, |loss - hf| {hf_err[1]:.2e}; "
           f"official: {official_err[0]:.2e}, {official_err[1]:.2e}")
