@@ -436,6 +436,7 @@ class Plan:
     total_steps: int
     programs: dict[str, ProgramReport]
     state_bytes: int = 0  # per device: parameters, optimizer state and the rest of the train state, as sharded
+    train_step_shares: dict[str, float] = dataclasses.field(default_factory=dict)  # of the steps, per train step
     evaluations: int = 0  # evaluation passes of the run (fine-tuning, probe)
     eval_batches: int = 0  # eval steps per pass
     data_note: str = ""  # where the dataset sizes came from
@@ -447,7 +448,11 @@ class Plan:
 
     @property
     def step_seconds(self) -> float:
-        return self.programs["train_step"].seconds
+        """The mean step time: over the train steps of a multi-scale run, each by its share of the steps."""
+        shares = {name: share for name, share in self.train_step_shares.items() if name in self.programs}
+        if not shares:
+            return self.programs["train_step"].seconds
+        return sum(self.programs[name].seconds * share for name, share in shares.items()) / sum(shares.values())
 
     @property
     def images_per_sec(self) -> float:
@@ -557,7 +562,8 @@ def plan(config, topo: Topology, *, num_examples: int | None = None, dump: str |
         num_processes=topo.num_processes, model=_model_name(config.model), dtype=str(config.model.dtype),
         batch_size=config.batch_size, mesh=dict(setup.mesh.shape), num_examples=num_examples,
         steps_per_epoch=setup.steps_per_epoch, total_steps=setup.total_steps, programs=reports,
-        state_bytes=_state_bytes(setup.abstract), data_note=data_note)
+        state_bytes=_state_bytes(setup.abstract), train_step_shares=_train_step_shares(config, setup.train_steps),
+        data_note=data_note)
     if "eval_step" in reports:
         every = config.eval_every_steps or setup.steps_per_epoch
         result.evaluations = setup.total_steps // every + (setup.total_steps % every > 0)
@@ -569,6 +575,16 @@ def plan(config, topo: Topology, *, num_examples: int | None = None, dump: str |
         with open(os.path.join(dump, "plan.json"), "w") as f:
             json.dump(as_dict(result), f, indent=1)
     return result
+
+
+def _train_step_shares(config, names) -> dict[str, float]:
+    """The fraction of the steps each train step program runs: all of them, or with `input.image_sizes` each
+    size's share of the list (the largest size is "train_step", the others "train_step_<size>")."""
+    sizes = list(config.input.get("image_sizes", ()) or ())
+    if len(names) == 1 or not sizes:
+        return {names[0]: 1.0}
+    size_of = {name: max(sizes) if name == "train_step" else int(name.rsplit("_", 1)[1]) for name in names}
+    return {name: sizes.count(size) / len(sizes) for name, size in size_of.items()}
 
 
 def _state_bytes(abstract) -> int:

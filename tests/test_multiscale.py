@@ -297,6 +297,10 @@ def test_plan_compiles_and_reports_every_sizes_step():
     assert (big.name, small.name) == ("the train step at 48 x 48", "the train step at 32 x 32")
     assert big.fits and small.fits and 0 < small.total_bytes <= big.total_bytes
     assert big.flops > 1.5 * small.flops > 0 and big.seconds > 0 and small.seconds > 0
+    # The run's time per step is the mean over the sizes it draws, each by its share of the list.
+    shares = {size: SIZES.count(size) / len(SIZES) for size in set(SIZES)}
+    assert result.train_step_shares == {"train_step": shares[48], "train_step_32": shares[32]}
+    assert result.step_seconds == pytest.approx(shares[48] * big.seconds + shares[32] * small.seconds)
     text = plan.format_plan(result)
     assert "train_step_32" in text and "train_step" in text
 
