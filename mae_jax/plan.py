@@ -336,6 +336,24 @@ def _is_out_of_memory(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "exceeds" in text and "hbm" in text.lower()
 
 
+@contextlib.contextmanager
+def _past_the_compilation_cache():
+    """Compiles inside skip JAX's persistent compilation cache, if a caller (main.py, a notebook) turned it on: a
+    deviceless executable cannot be read back from it (JAX warns "PjRtCompiler must be constructed with a
+    Client"), and the plan's compile times are measured cold. The cache works as before afterwards."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX decides once per process whether the cache is used: decide again
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
+
+
 def _compile(program, hbm_bytes: float, dump_dir: str | None) -> tuple[Any, ProgramReport]:
     start = time.perf_counter()
     lowered = program.lower()
@@ -343,7 +361,8 @@ def _compile(program, hbm_bytes: float, dump_dir: str | None) -> tuple[Any, Prog
     if program.mesh.devices.flat[0].platform == "gpu":  # untuned Triton GEMMs fail to tile (module docstring)
         options = {**(options or {}), "xla_gpu_enable_triton_gemm": False}
     try:
-        compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+        with _past_the_compilation_cache():
+            compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA raises a bare runtime error
         if not _is_out_of_memory(e):
             raise

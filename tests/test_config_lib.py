@@ -81,7 +81,7 @@ def test_field_comments_forms(tmp_path):
     from mae_jax import models
 
     model = config_lib._field_comments([models.__file__])
-    assert model["model.attention"].startswith('"auto": with the xla_cpu ops, "custom_vjp"')
+    assert model["model.attention"].startswith('"auto": with the xla_cpu ops "custom_vjp"')
     assert model["model.attention"].endswith("\"einsum\" is the reference's order of operations.")
     assert model["model.num_classes"] == "outputs of `head`"  # ViTClassifier's, not another module's field
 

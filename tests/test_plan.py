@@ -4,6 +4,7 @@ the batch layout of every host of multi-host slices, the refusal of a config tha
 Tiny models only: each TPU compile takes seconds."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -147,6 +148,33 @@ def test_command_line_prints_the_table_and_dumps(tmp_path, capsys):
     assert step["peak_by_part"] and sum(step["peak_by_part"].values()) == step["peak_bytes"] > 0
     assert any(part.startswith(("encoder", "decoder")) for part in step["peak_by_part"])
     assert "at its memory peak" in out.out
+
+
+def test_plans_compile_past_the_persistent_compilation_cache(topologies):
+    """A deviceless TPU executable read back from JAX's persistent cache fails with a warning ("PjRtCompiler must
+    be constructed with a Client") on a second plan in one process (a notebook, these tests): plans skip the
+    cache, and CPU programs compiled afterwards are cached as before."""
+    import warnings
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.sharding.Mesh(np.array(topologies["v5e:2x2"].devices), ("d",))
+    minimum = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):  # two jits of one program: the second would find the first's cache entry
+                step = jax.jit(lambda x: x * 2 + 1, in_shardings=NamedSharding(mesh, PartitionSpec("d")))
+                with plan._past_the_compilation_cache():
+                    step.lower(jax.ShapeDtypeStruct((8, 128), np.float32)).compile()
+        assert not [w for w in caught if "compilation cache" in str(w.message)], [str(w.message) for w in caught]
+        cache = jax.config.jax_compilation_cache_dir
+        before = set(os.listdir(cache))
+        jax.jit(lambda x: x * 3 - 0.5)(np.float32(1)).block_until_ready()
+        assert set(os.listdir(cache)) - before  # the CPU program went into the cache
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", minimum)
 
 
 def test_topology_help_and_bad_names(capsys):
