@@ -82,7 +82,7 @@ def test_field_comments_forms(tmp_path):
 
     model = config_lib._field_comments([models.__file__])
     assert model["model.attention"].startswith('"auto": with the xla_cpu ops "custom_vjp"')
-    assert model["model.attention"].endswith("\"einsum\" is the reference's order of operations.")
+    assert model["model.attention"].endswith('"einsum": the reference\'s order of operations.')
     assert model["model.num_classes"] == "outputs of `head`"  # ViTClassifier's, not another module's field
 
 
