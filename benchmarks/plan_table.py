@@ -60,7 +60,9 @@ def _row(r: dict) -> str:
     total = memory.get("total", 0) / 2**30
     hbm = step.get("hbm_bytes", 0) / 2**30
     config = os.path.basename(r["config"]).removesuffix(".py")
-    fits = "yes" if r["fits"] else "**no**"
+    config += "".join(f", {o.removeprefix('--config.model.')}" for o in r["overrides"]
+                      if not o.startswith("--config.model.dtype="))
+    fits = "yes" if r["fits"] else f"**no**: {step['error']}" if step.get("error") else "**no**"
     suggestion = ""
     if r.get("suggestions"):
         s = r["suggestions"][0]
@@ -69,10 +71,15 @@ def _row(r: dict) -> str:
     cost = step.get("cost_model_seconds")
     paper = PAPER_HOURS.get((config, r["topology"])) if r["dtype"] == "float32" else None
     hours = f"{r['wall_hours']:.1f}" if r.get("wall_hours") else "-"
+    cost = "-" if cost is None else f"{cost:.0f} (negative)" if cost < 0 else f"{cost:.3f}"
+    compiled = bool(step.get("flops"))
+    total = f"{total:.1f}" if compiled else "-"
+    flops = f"{step['flops'] / 1e12:.2f}" if compiled else "-"
+    roofline = f"{step['roofline_seconds']:.3f}" if compiled else "-"
+    images = f"{r['images_per_sec']:,.0f}" if r["images_per_sec"] else "-"
     return (f"| {config} | {r['dtype']} | {r['topology']} ({r['num_chips']} chips) | {r['batch_size']} | "
-            f"{step.get('compile_seconds', 0):.0f} | {total:.1f} / {hbm:.1f} | {fits} | "
-            f"{step.get('flops', 0) / 1e12:.2f} | {'-' if cost is None else f'{cost:.3g}'} | "
-            f"{step.get('roofline_seconds', 0):.3f} | {r['images_per_sec'] or 0:,.0f} | {hours}"
+            f"{step.get('compile_seconds', 0):.0f} | {total} / {hbm:.1f} | {fits} | {flops} | {cost} | "
+            f"{roofline} | {images} | {hours}"
             f"{f' (paper {paper})' if paper else ''} | {suggestion} |")
 
 
