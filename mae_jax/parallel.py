@@ -103,32 +103,29 @@ def create_mesh(devices: Sequence[jax.Device], data: int, fsdp: int) -> Mesh:
         raise ValueError(f"processes hold different numbers of devices ({sorted(local)}): every host of a run must "
                          "have the same devices")
     (local,) = local
-    if local % fsdp == 0:
+    array = None
+    if local % fsdp == 0 and _physical_layout(devices) is not None:
         array = mesh_utils.create_hybrid_device_mesh(
             (local // fsdp, fsdp), (len(groups), 1), devices, process_is_granule=True,
-            allow_split_physical_axes=True) if _physical_layout_known(devices) else None
-    else:
-        array = None
+            allow_split_physical_axes=True)
     if array is None:
         ordered = [d for p in sorted(groups) for d in _physical_order(groups[p])]
         array = np.array(ordered, dtype=object).reshape(data, fsdp)
     return Mesh(array, MESH_AXES)
 
 
-def _physical_layout_known(devices: Sequence[jax.Device]) -> bool:
-    """Whether `mesh_utils.create_device_mesh` can lay these devices out (it refuses e.g. TPU v4 TensorCores
-    listed one by one instead of one device per megacore chip)."""
+def _physical_layout(devices: Sequence[jax.Device]) -> np.ndarray | None:
+    """`devices` in `mesh_utils.create_device_mesh`'s physical order, or None where it cannot lay them out (it
+    refuses e.g. TPU v4 TensorCores listed one by one instead of one device per megacore chip)."""
     try:
-        mesh_utils.create_device_mesh((len(devices),), devices, allow_split_physical_axes=True)
+        return mesh_utils.create_device_mesh((len(devices),), devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
-        return False
-    return True
+        return None
 
 
 def _physical_order(devices: list) -> list:
-    if _physical_layout_known(devices):
-        return list(mesh_utils.create_device_mesh((len(devices),), devices, allow_split_physical_axes=True).flat)
-    return sorted(devices, key=lambda d: d.id)
+    layout = _physical_layout(devices)
+    return list(layout.flat) if layout is not None else sorted(devices, key=lambda d: d.id)
 
 
 def platform(mesh: Mesh) -> str:

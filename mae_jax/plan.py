@@ -355,10 +355,12 @@ def _past_the_compilation_cache():
 
 
 def _compile(program, hbm_bytes: float, dump_dir: str | None) -> tuple[Any, ProgramReport]:
+    from mae_jax import parallel
+
     start = time.perf_counter()
     lowered = program.lower()
     options = {"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True} if dump_dir else None
-    if program.mesh.devices.flat[0].platform == "gpu":  # untuned Triton GEMMs fail to tile (module docstring)
+    if parallel.platform(program.mesh) == "gpu":  # untuned Triton GEMMs fail to tile (module docstring)
         options = {**(options or {}), "xla_gpu_enable_triton_gemm": False}
     try:
         with _past_the_compilation_cache():
@@ -391,8 +393,9 @@ def by_part(buffers) -> dict[str, int]:
 
 
 def _measure(report: ProgramReport, compiled, global_flops: float, topo: Topology, dump_dir: str | None,
-             dtype: str = "bfloat16") -> None:
-    """Fills in FLOPs, bytes, step times, collectives and buffers of a compiled program computing in `dtype`."""
+             dtype: str = "bfloat16") -> str:
+    """Fills in FLOPs, bytes, step times, collectives and buffers of a compiled program computing in `dtype`;
+    returns its HLO text."""
     from mae_jax import hlo
 
     chip = topo.chip
@@ -432,6 +435,7 @@ def _measure(report: ProgramReport, compiled, global_flops: float, topo: Topolog
             with open(os.path.join(dump_dir, found[-1])) as f:
                 peak, buffers = hlo.peak_buffers(f.read(), text)
             report.peak_bytes, report.peak_by_part = peak, by_part(buffers)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -519,9 +523,11 @@ def _task(config, platform: str):
     return cls(config, platform)
 
 
-def _unrolled_flops(config, num_examples: int, platform: str = "tpu") -> dict[str, float]:
-    """Global FLOPs of each program as written for `platform`: lowered (not compiled) with blocks unrolled and one
-    micro-batch, for one CPU device (lowering is target-independent; compile-only clients have no cost analysis)."""
+def _unrolled_flops(config, num_examples: int, platform: str = "tpu",
+                    programs: Sequence[str] | None = None) -> dict[str, float]:
+    """Global FLOPs of each program (of `programs`, None: all) as written for `platform`: lowered (not compiled)
+    with blocks unrolled and one micro-batch, for one CPU device (lowering is target-independent; compile-only
+    clients have no cost analysis)."""
     import jax
 
     from mae_jax import trainer
@@ -534,6 +540,8 @@ def _unrolled_flops(config, num_examples: int, platform: str = "tpu") -> dict[st
     setup = trainer.build(config, task, jax.devices("cpu")[:1], num_examples)
     flops = {}
     for name, program in setup.programs.items():
+        if programs is not None and name not in programs:
+            continue
         cost = program.lower().cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops[name] = float(cost["flops"])
@@ -559,7 +567,7 @@ def plan(config, topo: Topology, *, num_examples: int | None = None, dump: str |
     task = _task(config, topo.platform)
     setup = trainer.build(config, task, topo.devices, num_examples)
     hbm = topo.chip.usable_bytes()
-    flops = _unrolled_flops(config, num_examples, topo.platform)
+    flops = _unrolled_flops(config, num_examples, topo.platform, programs)
     reports = {}
     for name, program in setup.programs.items():
         if programs is not None and name not in programs:
@@ -567,10 +575,10 @@ def plan(config, topo: Topology, *, num_examples: int | None = None, dump: str |
         program_dump = os.path.join(dump, name) if dump else tempfile.mkdtemp(prefix=f"mae_jax_plan_{name}_")
         compiled, report = _compile(program, hbm, program_dump)
         if compiled is not None:
-            _measure(report, compiled, flops[name], topo, program_dump, str(config.model.dtype))
+            text = _measure(report, compiled, flops[name], topo, program_dump, str(config.model.dtype))
             if dump:
                 with open(os.path.join(dump, f"{name}.hlo.txt"), "w") as f:
-                    f.write(compiled.as_text())
+                    f.write(text)
         if not dump:
             import shutil
 
