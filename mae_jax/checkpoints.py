@@ -540,9 +540,9 @@ def _tree_shapes(tree: PyTree) -> dict[str, tuple]:
     return {_leaf_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _check_fits(step_dir: epath.Path, abstract_state: PyTree) -> None:
-    """Corrupt if the state's metadata is unreadable; a CheckpointError (nothing moved) if it is readable
-    but describes another model."""
+def _check_fits(step_dir: epath.Path, abstract_state: PyTree) -> PyTree:
+    """`abstract_state` in the layout the step stores (`_as_saved`), read from the state's metadata: Corrupt if
+    that is unreadable; a CheckpointError (nothing moved) if it is readable but describes another model."""
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             metadata = checkpointer.metadata(step_dir / STATE)
@@ -555,7 +555,8 @@ def _check_fits(step_dir: epath.Path, abstract_state: PyTree) -> None:
         if _is_transient(e):
             raise
         raise _Corrupt("unreadable-metadata", f"its state metadata is unreadable ({_first_line(e)})") from None
-    wanted = _tree_shapes(abstract_state)
+    target = _as_saved(tree, abstract_state)
+    wanted = _tree_shapes(target)
     if saved != wanted:
         missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
         differ = [f"{k} {list(saved[k])} (this run: {list(wanted[k])})" for k in sorted(set(saved) & set(wanted))
@@ -567,6 +568,7 @@ def _check_fits(step_dir: epath.Path, abstract_state: PyTree) -> None:
         raise CheckpointError(
             f"checkpoint {step_dir} holds a state of another model ({found}): resume with the settings that wrote "
             f"it (workdir config.json), or use a new --workdir (config.init_from can start from its weights)")
+    return target
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree) -> tuple[PyTree, dict | None]:
@@ -575,8 +577,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: PyT
     incomplete = _incomplete(step_dir)
     if incomplete is not None:
         raise incomplete
-    target = _as_saved(step_dir, abstract_state)
-    _check_fits(step_dir, target)
+    target = _check_fits(step_dir, abstract_state)
     items = {STATE: ocp.args.StandardRestore(target)}
     for name in (INPUT, FINGERPRINT):
         if (step_dir / name).exists():
@@ -604,19 +605,12 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: PyT
     return _from_saved(state, abstract_state), restored.get(INPUT) if INPUT in items else None
 
 
-def _as_saved(step_dir: epath.Path, abstract_state: PyTree) -> PyTree:
-    """`abstract_state` in the layout the step stores: itself, or for a train state saved before 0.2.0 (no
-    "constants" / "batch_stats" fields, a "frozen" one instead) a dict of the old fields."""
+def _as_saved(tree: dict, abstract_state: PyTree) -> PyTree:
+    """`abstract_state` in the layout of a step whose state metadata is `tree`: itself, or for a train state
+    saved before 0.2.0 (no "constants" / "batch_stats" fields, a "frozen" one instead) a dict of the old fields."""
     if not dataclasses.is_dataclass(abstract_state) or not hasattr(abstract_state, "constants"):
         return abstract_state
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            metadata = checkpointer.metadata(step_dir / STATE)
-        metadata = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
-        tree = getattr(metadata, "tree", metadata)
-    except Exception:  # noqa: BLE001 - unreadable metadata is _check_fits's to report
-        return abstract_state
-    if not isinstance(tree, dict) or LEGACY_COLLECTION not in tree:
+    if LEGACY_COLLECTION not in tree:
         return abstract_state
     fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
     constants, batch_stats = fields.pop("constants"), fields.pop("batch_stats")
@@ -628,11 +622,7 @@ def _from_saved(state: PyTree, abstract_state: PyTree) -> PyTree:
     """The inverse of `_as_saved`: a train state of today's fields."""
     if not isinstance(state, dict) or LEGACY_COLLECTION not in state:
         return state
-    legacy = dict(state)
-    frozen = legacy.pop(LEGACY_COLLECTION)
-    batch_stats = frozen.get("batch_stats", {}) if isinstance(frozen, dict) and "batch_stats" in frozen else {}
-    constants = {} if batch_stats else frozen
-    return type(abstract_state)(**legacy, constants=constants, batch_stats=batch_stats)
+    return type(abstract_state)(**{"constants": {}, "batch_stats": {}, **_from_legacy(dict(state))})
 
 
 def move_aside(step_dir: epath.Path, slug: str) -> epath.Path:
