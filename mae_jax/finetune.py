@@ -39,7 +39,7 @@ from etils import epath
 from mae_jax import (checkpoints, convert, input_pipeline, loop, mixup, models, optimizers, parallel, pixels,
                      trainer)
 from mae_jax import workdir as workdir_lib
-from mae_jax.train_state import TrainState, apply_gradients, rng_stream
+from mae_jax.train_state import TrainState, apply_gradients, rng_stream, with_shardings
 from mae_jax.trainer import ConfigError, check
 
 PyTree = Any
@@ -313,8 +313,7 @@ class Classification(trainer.Task):
             shardings = {name: parallel.param_shardings(tree, mesh) if name == "params" else
                          jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), tree)
                          for name, tree in variables.items()}
-            abstract = jax.tree_util.tree_map(
-                lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s), variables, shardings)
+            abstract = with_shardings(variables, shardings)  # no copy of the weights: shapes only
             program = _eval_program(config, self.model, mesh, abstract)
             stage("Compiling %s...", program.description)
             evaluator = Evaluator(config, self.model, mesh, program.lower().compile())

@@ -208,7 +208,6 @@ class RunContext:
     setup: Setup
     compiled: dict[str, jax.stages.Compiled]  # the setup's programs, by name
     log: loop.MetricsLog
-    stage: Stages
 
 
 class Task:
@@ -311,18 +310,20 @@ def task_class(config) -> type[Task]:
 
 
 @contextlib.contextmanager
-def open_workdir(workdir: epath.Path, config) -> Iterator[Any]:
-    """Takes the workdir for this run and yields its Orbax CheckpointManager (closed, waiting for a save in
-    flight, on exit). One run per workdir (a lock held by process 0, see mae_jax/workdir.py); a resume with
-    another model or lr schedule is refused here, before anything is compiled or recorded."""
+def open_workdir(workdir: epath.Path, config) -> Iterator[tuple[Any, int | None]]:
+    """Takes the workdir for this run and yields (its Orbax CheckpointManager, closed, waiting for a save in
+    flight, on exit; the step of its newest complete checkpoint or None). One run per workdir (a lock held by
+    process 0, see mae_jax/workdir.py); a resume with another model or lr schedule is refused here, before
+    anything is compiled or recorded."""
     with contextlib.ExitStack() as stack:
         if jax.process_index() == 0:
             stack.enter_context(workdir_lib.acquire_lock(workdir))
-        workdir_lib.check_and_record_config(workdir, config, resuming=checkpoints.latest_step(
-            workdir / "checkpoints") is not None, record=False)
+        # Complete steps only (Orbax lists any step folder).
+        resume_step = checkpoints.latest_step(workdir / "checkpoints")
+        workdir_lib.check_and_record_config(workdir, config, resuming=resume_step is not None, record=False)
         manager = checkpoints.make_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
         stack.callback(manager.close)
-        yield manager
+        yield manager, resume_step
 
 
 def restore_or_init(manager, setup: Setup) -> tuple[int | None, TrainState, dict | None]:
@@ -336,8 +337,8 @@ def restore_or_init(manager, setup: Setup) -> tuple[int | None, TrainState, dict
     return None, setup.init_state(), None
 
 
-def _log_run_length(config, setup_or_length: tuple[int, int], num_examples: int, mesh_shape: tuple[int, int]):
-    steps_per_epoch, total_steps = setup_or_length
+def _log_run_length(config, length: tuple[int, int], num_examples: int, mesh_shape: tuple[int, int]):
+    steps_per_epoch, total_steps = length
     logging.info("%s: %d examples, %d steps/epoch, %d steps, peak lr %.3e, mesh data=%d x fsdp=%d over %d "
                  "process(es).", config.input.dataset, num_examples, steps_per_epoch, total_steps, peak_lr(config),
                  *mesh_shape, jax.process_count())
@@ -357,8 +358,7 @@ def run(config, workdir: str | os.PathLike, task: Task, devices, command: str | 
     workdir = epath.Path(workdir)
     resume_command = command or "the same command"
     with contextlib.ExitStack() as cleanup:
-        manager = cleanup.enter_context(open_workdir(workdir, config))
-        resume_step = checkpoints.latest_step(manager.directory)  # complete steps only (Orbax lists any folder)
+        manager, resume_step = cleanup.enter_context(open_workdir(workdir, config))
         num_examples = task.num_train_examples(config)
         length = run_length(config, num_examples)
         if resume_step is not None and resume_step >= length[1]:
@@ -393,7 +393,7 @@ def run(config, workdir: str | os.PathLike, task: Task, devices, command: str | 
 
         log = loop.MetricsLog(workdir, setup.total_steps, resume_step or 0)
         cleanup.callback(log.close)
-        context = RunContext(config=config, workdir=workdir, setup=setup, compiled=compiled, log=log, stage=stage)
+        context = RunContext(config=config, workdir=workdir, setup=setup, compiled=compiled, log=log)
         param_norm = jax.jit(optax.tree.norm)
         step_fn = loop.dispatch_by_batch_shapes(
             [(setup.programs[name].args[1], compiled[name]) for name in setup.train_steps])
