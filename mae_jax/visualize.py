@@ -196,10 +196,11 @@ def reconstructions(model: models.MaskedAutoencoderViT, variables, images: np.nd
 
 
 def figure(model: models.MaskedAutoencoderViT, variables, images: np.ndarray, seed: int = 0,
-           masks: Sequence[tuple[str, float]] = ()) -> Image.Image:
-    """`reconstructions` rendered, with the masked-patch losses in the note."""
+           masks: Sequence[tuple[str, float]] = ()) -> tuple[Image.Image, np.ndarray, list[str]]:
+    """`reconstructions` rendered, with the masked-patch losses in the note: (the figure, and the losses and row
+    labels of `reconstructions`)."""
     panels, losses, labels = reconstructions(model, variables, images, seed, masks)
-    return render(panels, figure_note(model, losses), row_labels=labels)
+    return render(panels, figure_note(model, losses), row_labels=labels), losses, labels
 
 
 def mask_label(model: models.MaskedAutoencoderViT) -> str:
@@ -325,8 +326,7 @@ def main(argv):
         size = model.image_shape[:2]
         images = np.stack([load_image(image, size, model.num_channels) for image in originals])
         masks = parse_masks(FLAGS.mask_sampling or [], model.mask_ratio)
-        panels, losses, labels = reconstructions(model, variables, images, FLAGS.seed, masks)
-        fig = render(panels, figure_note(model, losses), row_labels=labels)
+        fig, losses, labels = figure(model, variables, images, FLAGS.seed, masks)
         output = os.path.abspath(FLAGS.output)
         os.makedirs(os.path.dirname(output), exist_ok=True)
         root, extension = os.path.splitext(output)

@@ -120,7 +120,7 @@ def test_hf_directory_and_other_image_size(tmp_path, photos):
     assert model.grid_size == (6, 6) and model.mask_ratio == 0.25 and not model.norm_pix_loss
     assert variables["constants"]["pos_embed"].shape == (1, 37, 32)  # interpolated from 4 x 4
     images = np.stack([visualize.load_image(str(f), (48, 48)) for f in photos])
-    figure = visualize.figure(model, variables, images, seed=0)
+    figure, _, _ = visualize.figure(model, variables, images, seed=0)
     assert figure.size[0] == 4 * 144 + 12
     assert figure.size[1] > visualize.panel_box(1, 0, (48, 48))[2]  # the losses' note (raw pixels: nothing else)
 
