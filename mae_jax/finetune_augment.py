@@ -10,8 +10,8 @@ Semantics are those of timm 0.3.2 as the official MAE fine-tuning uses it (`util
     Every op reproduces Pillow's arithmetic on uint8 images (its affine sampler is cubic convolution with
     a = -1 and truncates, blends truncate in float32, Equalize/AutoContrast are Pillow's lookup tables),
     and, as Pillow does, every op returns uint8.
-  - RandomErasing (`random_erasing`): probability 0.25, mode 'pixel', on the normalised [H, W, C] image; the
-    input pipeline draws its boxes here (`random_erasing_boxes`) and the device fills them after normalising.
+  - RandomErasing: probability 0.25, mode 'pixel', on the normalised [H, W, C] image; the input pipeline draws
+    its boxes here (`random_erasing_boxes`) and the device fills them after normalising (`mixup.fill_erased`).
   - Evaluation (`preprocess_for_eval`): Resize(int(size / crop_pct), bicubic) of the shorter side, then
     CenterCrop(size), as uint8; crop_pct = 224 / 256 (MAE uses 1.0 for input sizes above 224).
   - The whole training transform (`preprocess_for_finetune_train`): RandomResizedCrop(scale (0.08, 1)) and
@@ -507,8 +507,8 @@ def random_erasing_boxes(key: tf.Tensor, height, width, probability: float = 0.2
     With probability `probability`: count ~ U{min_count..max_count} boxes; each tries up to 10 times a box of
     area U(min_area, max_area) * H * W / count and log-uniform aspect (height / width) in
     [min_aspect, max_aspect or 1 / min_aspect], h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)),
-    kept if h < H and w < W, at a uniform position. `random_erasing` fills them; the fine-tuning input hands them
-    to the device, which fills them there (`mixup.fill_erased`), after the normalisation.
+    kept if h < H and w < W, at a uniform position. The fine-tuning input hands them to the device, which fills
+    them there (`mixup.fill_erased`), after the normalisation.
     """
     max_count = max_count or min_count
     if not 1 <= min_count <= max_count:
@@ -537,39 +537,6 @@ def random_erasing_boxes(key: tf.Tensor, height, width, probability: float = 0.2
         drawn = erase & tf.reduce_any(fits) & (i < count)
         boxes.append(tf.where(drawn, tf.cast(tf.stack([top, left, box_h, box_w]), tf.int32), tf.zeros([4], tf.int32)))
     return tf.stack(boxes)
-
-
-def box_mask(box: tf.Tensor, height, width) -> tf.Tensor:
-    """[H, W, 1] bool: the pixels of `box` (top, left, height, width)."""
-    rows = tf.range(height)[:, None, None]
-    columns = tf.range(width)[None, :, None]
-    return (rows >= box[0]) & (rows < box[0] + box[2]) & (columns >= box[1]) & (columns < box[1] + box[3])
-
-
-@_graph_only
-def random_erasing(image: tf.Tensor, key: tf.Tensor, probability: float = 0.25, min_area: float = 0.02,
-                   max_area: float = 1 / 3, min_aspect: float = 0.3, max_aspect: float | None = None,
-                   mode: str = "pixel", min_count: int = 1, max_count: int | None = None) -> tf.Tensor:
-    """timm's RandomErasing of one normalised float [H, W, C] image: the boxes of `random_erasing_boxes`, each
-    filled with N(0, 1) per pixel ('pixel'), per channel ('rand') or zeros ('const')."""
-    mode = mode.lower()
-    if mode not in ("pixel", "rand", "const", ""):
-        raise ValueError(f"mode={mode!r}; allowed: 'pixel', 'rand', 'const'")
-    max_count = max_count or min_count
-    image = tf.convert_to_tensor(image, tf.float32)
-    shape = tf.shape(image)
-    boxes = random_erasing_boxes(key, shape[0], shape[1], probability, min_area, max_area, min_aspect, max_aspect,
-                                 min_count, max_count)
-    keys = _erasing_keys(key, max_count)
-    for i in range(max_count):
-        if mode == "pixel":
-            noise = tf.random.stateless_normal(shape, seed=keys[1 + max_count + i], alg="philox")
-        elif mode == "rand":
-            noise = tf.random.stateless_normal([1, 1, shape[2]], seed=keys[1 + max_count + i], alg="philox")
-        else:
-            noise = tf.zeros([1, 1, shape[2]])
-        image = tf.where(box_mask(boxes[i], shape[0], shape[1]), noise, image)
-    return image
 
 
 _PIL_PRECISION_BITS = 22  # Resample.c's PRECISION_BITS (32 - 8 - 2): fixed-point weights of 8-bit images
