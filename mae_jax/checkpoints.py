@@ -253,13 +253,6 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree) -
     return restored[STATE]
 
 
-def restore_input_state(manager: ocp.CheckpointManager, step: int) -> dict | None:
-    """The input pipeline position saved with `step` (None if it has none)."""
-    if not (epath.Path(manager.directory) / str(step) / INPUT).exists():
-        return None
-    return manager.restore(step, args=ocp.args.Composite(**{INPUT: ocp.args.JsonRestore()}))[INPUT]
-
-
 # -------------------------------------------------------------------------------------------------------
 # Fingerprints and finiteness, computed on the device.
 # -------------------------------------------------------------------------------------------------------
@@ -305,11 +298,6 @@ def prepare_save(state: PyTree) -> None:
     """Compiles, by running it once, the fingerprint and finiteness check `save` computes for states like
     `state`, so that the first save (often a run's last act) does not wait for that compilation."""
     _summary(state)
-
-
-def nonfinite_leaves(tree: PyTree) -> list[str]:
-    """Names ("params/blocks_0/attn/qkv/kernel") of the leaves of `tree` holding a NaN or an infinity."""
-    return [name for name, ok in _summary(tree)[1].items() if not ok]
 
 
 # -------------------------------------------------------------------------------------------------------
